@@ -1,0 +1,334 @@
+"""The destinations file: every destination, its credentials by reference, limits, retries, routes.
+
+Loaded and validated once when a process starts. Anything wrong (an unknown kind or macro, a bad
+URL, a secret that cannot be read) raises ConfigError naming the destination and the field, so
+the process stops before it accepts or delivers anything.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import limits
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from schemas.errors import describe_validation_error
+from schemas.event import ConversionEvent
+from schemas.macros import Template, TemplateError, compile_template, compile_url_template
+
+_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
+_IOS_NUMERIC = re.compile(r"^\d{1,12}$")
+
+
+class ConfigError(Exception):
+    """The destinations file or settings cannot be used; the message says where and why."""
+
+
+class SecretRef(BaseModel):
+    """A credential by reference: an environment variable or a file (Docker/K8s secrets)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError('give exactly one of env = "VAR" or file = "/path"')
+        return self
+
+    def resolve(self, environ: Mapping[str, str]) -> SecretStr:
+        if self.env is not None:
+            value = environ.get(self.env)
+            if not value:
+                raise ValueError(f"environment variable {self.env} is not set or is empty")
+            return SecretStr(value)
+        assert self.file is not None
+        try:
+            value = self.file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"secret file {self.file} cannot be read ({exc.strerror})") from None
+        if not value:
+            raise ValueError(f"secret file {self.file} is empty")
+        return SecretStr(value)
+
+
+class RetryPolicy(BaseModel):
+    """When to try again. ``max_attempts`` counts redeliveries after the first send, as Kochava's
+    ``max_delivery_attempts`` does (0 = do not retry, up to 10)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int = Field(default=5, ge=0, le=10)
+    base_seconds: float = Field(default=30.0, gt=0)
+    factor: float = Field(default=2.0, ge=1)
+    cap_seconds: float = Field(default=3600.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1, description="+- share of the delay")
+    schedule: list[Annotated[float, Field(ge=0)]] | None = Field(default=None, max_length=10)
+    max_age_seconds: float = Field(default=86_400.0, gt=0)
+
+    def delay_for(self, retry_number: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before redelivery ``retry_number`` (1-based). Pure, tested alone."""
+        if self.schedule:
+            base = self.schedule[min(retry_number, len(self.schedule)) - 1]
+        else:
+            base = min(self.cap_seconds, self.base_seconds * self.factor ** (retry_number - 1))
+        if self.jitter:
+            base *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base)
+
+
+class Timeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect: float = Field(default=3.05, gt=0, le=60)
+    read: float = Field(default=10.0, gt=0, le=120)
+
+
+class Route(BaseModel):
+    """Which events a destination receives (Kochava's postback trigger model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["install", "event"]
+    events: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, description="event names; empty = every in-app event"
+    )
+    apps: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        default_factory=list, description="app ids; empty = every app"
+    )
+    delay_seconds: float = Field(default=0, ge=0, le=600)
+    max_delivery_attempts: int | None = Field(default=None, ge=0, le=10)
+    active: bool = True
+
+    @field_validator("apps")
+    @classmethod
+    def _normalize_apps(cls, apps: list[str]) -> list[str]:
+        return ["id" + a if _IOS_NUMERIC.match(a) else a for a in apps]
+
+    @model_validator(mode="after")
+    def _install_has_no_event_filter(self) -> Route:
+        if self.type == "install" and self.events:
+            raise ValueError("events: an install route matches installs only; remove the filter")
+        return self
+
+    def matches(self, event: ConversionEvent) -> bool:
+        if not self.active:
+            return False
+        if self.apps and event.app_id not in self.apps:
+            return False
+        if self.type == "install":
+            return event.is_install
+        return not event.is_install and (not self.events or event.event_name in self.events)
+
+
+class DestinationBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str
+    name: str = Field(pattern=_NAME)
+    credentials: dict[str, SecretRef] = Field(default_factory=dict)
+    rate_limit: str | None = Field(
+        default=None, description='e.g. "50/second" or "60000 per 15 minutes" (limits syntax)'
+    )
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Timeouts = Field(default_factory=Timeouts)
+    routes: list[Route] = Field(min_length=1)
+    active: bool = True
+
+    _secrets: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parse_rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                limits.parse(value)
+            except ValueError:
+                raise ValueError(
+                    'must read like "50/second", "1000 per minute" or "60000 per 15 minutes"'
+                ) from None
+        return value
+
+    @property
+    def rate_limit_item(self) -> limits.RateLimitItem | None:
+        return limits.parse(self.rate_limit) if self.rate_limit else None
+
+    def secret(self, name: str) -> str:
+        return self._secrets[name].get_secret_value()
+
+    def secret_values(self) -> dict[str, str]:
+        return {k: v.get_secret_value() for k, v in self._secrets.items()}
+
+    def resolve_secrets(self, environ: Mapping[str, str]) -> None:
+        resolved = {}
+        for cred_name, ref in self.credentials.items():
+            try:
+                resolved[cred_name] = ref.resolve(environ)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"destination {self.name!r}: credentials.{cred_name}: {exc}"
+                ) from None
+        self._secrets = resolved
+
+    def route_for(self, event: ConversionEvent) -> Route | None:
+        if not self.active:
+            return None
+        return next((r for r in self.routes if r.matches(event)), None)
+
+
+class TemplatedDestination(DestinationBase):
+    """Any partner that hands over a postback URL template with macros."""
+
+    kind: Literal["templated"]
+    url: str = Field(min_length=8, max_length=4096)
+    method: Literal["GET", "POST"] = "GET"
+    body: dict[str, str] | None = Field(
+        default=None, description="POST body fields; values are templates"
+    )
+    body_format: Literal["json", "form"] = "json"
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    _url: Template = PrivateAttr()
+    _body: dict[str, Template] = PrivateAttr(default_factory=dict)
+    _headers: dict[str, Template] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _compile_templates(self) -> TemplatedDestination:
+        creds = frozenset(self.credentials)
+        field = "url"
+        try:
+            self._url = compile_url_template(self.url, creds)
+            for key, text in (self.body or {}).items():
+                field = f"body.{key}"
+                self._body[key] = compile_template(text, creds)
+            for key, text in self.headers.items():
+                field = f"headers.{key}"
+                header = compile_template(text, creds)
+                if header.uses_event:
+                    raise TemplateError("headers may use (credential:NAME) macros only")
+                self._headers[key] = header
+        except TemplateError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+        if self.body is not None and self.method != "POST":
+            raise ValueError('body: a body template needs method = "POST"')
+        return self
+
+    @property
+    def url_template(self) -> Template:
+        return self._url
+
+    @property
+    def body_templates(self) -> dict[str, Template]:
+        return self._body
+
+    @property
+    def header_templates(self) -> dict[str, Template]:
+        return self._headers
+
+
+Destination = TemplatedDestination
+KINDS: dict[str, type[DestinationBase]] = {"templated": TemplatedDestination}
+
+
+class Destinations:
+    """The validated destinations file, with routing."""
+
+    def __init__(self, destinations: Iterable[DestinationBase], source: str = "") -> None:
+        self.by_name: dict[str, DestinationBase] = {}
+        for dest in destinations:
+            if dest.name in self.by_name:
+                raise ConfigError(f"{source}: destination {dest.name!r}: name: used twice")
+            self.by_name[dest.name] = dest
+        self.source = source
+
+    def __iter__(self) -> Iterator[DestinationBase]:
+        return iter(self.by_name.values())
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def get(self, name: str) -> DestinationBase:
+        return self.by_name[name]
+
+    @property
+    def kinds(self) -> set[str]:
+        return {d.kind for d in self}
+
+    def routes_for(self, event: ConversionEvent) -> list[tuple[DestinationBase, Route]]:
+        """Every destination that wants this event, each with the first route that matched."""
+        matched = []
+        for dest in self.by_name.values():
+            route = dest.route_for(event)
+            if route is not None:
+                matched.append((dest, route))
+        return matched
+
+
+def parse_destinations(
+    data: Mapping[str, Any], environ: Mapping[str, str], source: str = "destinations"
+) -> Destinations:
+    unknown = set(data) - {"destination"}
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {sorted(unknown)}; use [[destination]]"
+        )
+    entries = data.get("destination", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: destination: must be an array of tables ([[destination]])")
+    parsed = []
+    for index, entry in enumerate(entries):
+        label = f"#{index + 1}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            label = repr(entry["name"])
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: destination {label}: must be a table")
+        model = KINDS.get(entry.get("kind"))  # type: ignore[arg-type]
+        if model is None:
+            raise ConfigError(
+                f"{source}: destination {label}: kind: must be one of {', '.join(KINDS)}"
+                f" (got {entry.get('kind')!r})"
+            )
+        try:
+            dest = model.model_validate(entry)
+        except ValidationError as exc:
+            detail = describe_validation_error(exc)
+            raise ConfigError(f"{source}: destination {label}: {detail}") from None
+        try:
+            dest.resolve_secrets(environ)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        parsed.append(dest)
+    return Destinations(parsed, source)
+
+
+def load_destinations(path: Path, environ: Mapping[str, str] | None = None) -> Destinations:
+    """Read, validate and resolve the destinations file; ConfigError on any problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"destinations file {path}: cannot be read ({exc.strerror}); "
+            "set POSTBACK_RELAY_DESTINATIONS_FILE or see config/destinations.example.toml"
+        ) from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"destinations file {path}: not valid TOML ({exc})") from None
+    return parse_destinations(data, os.environ if environ is None else environ, str(path))

@@ -1,0 +1,58 @@
+"""Every Redis key and queue name the system uses comes from here, never typed twice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUEUE_PREFIX = "postback."
+
+
+def queue_for(kind: str) -> str:
+    """The Celery queue (a Redis list) that carries deliveries of one destination kind."""
+    return f"{QUEUE_PREFIX}{kind}"
+
+
+def task_name_for(kind: str) -> str:
+    return f"postback_relay.deliver_{kind}"
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Names of the non-broker keys, under one prefix so several deployments can share a Redis."""
+
+    prefix: str = "pr"
+
+    def dedupe(self, delivery_id: str) -> str:
+        return f"{self.prefix}:dedupe:{delivery_id}"
+
+    def delayed(self, queue: str) -> str:
+        """Sorted set of wire messages waiting for ``queue``, scored by due time."""
+        return f"{self.prefix}:delayed:{queue}"
+
+    def dead_letters(self) -> str:
+        """Hash: delivery id -> dead-letter entry (JSON)."""
+        return f"{self.prefix}:dlq:entries"
+
+    def dead_letter_index(self) -> str:
+        """Sorted set: delivery id scored by dead-letter time, for listing and --since."""
+        return f"{self.prefix}:dlq:index"
+
+    def attempts(self) -> str:
+        """Stream of attempt records (AppMetrica postback-export field names)."""
+        return f"{self.prefix}:attempts"
+
+    def redeliveries(self, delivery_id: str) -> str:
+        """Counter of how often a delivery's message was started (worker deaths detected)."""
+        return f"{self.prefix}:started:{delivery_id}"
+
+    def rate_limit(self, destination: str) -> str:
+        return f"{self.prefix}:ratelimit:{destination}"
+
+    def paused(self, destination: str) -> str:
+        return f"{self.prefix}:paused:{destination}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
+
+    def counter(self, destination: str, outcome: str) -> str:
+        return f"{self.prefix}:count:{destination}:{outcome}"

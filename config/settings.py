@@ -1,0 +1,80 @@
+"""Process settings read once from the environment (prefix ``POSTBACK_RELAY_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "POSTBACK_RELAY_"
+
+
+class Settings(BaseSettings):
+    """Everything a producer, worker, beat or CLI process needs, built at start-up.
+
+    ``REDIS_URL`` is accepted as well as ``POSTBACK_RELAY_REDIS_URL`` because most platforms
+    (Heroku, Render, compose files) hand the Redis address over under that name.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("POSTBACK_RELAY_REDIS_URL", "REDIS_URL"),
+    )
+    destinations_file: Path = Path("config/destinations.toml")
+    data_dir: Path = Path(".postback-relay")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+
+    # produce(): the same event_id is enqueued once per destination within this window.
+    dedupe_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    # Redis key prefix for everything that is not the Celery broker's own keys.
+    key_prefix: str = Field(default="pr", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
+
+    # Worker process model. Threads suit I/O-bound HTTP delivery; see README "Performance".
+    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_concurrency: int = Field(default=16, ge=1, le=512)
+    worker_prefetch_multiplier: int = Field(default=4, ge=1, le=128)
+
+    # Timeouts nest (ARCHITECTURE rule 3): HTTP < soft limit < hard limit < visibility timeout.
+    http_connect_timeout: float = Field(default=3.05, gt=0)
+    http_read_timeout: float = Field(default=10.0, gt=0)
+    task_soft_time_limit: float = Field(default=30.0, gt=0)
+    task_time_limit: float = Field(default=60.0, gt=0)
+    visibility_timeout: int = Field(default=3600, ge=60)
+    # Waits up to this long are re-published with a broker countdown; longer ones are parked in
+    # the delay set (a countdown that outlives the visibility timeout is delivered twice).
+    short_delay_seconds: float = Field(default=0.0, ge=0, le=5)
+    delay_mover_interval: float = Field(default=0.5, gt=0, le=10)
+
+    # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).
+    attempt_log_max_records: int = Field(default=200_000, ge=1000)
+
+    http_user_agent: str = "postback-relay/0.1 (+https://github.com/postback-relay)"
+
+    @model_validator(mode="after")
+    def _timeouts_nest(self) -> Settings:
+        http_total = self.http_connect_timeout + self.http_read_timeout
+        if (
+            not http_total
+            < self.task_soft_time_limit
+            < self.task_time_limit
+            < self.visibility_timeout
+        ):
+            raise ValueError(
+                "timeouts must nest: http_connect_timeout + http_read_timeout "
+                f"({http_total:g}) < task_soft_time_limit ({self.task_soft_time_limit:g}) "
+                f"< task_time_limit ({self.task_time_limit:g}) "
+                f"< visibility_timeout ({self.visibility_timeout})"
+            )
+        if (self.flower_user is None) != (self.flower_password is None):
+            raise ValueError("flower_user and flower_password must be set together")
+        return self

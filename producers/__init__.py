@@ -1,0 +1,5 @@
+"""The producer side: the helper backend services call to hand events to postback-relay."""
+
+from producers.produce import Producer, ProduceResult, produce, produce_many
+
+__all__ = ["ProduceResult", "Producer", "produce", "produce_many"]

@@ -1,0 +1,224 @@
+"""produce(): validate an event, route it, and enqueue one delivery per destination, atomically."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Celery
+
+from config.destinations import DestinationBase, Destinations, Route, load_destinations
+from config.keys import RedisKeys, queue_for, task_name_for
+from config.settings import Settings
+from schemas.envelope import DeliveryEnvelope, delivery_id_for
+from schemas.errors import InvalidEvent
+from schemas.event import ConversionEvent
+from workers.wire import TaskMessageEncoder
+
+# Atomic per delivery: claim the dedupe key, and only if it was free, enqueue the message (on the
+# queue, or in the delay set when the route asks for a delivery delay). A crash can therefore
+# never leave a claimed key without its message, which a later retry would then skip.
+_ENQUEUE_LUA = """
+local ttl = ARGV[1]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local a = 2 + (i - 1) * 3
+  if redis.call('SET', KEYS[2 * i - 1], '1', 'NX', 'EX', ttl) then
+    if ARGV[a] == 'z' then
+      redis.call('ZADD', KEYS[2 * i], ARGV[a + 1], ARGV[a + 2])
+    else
+      redis.call('LPUSH', KEYS[2 * i], ARGV[a + 2])
+    end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+MAX_BATCH = 500
+
+
+@dataclass(frozen=True)
+class ProduceResult:
+    """What happened to one event: delivery ids enqueued now, ids already enqueued, or an error."""
+
+    event_id: str | None
+    accepted: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    error: str | None = None
+    destinations: dict[str, str] = field(default_factory=dict)  # delivery id -> destination
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    delivery_id: str
+    destination: str
+    dedupe_key: str
+    target_key: str
+    delayed: bool
+    due: float
+    wire: str
+
+
+class Producer:
+    """Holds what producing needs: settings, destinations, a Redis client, a message encoder."""
+
+    def __init__(self, settings: Settings, destinations: Destinations, client: redis.Redis) -> None:
+        self.settings = settings
+        self.destinations = destinations
+        self.redis = client
+        self.keys = RedisKeys(settings.key_prefix)
+        self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
+        self._enqueue = client.register_script(_ENQUEUE_LUA)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Producer:
+        settings = settings or Settings()
+        destinations = load_destinations(settings.destinations_file)
+        client = redis.Redis.from_url(
+            settings.redis_url, health_check_interval=30, socket_keepalive=True
+        )
+        return cls(settings, destinations, client)
+
+    def envelope_for(
+        self, event: ConversionEvent, dest: DestinationBase, route: Route, now: datetime
+    ) -> DeliveryEnvelope:
+        assert event.event_id is not None
+        retries = (
+            route.max_delivery_attempts
+            if route.max_delivery_attempts is not None
+            else dest.retry.max_attempts
+        )
+        return DeliveryEnvelope(
+            delivery_id=delivery_id_for(event.event_id, dest.name),
+            destination=dest.name,
+            kind=dest.kind,
+            event=event,
+            attempt=0,
+            max_attempts=1 + retries,
+            created_at=now,
+            not_after=now + timedelta(seconds=dest.retry.max_age_seconds),
+        )
+
+    def _plan(self, event: ConversionEvent, now: datetime) -> list[_Planned]:
+        planned = []
+        for dest, route in self.destinations.routes_for(event):
+            envelope = self.envelope_for(event, dest, route, now)
+            queue = queue_for(envelope.kind)
+            wire = self._encoder.encode(
+                task_name_for(envelope.kind),
+                queue,
+                (envelope.to_task_arg(),),
+                argsrepr=envelope.task_argsrepr(),
+                task_id=envelope.delivery_id,
+            )
+            delayed = route.delay_seconds > 0
+            planned.append(
+                _Planned(
+                    delivery_id=envelope.delivery_id,
+                    destination=envelope.destination,
+                    dedupe_key=self.keys.dedupe(envelope.delivery_id),
+                    target_key=self.keys.delayed(queue) if delayed else queue,
+                    delayed=delayed,
+                    due=now.timestamp() + route.delay_seconds,
+                    wire=wire,
+                )
+            )
+        return planned
+
+    def _run(self, planned: Sequence[_Planned]) -> list[bool]:
+        if not planned:
+            return []
+        keys: list[str] = []
+        argv: list[Any] = [self.settings.dedupe_ttl_seconds]
+        for p in planned:
+            keys += [p.dedupe_key, p.target_key]
+            argv += ["z" if p.delayed else "l", repr(p.due), p.wire]
+        return [bool(flag) for flag in self._enqueue(keys=keys, args=argv)]
+
+    def produce(self, event: ConversionEvent | dict[str, Any]) -> ProduceResult:
+        """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad."""
+        parsed = ConversionEvent.parse(event)
+        planned = self._plan(parsed, datetime.now(UTC))
+        return _result(parsed.event_id, planned, self._run(planned))
+
+    def produce_many(
+        self, events: Iterable[ConversionEvent | dict[str, Any]]
+    ) -> list[ProduceResult]:
+        """One result per input, in order; the valid events are enqueued, one round trip a batch."""
+        results: list[ProduceResult] = []
+        batch: list[tuple[int, str | None, list[_Planned]]] = []
+        now = datetime.now(UTC)
+
+        def flush() -> None:
+            flat = [p for _, _, plans in batch for p in plans]
+            flags = iter(self._run(flat))
+            for index, event_id, plans in batch:
+                results[index] = _result(event_id, plans, [next(flags) for _ in plans])
+            batch.clear()
+
+        for raw in events:
+            try:
+                parsed = ConversionEvent.parse(raw)
+            except InvalidEvent as exc:
+                results.append(ProduceResult(_raw_event_id(raw), error=str(exc)))
+                continue
+            results.append(ProduceResult(parsed.event_id))
+            batch.append((len(results) - 1, parsed.event_id, self._plan(parsed, now)))
+            if sum(len(p) for _, _, p in batch) >= MAX_BATCH:
+                flush()
+        flush()
+        return results
+
+
+def _result(
+    event_id: str | None, planned: Sequence[_Planned], flags: Sequence[bool]
+) -> ProduceResult:
+    accepted = [p.delivery_id for p, new in zip(planned, flags, strict=True) if new]
+    duplicates = [p.delivery_id for p, new in zip(planned, flags, strict=True) if not new]
+    return ProduceResult(
+        event_id, accepted, duplicates, destinations={p.delivery_id: p.destination for p in planned}
+    )
+
+
+def _raw_event_id(raw: Any) -> str | None:
+    value = raw.get("event_id") if isinstance(raw, dict) else getattr(raw, "event_id", None)
+    return value if isinstance(value, str) else None
+
+
+_default: Producer | None = None
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    """The process-wide producer, built from the environment on first use (not at import)."""
+    global _default  # noqa: PLW0603 - one lazily built client per process, like a connection pool
+    with _default_lock:
+        if _default is None:
+            _default = Producer.from_settings()
+        return _default
+
+
+def set_default_producer(producer: Producer | None) -> None:
+    global _default  # noqa: PLW0603
+    with _default_lock:
+        _default = producer
+
+
+def produce(event: ConversionEvent | dict[str, Any]) -> ProduceResult:
+    """Validate, route and enqueue ``event``; returns the accepted delivery ids."""
+    return default_producer().produce(event)
+
+
+def produce_many(events: Iterable[ConversionEvent | dict[str, Any]]) -> list[ProduceResult]:
+    return default_producer().produce_many(events)

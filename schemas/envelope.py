@@ -1,0 +1,81 @@
+"""The delivery envelope: what travels on a destination queue for one (event, destination) pair."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.errors import describe_validation_error
+from schemas.event import ConversionEvent
+
+# uuid5 namespace for delivery ids; changing it would break deduplication across a deploy.
+_DELIVERY_NAMESPACE = uuid.UUID("8f0c2a52-54a4-4f55-9d0e-5a6d0c1f9a11")
+
+
+def delivery_id_for(event_id: str, destination: str) -> str:
+    """Deterministic idempotency key of one delivery: the same event to the same destination."""
+    return str(uuid.uuid5(_DELIVERY_NAMESPACE, f"{destination}\n{event_id}"))
+
+
+class PoisonMessage(ValueError):
+    """A queued message that cannot be decoded or validated; it is dead-lettered, never retried."""
+
+
+class AttemptSummary(BaseModel):
+    """One HTTP attempt as the envelope remembers it (the full record is in the attempt log)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: AwareDatetime
+    status: int | None = None
+    outcome: str
+    error: str | None = Field(default=None, max_length=500)
+    body_excerpt: str = Field(default="", max_length=300)
+    duration_ms: float = 0.0
+
+
+class DeliveryEnvelope(BaseModel):
+    """One delivery. ``attempt`` counts HTTP attempts already made (0 on the first run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    delivery_id: str = Field(min_length=1, max_length=64)
+    destination: str = Field(min_length=1, max_length=64)
+    kind: str = Field(min_length=1, max_length=32)
+    event: ConversionEvent
+    attempt: int = Field(default=0, ge=0)
+    max_attempts: int = Field(ge=1, le=11, description="HTTP attempts in all: 1 + retries.")
+    created_at: AwareDatetime
+    not_after: AwareDatetime | None = None
+    history: list[AttemptSummary] = Field(default_factory=list, max_length=20)
+
+    def after_attempt(self, summary: AttemptSummary) -> DeliveryEnvelope:
+        """The envelope for the next try: attempt counted, this attempt remembered."""
+        return self.model_copy(
+            update={"attempt": self.attempt + 1, "history": [*self.history, summary][-20:]}
+        )
+
+    def task_argsrepr(self) -> str:
+        """What Flower and logs show of a task's arguments: no device ids, no personal data."""
+        return (
+            f"{{'delivery_id': {self.delivery_id!r}, 'destination': {self.destination!r}, "
+            f"'event_name': {self.event.event_name!r}, 'attempt': {self.attempt + 1}}}"
+        )
+
+    def to_task_arg(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def expired(self, now: datetime) -> bool:
+        return self.not_after is not None and now >= self.not_after
+
+    @classmethod
+    def from_task_arg(cls, data: Any) -> DeliveryEnvelope:
+        if not isinstance(data, dict):
+            raise PoisonMessage(f"envelope: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PoisonMessage("envelope: " + describe_validation_error(exc)) from None

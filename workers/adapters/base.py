@@ -1,0 +1,79 @@
+"""One base class per destination: HTTP, limits and retries are written once, in the pipeline;
+each adapter only builds its request and, where the partner has its own error format, classifies."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import ClassVar
+
+import requests
+
+from config.destinations import DestinationBase
+from schemas.envelope import DeliveryEnvelope
+from workers.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+
+BODY_EXCERPT_BYTES = 1024
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True)
+class OutgoingRequest:
+    """A request ready to send. ``display_url`` has every secret masked: it is what gets logged."""
+
+    method: str
+    url: str
+    display_url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+
+
+class DestinationAdapter(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, destination: DestinationBase) -> None:
+        self.destination = destination
+
+    @abstractmethod
+    def build_request(self, envelope: DeliveryEnvelope) -> OutgoingRequest | Skipped:
+        """The exact request for this delivery, or Skipped when there is nothing to send."""
+
+    def classify(self, response: requests.Response, body_excerpt: str) -> Outcome:
+        """2xx delivered; 408/425/429/5xx retry; other 4xx permanent (401/403 also alarm)."""
+        status = response.status_code
+        if 200 <= status < 300:
+            return Delivered(status, body_excerpt)
+        if status in RETRYABLE_STATUSES or status >= 500:
+            return RetryLater(
+                f"HTTP {status}",
+                status,
+                body_excerpt,
+                retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        return PermanentFailure(f"HTTP {status}", status, body_excerpt, alarm=status in {401, 403})
+
+    def classify_error(self, exc: requests.RequestException) -> Outcome:
+        """Timeouts, refused connections and DNS failures are transient."""
+        if isinstance(exc, requests.Timeout):
+            return RetryLater(f"timeout ({type(exc).__name__})")
+        if isinstance(exc, requests.ConnectionError):
+            return RetryLater(f"connection error ({type(exc).__name__})")
+        return PermanentFailure(f"request error ({type(exc).__name__})")
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

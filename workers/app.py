@@ -1,0 +1,125 @@
+"""The Celery app factory: one app, one queue per destination kind, thin delivery tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import structlog
+from celery import Celery, Task, bootsteps
+from celery.exceptions import Reject
+from celery.signals import setup_logging
+from kombu import Queue
+
+from config.destinations import Destinations, load_destinations
+from config.keys import RedisKeys, queue_for, task_name_for
+from config.settings import Settings
+from workers.delay import DelaySet
+from workers.runtime import WorkerRuntime, redis_client
+
+# Every kind has its queue from the start so workers, Flower and the compose file agree;
+# a kind whose adapter arrives later simply has no destinations yet.
+ALL_KINDS = ("templated", "x_mact", "xmp", "redeliver")
+
+log = structlog.get_logger("postback_relay.app")
+
+
+class PostbackRelay(Celery):
+    """A Celery app that also carries the settings and destinations it was built from."""
+
+    settings: Settings
+    destinations: Destinations
+    runtime: WorkerRuntime
+
+
+def create_app(settings: Settings, destinations: Destinations | None = None) -> PostbackRelay:
+    """Build the app from settings; the destinations file is validated here, at start-up."""
+    if destinations is None:
+        destinations = load_destinations(settings.destinations_file)
+    app = PostbackRelay("postback_relay", set_as_current=False)
+    app.settings = settings
+    app.destinations = destinations
+    app.runtime = WorkerRuntime(settings, destinations, app)
+    app.conf.update(
+        broker_url=settings.redis_url,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+            "health_check_interval": 30,
+        },
+        broker_heartbeat=0,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        task_queues=[Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in ALL_KINDS],
+        task_default_queue=queue_for("templated"),
+        task_routes={task_name_for(kind): {"queue": queue_for(kind)} for kind in ALL_KINDS},
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    for kind in ALL_KINDS:
+        _register_delivery_task(app, kind)
+    app.steps["worker"].add(DelayMover)
+    return app
+
+
+def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
+    @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind))
+    def deliver(self: Task[Any, Any], envelope: Any) -> str:
+        try:
+            result = app.runtime.deliver(envelope, self.request.id)
+        except redis.RedisError as exc:
+            # Redis is our system of record; without it nothing can be recorded or retried.
+            # Requeue the message instead of acking it: at-least-once, never silent loss.
+            log.warning("delivery.redis_unavailable", error=str(exc))
+            raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+        return f"{result.status}: {result.detail}"
+
+    deliver.__doc__ = f"Deliver one postback to a `{kind}` destination."
+
+
+class DelayMover(bootsteps.StartStopStep):
+    """Every worker republishes due items from the delay set; the Lua move makes that safe."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+        self.delays: DelaySet | None = None
+
+    def start(self, worker: Any) -> None:
+        app: PostbackRelay = worker.app
+        self.delays = DelaySet(redis_client(app.settings), RedisKeys(app.settings.key_prefix))
+        self.queues = [queue_for(kind) for kind in ALL_KINDS]
+        self.tref = worker.timer.call_repeatedly(app.settings.delay_mover_interval, self.move)
+
+    def move(self) -> None:
+        assert self.delays is not None
+        try:
+            self.delays.move_due(self.queues)
+        except redis.RedisError as exc:
+            log.warning("delay_mover.redis_unavailable", error=str(exc))
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+@setup_logging.connect
+def _use_structlog(**_: Any) -> None:
+    """Keep Celery from installing its own handlers; the CLI configured structlog already."""

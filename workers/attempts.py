@@ -1,0 +1,68 @@
+"""The attempt log: one record per HTTP attempt, named like AppMetrica's postbacks export.
+
+Kept in a capped Redis stream (XADD MAXLEN ~), so retention is bounded by count and tools that
+read AppMetrica's export can read ours with the same field names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from config.keys import RedisKeys
+from schemas.envelope import AttemptSummary, DeliveryEnvelope
+from workers.adapters.base import OutgoingRequest
+from workers.outcomes import Delivered, Outcome
+
+
+class AttemptLog:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, max_records: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.max_records = max_records
+
+    def record(
+        self,
+        envelope: DeliveryEnvelope,
+        request: OutgoingRequest,
+        outcome: Outcome,
+        summary: AttemptSummary,
+    ) -> None:
+        event = envelope.event
+        fields: dict[Any, Any] = {
+            "attempt_datetime": summary.at.strftime("%Y-%m-%d %H:%M:%S"),
+            "attempt_timestamp": int(summary.at.timestamp()),
+            "notifying_status": "sent" if isinstance(outcome, Delivered) else "failed",
+            "response_code": "" if summary.status is None else summary.status,
+            "response_body": summary.body_excerpt,
+            "postback_url": request.display_url,
+            "postback_method": request.method,
+            "conversion_datetime": event.event_time.strftime("%Y-%m-%d %H:%M:%S"),
+            "conversion_timestamp": int(event.event_time.timestamp()),
+            "event_name": event.event_name,
+            "application_id": event.app_id,
+            "destination": envelope.destination,
+            "delivery_id": envelope.delivery_id,
+            "attempt": envelope.attempt + 1,
+            "error": summary.error or "",
+            "duration_ms": summary.duration_ms,
+        }
+        self.redis.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+
+    def iter_records(self, since: datetime | None = None) -> Iterator[dict[str, str]]:
+        start = f"{int(since.timestamp() * 1000)}-0" if since else "-"
+        while True:
+            batch: list[tuple[bytes, dict[bytes, bytes]]] = self.redis.xrange(  # type: ignore[assignment]
+                self.keys.attempts(), min=start, max="+", count=1000
+            )
+            if not batch:
+                return
+            for _record_id, fields in batch:
+                yield {k.decode(): v.decode() for k, v in fields.items()}
+            start = "(" + batch[-1][0].decode()
+
+    def count(self) -> int:
+        return int(self.redis.xlen(self.keys.attempts()))

@@ -1,0 +1,232 @@
+"""The `postback-relay` command: parses, configures logging, calls library code. Exit codes:
+0 ok, 1 failure at run time, 2 bad configuration or usage."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from config.destinations import ConfigError, Destinations, load_destinations
+from config.keys import queue_for
+from config.settings import Settings
+from schemas.errors import describe_validation_error
+
+EXIT_CONFIG = 2
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise click.ClickException(
+            "settings: "
+            + describe_validation_error(exc)
+            + " (environment variables POSTBACK_RELAY_*)"
+        ) from None
+
+
+def _destinations(settings: Settings) -> Destinations:
+    try:
+        return load_destinations(settings.destinations_file)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _start(settings: Settings, destinations: Destinations) -> Any:
+    from workers.app import create_app
+    from workers.logging import configure_logging
+
+    secrets = [v for d in destinations for v in d.secret_values().values()]
+    configure_logging(settings, secrets)
+    return create_app(settings, destinations)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="postback-relay")
+def main() -> None:
+    """Postback delivery: produce() -> Redis -> Celery workers -> ad networks."""
+
+
+@main.command("check-config")
+def check_config() -> None:
+    """Validate settings and the destinations file, then list the destinations."""
+    settings = _settings()
+    destinations = _destinations(settings)
+    click.echo(f"{destinations.source}: {len(destinations)} destination(s) OK")
+    for dest in destinations:
+        routes = ", ".join(
+            r.type + (f"[{','.join(r.events)}]" if r.events else "")
+            for r in dest.routes
+            if r.active
+        )
+        click.echo(
+            f"  {dest.name:<24} kind={dest.kind:<10} rate_limit={dest.rate_limit or '-'}"
+            f"  retries={dest.retry.max_attempts}  routes: {routes or '(none active)'}"
+        )
+
+
+@main.command()
+@click.option(
+    "--queues",
+    "-Q",
+    default=None,
+    help="Comma-separated destination kinds to consume (default: every kind).",
+)
+@click.option("--pool", "-P", type=click.Choice(["threads", "prefork", "solo"]), default=None)
+@click.option("--concurrency", "-c", type=int, default=None)
+@click.option("--hostname", "-n", default=None, help="Worker node name (celery -n).")
+def worker(
+    queues: str | None, pool: str | None, concurrency: int | None, hostname: str | None
+) -> None:
+    """Run a delivery worker (a Celery worker on the destination queues)."""
+    from workers.app import ALL_KINDS
+
+    settings = _settings()
+    app = _start(settings, _destinations(settings))
+    kinds = queues.split(",") if queues else list(ALL_KINDS)
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown:
+        raise click.BadParameter(
+            f"unknown kind(s) {sorted(unknown)}; known: {', '.join(ALL_KINDS)}"
+        )
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queue_for(k) for k in kinds),
+        "--pool",
+        pool or settings.worker_pool,
+        "--concurrency",
+        str(concurrency or settings.worker_concurrency),
+        "--loglevel",
+        settings.log_level,
+        "--without-mingle",
+        "--without-gossip",
+        "-E",
+    ]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Default: POSTBACK_RELAY_FLOWER_PORT or 5555.")
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option(
+    "--open-localhost",
+    is_flag=True,
+    help="Run without basic auth. Only allowed when listening on 127.0.0.1.",
+)
+def flower(port: int | None, address: str, open_localhost: bool) -> None:
+    """Run Flower against the app, with basic auth from settings."""
+    settings = _settings()
+    app = _start(settings, _destinations(settings))
+    if settings.flower_user and settings.flower_password:
+        os.environ["FLOWER_BASIC_AUTH"] = (
+            f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+        )
+    elif not (open_localhost and address == "127.0.0.1"):
+        raise click.UsageError(
+            "Flower needs credentials: set POSTBACK_RELAY_FLOWER_USER and "
+            "POSTBACK_RELAY_FLOWER_PASSWORD, or pass --open-localhost with --address 127.0.0.1"
+        )
+    app.start(["flower", f"--port={port or settings.flower_port}", f"--address={address}"])
+
+
+@main.command()
+def beat() -> None:
+    """Run the single periodic scheduler."""
+    settings = _settings()
+    app = _start(settings, _destinations(settings))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.start(
+        [
+            "beat",
+            "--loglevel",
+            settings.log_level,
+            "--schedule",
+            str(settings.data_dir / "celerybeat-schedule"),
+        ]
+    )
+
+
+def _json_lines(stream: Any) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(stream, 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise click.ClickException(f"line {number}: not JSON ({exc.msg})") from None
+
+
+@main.command()
+@click.argument("source", type=click.File("r"), default="-")
+def produce(source: Any) -> None:
+    """Produce events from JSON lines (a file or stdin); print one result line per event."""
+    from producers.produce import Producer
+
+    settings = _settings()
+    producer = Producer(settings, _destinations(settings), _redis(settings))
+    failed = 0
+    for result in producer.produce_many(_json_lines(source)):
+        failed += not result.ok
+        click.echo(
+            json.dumps(
+                {
+                    "event_id": result.event_id,
+                    "accepted": result.accepted,
+                    "duplicates": result.duplicates,
+                    "error": result.error,
+                }
+            )
+        )
+    sys.exit(1 if failed else 0)
+
+
+def _redis(settings: Settings) -> Any:
+    from workers.runtime import redis_client
+
+    return redis_client(settings)
+
+
+@main.command()
+@click.option(
+    "--duration",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to produce events for; Ctrl-C stops earlier.",
+)
+@click.option("--rate", type=float, default=20.0, show_default=True, help="Events per second.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the embedded Redis keeps its AOF (default: POSTBACK_RELAY_DATA_DIR/demo).",
+)
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -> None:
+    """Run everything locally (embedded Redis unless REDIS_URL is set) and show deliveries."""
+    from workers.demo import run_demo
+
+    settings = _settings()
+    sys.exit(
+        run_demo(
+            settings,
+            duration=duration,
+            rate=rate,
+            data_dir=data_dir or settings.data_dir / "demo",
+            flower=not no_flower,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

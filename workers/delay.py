@@ -1,0 +1,49 @@
+"""The delay set: retries and delivery delays wait in a Redis sorted set scored by due time.
+
+A Celery countdown longer than the broker's visibility timeout is executed twice, and ETA tasks
+sit in worker memory, so nothing here ever uses them (ARCHITECTURE rule 2). A mover republishes
+what is due; the move is one Lua call, so two movers never publish the same item twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import redis
+
+from config.keys import RedisKeys
+
+_MOVE_DUE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, message in ipairs(due) do
+  redis.call('ZREM', KEYS[1], message)
+  redis.call('LPUSH', KEYS[2], message)
+end
+return #due
+"""
+
+
+class DelaySet:
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._move_due = client.register_script(_MOVE_DUE_LUA)
+
+    def schedule(self, queue: str, wire_message: str, due: float) -> None:
+        self.redis.zadd(self.keys.delayed(queue), {wire_message: due})
+
+    def move_due(self, queues: Iterable[str], now: float | None = None, limit: int = 1000) -> int:
+        """Publish every message whose time has come; returns how many moved."""
+        now = time.time() if now is None else now
+        moved = 0
+        for queue in queues:
+            moved += int(self._move_due(keys=[self.keys.delayed(queue), queue], args=[now, limit]))
+        return moved
+
+    def depth(self, queue: str) -> int:
+        return int(self.redis.zcard(self.keys.delayed(queue)))
+
+    def next_due(self, queue: str) -> float | None:
+        first = self.redis.zrange(self.keys.delayed(queue), 0, 0, withscores=True)
+        return float(first[0][1]) if first else None

@@ -1,0 +1,41 @@
+"""What a delivery attempt came to, as values: adapters return them, the pipeline acts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Delivered:
+    status: int
+    body_excerpt: str = ""
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """A transient failure; ``after`` is the destination's own wait (Retry-After), if given."""
+
+    reason: str
+    status: int | None = None
+    body_excerpt: str = ""
+    after: float | None = None
+
+
+@dataclass(frozen=True)
+class PermanentFailure:
+    """Sending this again will not help (a 4xx other than 408/425/429): dead-letter it now."""
+
+    reason: str
+    status: int | None = None
+    body_excerpt: str = ""
+    alarm: bool = False
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Nothing to send for this event (e.g. no device id X can use); recorded, not an error."""
+
+    reason: str
+
+
+Outcome = Delivered | RetryLater | PermanentFailure | Skipped

@@ -1,0 +1,200 @@
+"""The delivery pipeline: plain code that takes one envelope to delivered, later, or dead letter.
+
+Celery tasks are thin adapters over ``DeliveryPipeline.run``; everything here can be tested
+with a real Redis and a real HTTP server and no Celery at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import requests
+import structlog
+
+from config.destinations import Destinations
+from config.keys import queue_for, task_name_for
+from schemas.envelope import AttemptSummary, DeliveryEnvelope
+from workers.adapters import DestinationAdapter, adapter_for
+from workers.adapters.base import BODY_EXCERPT_BYTES, OutgoingRequest
+from workers.attempts import AttemptLog
+from workers.deadletter import DeadLetterStore
+from workers.delay import DelaySet
+from workers.outcomes import Delivered, Outcome, PermanentFailure, Skipped
+from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.wire import TaskMessageEncoder
+
+log = structlog.get_logger("postback_relay.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """How the pipeline left a delivery: the task's return value, for logs and Flower."""
+
+    status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped
+    detail: str = ""
+
+
+class Requeuer:
+    """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
+
+    def __init__(self, delays: DelaySet, encoder: TaskMessageEncoder) -> None:
+        self.delays = delays
+        self.encoder = encoder
+
+    def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
+        queue = queue_for(envelope.kind)
+        wire = self.encoder.encode(
+            task_name_for(envelope.kind),
+            queue,
+            (envelope.to_task_arg(),),
+            argsrepr=envelope.task_argsrepr(),
+            task_id=f"{envelope.delivery_id}.{envelope.attempt}",
+        )
+        due = (time.time() if now is None else now) + max(0.0, delay)
+        if delay <= 0:
+            self.delays.redis.lpush(queue, wire)
+        else:
+            self.delays.schedule(queue, wire, due)
+
+
+class DeliveryPipeline:
+    def __init__(
+        self,
+        *,
+        destinations: Destinations,
+        session: requests.Session,
+        limiter: GlobalRateLimiter,
+        pauses: PauseRegistry,
+        requeuer: Requeuer,
+        dead_letters: DeadLetterStore,
+        attempts: AttemptLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.destinations = destinations
+        self.session = session
+        self.limiter = limiter
+        self.pauses = pauses
+        self.requeuer = requeuer
+        self.dead_letters = dead_letters
+        self.attempts = attempts
+        self.clock = clock
+        self._adapters: dict[str, DestinationAdapter] = {
+            d.name: adapter_for(d) for d in destinations
+        }
+
+    def run(self, envelope: DeliveryEnvelope) -> PipelineResult:
+        adapter = self._adapters.get(envelope.destination)
+        if adapter is None:
+            return self._dead_letter(
+                envelope, f"destination {envelope.destination!r} is not in the destinations file"
+            )
+        dest = adapter.destination
+        now = self.clock()
+        if envelope.expired(datetime.fromtimestamp(now, UTC)):
+            return self._dead_letter(envelope, "max age exceeded before delivery")
+
+        paused_until = self.pauses.paused_until(dest.name)
+        if paused_until is not None:
+            self.requeuer.later(envelope, paused_until - now)
+            return PipelineResult("deferred", f"destination paused for {paused_until - now:.1f}s")
+
+        request = adapter.build_request(envelope)
+        if isinstance(request, Skipped):
+            log.info("delivery.skipped", reason=request.reason)
+            return PipelineResult("skipped", request.reason)
+
+        wait = self.limiter.acquire(dest.name, dest.rate_limit_item)
+        if wait is not None:
+            # Not an attempt: the partner never saw it. Park it until a slot should be free.
+            self.requeuer.later(envelope, wait)
+            return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
+
+        outcome, duration = self._send(adapter, request)
+        summary = AttemptSummary(
+            at=datetime.fromtimestamp(now, UTC),
+            status=getattr(outcome, "status", None),
+            outcome=type(outcome).__name__,
+            error=None if isinstance(outcome, Delivered) else getattr(outcome, "reason", None),
+            body_excerpt=getattr(outcome, "body_excerpt", "")[:300],
+            duration_ms=round(duration * 1000, 1),
+        )
+        self.attempts.record(envelope, request, outcome, summary)
+        return self._settle(envelope.after_attempt(summary), outcome)
+
+    def _send(self, adapter: DestinationAdapter, request: OutgoingRequest) -> tuple[Outcome, float]:
+        timeout = adapter.destination.timeout
+        started = time.perf_counter()
+        try:
+            with self.session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.body,
+                timeout=(timeout.connect, timeout.read),
+                stream=True,
+            ) as response:
+                excerpt = response.raw.read(BODY_EXCERPT_BYTES, decode_content=True)
+                text = excerpt.decode(response.encoding or "utf-8", errors="replace")
+                outcome = adapter.classify(response, text)
+        except requests.RequestException as exc:
+            outcome = adapter.classify_error(exc)
+        return outcome, time.perf_counter() - started
+
+    def _settle(self, envelope: DeliveryEnvelope, outcome: Outcome) -> PipelineResult:
+        """``envelope`` already counts the attempt just made."""
+        if isinstance(outcome, Delivered):
+            log.info("delivery.delivered", status=outcome.status)
+            return PipelineResult("delivered", f"HTTP {outcome.status}")
+        if isinstance(outcome, Skipped):
+            return PipelineResult("skipped", outcome.reason)
+        if isinstance(outcome, PermanentFailure):
+            if outcome.alarm:
+                log.error(
+                    "destination.auth_failed",
+                    alarm=True,
+                    status=outcome.status,
+                    hint="check this destination's credentials",
+                )
+            return self._dead_letter(envelope, outcome.reason, outcome.status, outcome.body_excerpt)
+
+        dest = self.destinations.get(envelope.destination)
+        if outcome.after is not None and outcome.status == 429:
+            self.pauses.pause(dest.name, outcome.after, outcome.reason)
+        if envelope.attempt >= envelope.max_attempts:
+            return self._dead_letter(
+                envelope,
+                f"attempts exhausted ({envelope.attempt} of {envelope.max_attempts}): "
+                f"{outcome.reason}",
+                outcome.status,
+                outcome.body_excerpt,
+            )
+        delay = dest.retry.delay_for(envelope.attempt)
+        if outcome.after is not None:
+            delay = max(delay, outcome.after)
+        if (
+            envelope.not_after is not None
+            and self.clock() + delay >= envelope.not_after.timestamp()
+        ):
+            return self._dead_letter(
+                envelope,
+                f"max age would pass before the next retry: {outcome.reason}",
+                outcome.status,
+                outcome.body_excerpt,
+            )
+        self.requeuer.later(envelope, delay)
+        log.warning("delivery.retry_scheduled", reason=outcome.reason, delay_s=round(delay, 2))
+        return PipelineResult("retry_scheduled", f"{outcome.reason}; retry in {delay:.1f}s")
+
+    def _dead_letter(
+        self,
+        envelope: DeliveryEnvelope,
+        reason: str,
+        status: int | None = None,
+        body_excerpt: str = "",
+    ) -> PipelineResult:
+        self.dead_letters.add_envelope(envelope, reason, status, body_excerpt)
+        log.error("delivery.dead_lettered", reason=reason, status=status)
+        return PipelineResult("dead_lettered", reason)

@@ -1,0 +1,102 @@
+"""Per-process resources of a worker (Redis clients, HTTP session, pipeline), built after fork."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import requests
+import structlog
+from requests.adapters import HTTPAdapter
+
+from config.destinations import Destinations
+from config.keys import RedisKeys
+from config.settings import Settings
+from schemas.envelope import DeliveryEnvelope, PoisonMessage
+from workers.attempts import AttemptLog
+from workers.deadletter import DeadLetter, DeadLetterStore
+from workers.delay import DelaySet
+from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
+from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.wire import TaskMessageEncoder
+
+log = structlog.get_logger("postback_relay.worker")
+
+
+def http_session(settings: Settings) -> requests.Session:
+    """One pooled session per process: keep-alive to each partner, sized to the thread count."""
+    session = requests.Session()
+    adapter = HTTPAdapter(
+        pool_connections=32, pool_maxsize=max(10, settings.worker_concurrency), max_retries=0
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = settings.http_user_agent
+    session.max_redirects = 5
+    return session
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry_on_timeout=True,
+    )
+
+
+class WorkerRuntime:
+    """Built once per worker process, lazily, so no connection crosses a fork."""
+
+    def __init__(self, settings: Settings, destinations: Destinations, app: Any) -> None:
+        self.settings = settings
+        self.destinations = destinations
+        self.keys = RedisKeys(settings.key_prefix)
+        self._app = app
+        self._lock = threading.Lock()
+        self._pipeline: DeliveryPipeline | None = None
+
+    @property
+    def pipeline(self) -> DeliveryPipeline:
+        with self._lock:
+            if self._pipeline is None:
+                client = redis_client(self.settings)
+                self._pipeline = DeliveryPipeline(
+                    destinations=self.destinations,
+                    session=http_session(self.settings),
+                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys),
+                    pauses=PauseRegistry(client, self.keys),
+                    requeuer=Requeuer(DelaySet(client, self.keys), TaskMessageEncoder(self._app)),
+                    dead_letters=DeadLetterStore(client, self.keys),
+                    attempts=AttemptLog(client, self.keys, self.settings.attempt_log_max_records),
+                )
+            return self._pipeline
+
+    def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:
+        """Decode, run the pipeline, map the outcome; a poison message is dead-lettered."""
+        structlog.contextvars.clear_contextvars()
+        pipeline = self.pipeline
+        try:
+            envelope = DeliveryEnvelope.from_task_arg(raw)
+        except PoisonMessage as exc:
+            entry = DeadLetter(
+                delivery_id=f"poison-{task_id or uuid.uuid4()}",
+                destination=str(raw.get("destination", "?")) if isinstance(raw, dict) else "?",
+                reason=f"poison message: {exc}"[:1000],
+                dead_at=datetime.now(UTC),
+                raw_message=repr(raw)[:4096],
+            )
+            pipeline.dead_letters.add(entry)
+            log.error("delivery.poison_message", reason=str(exc), message_id=task_id)
+            return PipelineResult("dead_lettered", entry.reason)
+        structlog.contextvars.bind_contextvars(
+            delivery_id=envelope.delivery_id,
+            destination=envelope.destination,
+            attempt=envelope.attempt + 1,
+        )
+        return pipeline.run(envelope)
