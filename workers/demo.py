@@ -205,7 +205,10 @@ def _redis_for_demo(stack: ExitStack, data_dir: Path, console: Console) -> str |
     # The demo's own data: start clean so nothing from an earlier run points at old ports.
     shutil.rmtree(data_dir / "redis", ignore_errors=True)
     embedded = stack.enter_context(EmbeddedRedis(data_dir / "redis"))
-    console.print(f"Started embedded Redis at {embedded.url} (AOF in {data_dir / 'redis'})")
+    console.print(
+        f"Started embedded Redis (pid {embedded.process.pid if embedded.process else '?'}) "
+        f"at {embedded.url} (AOF in {data_dir / 'redis'})"
+    )
     return embedded.url
 
 
@@ -244,11 +247,13 @@ def run_demo(
 
         procs = _Processes(data_dir, env)
         stack.callback(procs.stop_all)
-        procs.spawn("worker", "worker", "--queues", "templated", "--concurrency", "8")
+        worker = procs.spawn("worker", "worker", "--queues", "templated", "--concurrency", "8")
+        console.print(f"Started worker (pid {worker.pid})")
         if flower:
-            procs.spawn("flower", "flower", "--port", str(flower_port))
+            flower_proc = procs.spawn("flower", "flower", "--port", str(flower_port))
             console.print(
-                f"Flower: http://127.0.0.1:{flower_port}  (user demo, password {flower_password})"
+                f"Started Flower (pid {flower_proc.pid}): http://127.0.0.1:{flower_port}  "
+                f"(user demo, password {flower_password})"
             )
         console.print(f"Partner receiver: {receiver.url}; logs in {data_dir}/*.log")
         try:

@@ -73,7 +73,10 @@ def configure_logging(settings: Settings, secrets: Iterable[str] = ()) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks become text before redaction: exception messages can carry URLs.
+        structlog.processors.format_exc_info,
         redactor,
     ]
     structlog.configure(
@@ -86,7 +89,6 @@ def configure_logging(settings: Settings, secrets: Iterable[str] = ()) -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if use_json else (lambda _l, _n, e: e),
             renderer,
         ],
     )

