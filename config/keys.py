@@ -41,9 +41,21 @@ class RedisKeys:
         """Stream of attempt records (AppMetrica postback-export field names)."""
         return f"{self.prefix}:attempts"
 
-    def redeliveries(self, delivery_id: str) -> str:
-        """Counter of how often a delivery's message was started (worker deaths detected)."""
-        return f"{self.prefix}:started:{delivery_id}"
+    def unfinished_starts(self, delivery_id: str, attempt: int) -> str:
+        """Counter of starts of one attempt that never finished (its worker died)."""
+        return f"{self.prefix}:started:{delivery_id}:{attempt}"
+
+    def dead_letter_counts(self) -> str:
+        """Hash: destination -> number of dead-letter entries (metrics, health)."""
+        return f"{self.prefix}:dlq:counts"
+
+    def metrics_counters(self) -> str:
+        """Hash: "destination|outcome" -> count, for the Prometheus exporter."""
+        return f"{self.prefix}:metrics:counters"
+
+    def metrics_histogram(self, name: str, destination: str) -> str:
+        """Hash: bucket upper bound (or "sum"/"count") -> value."""
+        return f"{self.prefix}:metrics:{name}:{destination}"
 
     def rate_limit(self, destination: str) -> str:
         return f"{self.prefix}:ratelimit:{destination}"
@@ -53,6 +65,3 @@ class RedisKeys:
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
-
-    def counter(self, destination: str, outcome: str) -> str:
-        return f"{self.prefix}:count:{destination}:{outcome}"

@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     http_read_timeout: float = Field(default=10.0, gt=0)
     task_soft_time_limit: float = Field(default=30.0, gt=0)
     task_time_limit: float = Field(default=60.0, gt=0)
-    visibility_timeout: int = Field(default=3600, ge=60)
+    visibility_timeout: int = Field(default=3600, ge=5)
+    # A message whose processing started this many times without finishing (its worker died
+    # each time) is dead-lettered instead of being redelivered forever.
+    max_unfinished_starts: int = Field(default=3, ge=1, le=100)
     # Waits up to this long are re-published with a broker countdown; longer ones are parked in
     # the delay set (a countdown that outlives the visibility timeout is delivered twice).
     short_delay_seconds: float = Field(default=0.0, ge=0, le=5)
@@ -57,6 +60,10 @@ class Settings(BaseSettings):
 
     # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).
     attempt_log_max_records: int = Field(default=200_000, ge=1000)
+
+    metrics_port: int = Field(default=9464, ge=1, le=65535)
+    # `health` fails when the dead-letter store holds more entries than this.
+    health_max_dead_letters: int = Field(default=1000, ge=0)
 
     http_user_agent: str = "postback-relay/0.1 (+https://github.com/postback-relay)"
 

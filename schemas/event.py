@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     IPvAnyAddress,
     PlainSerializer,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,7 +30,7 @@ from schemas.errors import InvalidEvent
 
 INSTALL_EVENT = "install"
 
-_IOS_APP_ID = re.compile(r"^(?:id)?(\d{1,12})$")
+_IOS_APP_ID = re.compile(r"^(?:id)?([0-9]{1,12})$")
 _ANDROID_PACKAGE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z][A-Za-z0-9_]*)+$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -155,7 +156,10 @@ class ConversionEvent(BaseModel):
     currency: Annotated[Annotated[str, AfterValidator(_currency)] | None, Blank] = None
     revenue_usd: OptMoney = None
 
-    event_values: dict[str, Any] = Field(default_factory=dict)
+    # Keys are the partner's own names: never stripped, so two keys cannot silently merge.
+    event_values: dict[Annotated[str, StringConstraints(strip_whitespace=False)], Any] = Field(
+        default_factory=dict
+    )
 
     @field_validator("platform", mode="before")
     @classmethod
@@ -203,6 +207,10 @@ class ConversionEvent(BaseModel):
     def _content_id(self) -> str:
         """Same content, same id: a producer retrying without an event_id is still deduplicated."""
         content = self.model_dump(mode="json", exclude={"event_id"})
+        for money in ("revenue", "revenue_usd"):  # 1.5 and 1.50 are the same amount
+            value = getattr(self, money)
+            if value is not None:
+                content[money] = format(value.normalize(), "f")
         digest = hashlib.sha256(
             json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
         ).hexdigest()

@@ -166,13 +166,16 @@ class Template:
             if isinstance(part, str):
                 out.append(part)
                 continue
+            if part.credential is not None and mask_secrets:
+                out.append(MASK)
+                continue
             if part.credential is not None:
-                value: str | None = MASK if mask_secrets else secrets[part.credential]
+                value: str | None = secrets[part.credential]
             else:
                 assert part.getter is not None
                 value = part.getter(event, context)
             value = value or ""
-            out.append(quote(value, safe="") if url_encode and value != MASK else value)
+            out.append(quote(value, safe="") if url_encode else value)
         return "".join(out)
 
 
@@ -223,6 +226,6 @@ def compile_url_template(text: str, credentials: frozenset[str] = frozenset()) -
             "a macro may not touch the host: put a '/', '?' or '#' between the host and any macro"
         )
     literals = "".join(p for p in template.parts if isinstance(p, str))
-    if any(c in literals for c in " \t\r\n"):
-        raise TemplateError("must not contain whitespace or line breaks outside macros")
+    if any(c.isspace() or not c.isprintable() for c in literals):
+        raise TemplateError("must not contain whitespace or control characters outside macros")
     return template

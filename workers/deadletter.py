@@ -1,19 +1,52 @@
 """The dead-letter store: deliveries that will not be retried, with their whole history.
 
 Redis has no dead-letter exchange (a rejected message is simply gone), so the store is ours:
-a hash of entries by delivery id plus a sorted index by time for listing and replay.
+a hash of entries by delivery id, a sorted index by time for listing and --since, and a count
+per destination for metrics and health. Every change to the three is one Lua call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import redis
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from config.keys import RedisKeys
+from config.destinations import Destinations
+from config.keys import RedisKeys, queue_for, task_name_for
 from schemas.envelope import DeliveryEnvelope
+from workers.ratelimit import GlobalRateLimiter
+from workers.wire import TaskMessageEncoder
+
+_ADD_LUA = """
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# Enqueue first, then remove, in one atomic step: two replays of one entry deliver it once.
+_REPLAY_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[4], ARGV[2])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
+return 1
+"""
+
+_REMOVE_LUA = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
+return 1
+"""
 
 
 class DeadLetter(BaseModel):
@@ -30,17 +63,45 @@ class DeadLetter(BaseModel):
         default=None, max_length=4096, description="for poison messages: what could be read"
     )
 
+    @property
+    def reason_category(self) -> str:
+        """The reason without its particulars, for counting: "attempts exhausted", "HTTP 400"."""
+        head = self.reason.split(":", 1)[0]
+        return re.sub(r"\s*\(.*?\)", "", head).strip()
+
+
+@dataclass
+class ReplayReport:
+    replayed: list[str] = field(default_factory=list)
+    already_gone: list[str] = field(default_factory=list)
+    not_replayable: dict[str, str] = field(default_factory=dict)  # id -> why
+
 
 class DeadLetterStore:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
+        self._add = client.register_script(_ADD_LUA)
+        self._replay = client.register_script(_REPLAY_LUA)
+        self._remove = client.register_script(_REMOVE_LUA)
+
+    def _keys(self) -> list[str]:
+        return [
+            self.keys.dead_letters(),
+            self.keys.dead_letter_index(),
+            self.keys.dead_letter_counts(),
+        ]
 
     def add(self, entry: DeadLetter) -> None:
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.dead_letters(), entry.delivery_id, entry.model_dump_json())
-            pipe.zadd(self.keys.dead_letter_index(), {entry.delivery_id: entry.dead_at.timestamp()})
-            pipe.execute()
+        self._add(
+            keys=self._keys(),
+            args=[
+                entry.delivery_id,
+                entry.model_dump_json(),
+                entry.dead_at.timestamp(),
+                entry.destination,
+            ],
+        )
 
     def add_envelope(
         self,
@@ -68,12 +129,123 @@ class DeadLetterStore:
     def count(self) -> int:
         return int(self.redis.zcard(self.keys.dead_letter_index()))
 
-    def iter_entries(self, since: float = 0.0) -> Iterator[DeadLetter]:
+    def counts_by_destination(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.keys.dead_letter_counts())  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+
+    def iter_entries(
+        self,
+        since: float = 0.0,
+        destination: str | None = None,
+        reason: str | None = None,
+    ) -> Iterator[DeadLetter]:
+        """Oldest first; ``reason`` matches a case-insensitive substring of the reason."""
         ids: list[bytes] = self.redis.zrangebyscore(  # type: ignore[assignment]
             self.keys.dead_letter_index(), since, "+inf"
         )
         for start in range(0, len(ids), 200):
             chunk = ids[start : start + 200]
             for raw in self.redis.hmget(self.keys.dead_letters(), chunk):
-                if raw:
-                    yield DeadLetter.model_validate_json(raw)
+                if not raw:
+                    continue
+                entry = DeadLetter.model_validate_json(raw)
+                if destination is not None and entry.destination != destination:
+                    continue
+                if reason is not None and reason.lower() not in entry.reason.lower():
+                    continue
+                yield entry
+
+    def counts_by_reason(self, entries: Iterable[DeadLetter]) -> Counter[str]:
+        return Counter(e.reason_category for e in entries)
+
+    def remove(self, entry: DeadLetter) -> bool:
+        return bool(self._remove(keys=self._keys(), args=[entry.delivery_id, entry.destination]))
+
+    def replay_one(self, entry: DeadLetter, envelope: DeliveryEnvelope, wire: str) -> bool:
+        """Enqueue ``wire`` and remove the entry, atomically; False if it was already gone."""
+        queue = queue_for(envelope.kind)
+        return bool(
+            self._replay(
+                keys=[*self._keys(), queue], args=[entry.delivery_id, wire, entry.destination]
+            )
+        )
+
+
+class Replayer:
+    """Puts dead letters back on their queues, paced by each destination's own rate limit."""
+
+    def __init__(
+        self,
+        store: DeadLetterStore,
+        destinations: Destinations,
+        encoder: TaskMessageEncoder,
+        limiter: GlobalRateLimiter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.store = store
+        self.destinations = destinations
+        self.encoder = encoder
+        self.limiter = limiter
+        self.sleep = sleep
+
+    def why_not(self, entry: DeadLetter) -> str | None:
+        if entry.envelope is None:
+            return "poison message: there is no delivery to replay (inspect it with dlq show)"
+        if entry.destination not in self.destinations.by_name:
+            return f"destination {entry.destination!r} is no longer in the destinations file"
+        return None
+
+    def fresh_envelope(self, entry: DeadLetter, now: datetime) -> DeliveryEnvelope:
+        """Attempts start again and the age limit restarts; the history is kept."""
+        assert entry.envelope is not None
+        dest = self.destinations.get(entry.destination)
+        return entry.envelope.model_copy(
+            update={
+                "attempt": 0,
+                "created_at": now,
+                "not_after": now + timedelta(seconds=dest.retry.max_age_seconds),
+            }
+        )
+
+    def replay(
+        self,
+        entries: Iterable[DeadLetter],
+        dry_run: bool = False,
+        on_progress: Callable[[DeadLetter, str], None] | None = None,
+    ) -> ReplayReport:
+        report = ReplayReport()
+        for entry in entries:
+            why = self.why_not(entry)
+            if why is not None:
+                report.not_replayable[entry.delivery_id] = why
+                outcome = "not replayable"
+            elif dry_run:
+                report.replayed.append(entry.delivery_id)
+                outcome = "would replay"
+            else:
+                outcome = self._replay(entry, report)
+            if on_progress is not None:
+                on_progress(entry, outcome)
+        return report
+
+    def _replay(self, entry: DeadLetter, report: ReplayReport) -> str:
+        dest = self.destinations.get(entry.destination)
+        # A separate window with the destination's own limit: replay never sends faster than
+        # the partner accepts, and leaves the live traffic's window alone.
+        while (
+            wait := self.limiter.acquire(f"replay:{dest.name}", dest.rate_limit_item)
+        ) is not None:
+            self.sleep(min(wait, 1.0))
+        envelope = self.fresh_envelope(entry, datetime.now(UTC))
+        wire = self.encoder.encode(
+            task_name_for(envelope.kind),
+            queue_for(envelope.kind),
+            (envelope.to_task_arg(),),
+            argsrepr=envelope.task_argsrepr(),
+            task_id=f"{envelope.delivery_id}.replay.{int(time.time())}",
+        )
+        if self.store.replay_one(entry, envelope, wire):
+            report.replayed.append(entry.delivery_id)
+            return "replayed"
+        report.already_gone.append(entry.delivery_id)
+        return "already replayed or purged"
