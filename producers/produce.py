@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 
 from config.destinations import DestinationBase, Destinations, Route, load_destinations
-from config.keys import RedisKeys, queue_for, task_name_for
+from config.keys import RedisKeys, queue_for
 from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
@@ -115,13 +115,7 @@ class Producer:
         for dest, route in self.destinations.routes_for(event):
             envelope = self.envelope_for(event, dest, route, now)
             queue = queue_for(envelope.kind)
-            wire = self._encoder.encode(
-                task_name_for(envelope.kind),
-                queue,
-                (envelope.to_task_arg(),),
-                argsrepr=envelope.task_argsrepr(),
-                task_id=envelope.delivery_id,
-            )
+            wire = self._encoder.encode_envelope(envelope, task_id=envelope.delivery_id)
             delayed = route.delay_seconds > 0
             planned.append(
                 _Planned(

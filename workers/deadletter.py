@@ -18,7 +18,7 @@ import redis
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from config.destinations import Destinations
-from config.keys import RedisKeys, queue_for, task_name_for
+from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope
 from workers.ratelimit import GlobalRateLimiter
 from workers.wire import TaskMessageEncoder
@@ -237,12 +237,8 @@ class Replayer:
         ) is not None:
             self.sleep(min(wait, 1.0))
         envelope = self.fresh_envelope(entry, datetime.now(UTC))
-        wire = self.encoder.encode(
-            task_name_for(envelope.kind),
-            queue_for(envelope.kind),
-            (envelope.to_task_arg(),),
-            argsrepr=envelope.task_argsrepr(),
-            task_id=f"{envelope.delivery_id}.replay.{int(time.time())}",
+        wire = self.encoder.encode_envelope(
+            envelope, task_id=f"{envelope.delivery_id}.replay.{int(time.time())}"
         )
         if self.store.replay_one(entry, envelope, wire):
             report.replayed.append(entry.delivery_id)

@@ -15,7 +15,7 @@ import requests
 import structlog
 
 from config.destinations import Destinations
-from config.keys import queue_for, task_name_for
+from config.keys import queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from workers.adapters import DestinationAdapter, adapter_for
 from workers.adapters.base import BODY_EXCERPT_BYTES, OutgoingRequest
@@ -46,12 +46,8 @@ class Requeuer:
 
     def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
         queue = queue_for(envelope.kind)
-        wire = self.encoder.encode(
-            task_name_for(envelope.kind),
-            queue,
-            (envelope.to_task_arg(),),
-            argsrepr=envelope.task_argsrepr(),
-            task_id=f"{envelope.delivery_id}.{envelope.attempt}",
+        wire = self.encoder.encode_envelope(
+            envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
         )
         due = (time.time() if now is None else now) + max(0.0, delay)
         if delay <= 0:

@@ -17,10 +17,23 @@ from typing import Any
 from celery import Celery
 from kombu.serialization import dumps as kombu_dumps
 
+from config.keys import queue_for, task_name_for
+from schemas.envelope import DeliveryEnvelope
+
 
 class TaskMessageEncoder:
     def __init__(self, app: Celery) -> None:
         self._amqp = app.amqp
+
+    def encode_envelope(self, envelope: DeliveryEnvelope, task_id: str) -> str:
+        """The delivery task message for ``envelope``, addressed to its kind's queue."""
+        return self.encode(
+            task_name_for(envelope.kind),
+            queue_for(envelope.kind),
+            (envelope.to_task_arg(),),
+            argsrepr=envelope.task_argsrepr(),
+            task_id=task_id,
+        )
 
     def encode(
         self,
