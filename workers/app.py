@@ -67,6 +67,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="workers.consumer:DeadLetteringConsumer",
         enable_utc=True,
         timezone="UTC",
     )

@@ -26,6 +26,7 @@ class AttemptLog:
 
     def record(
         self,
+        pipe: Any,
         envelope: DeliveryEnvelope,
         request: OutgoingRequest,
         outcome: Outcome,
@@ -50,7 +51,7 @@ class AttemptLog:
             "error": summary.error or "",
             "duration_ms": summary.duration_ms,
         }
-        self.redis.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+        pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
 
     def iter_records(self, since: datetime | None = None) -> Iterator[dict[str, str]]:
         start = f"{int(since.timestamp() * 1000)}-0" if since else "-"

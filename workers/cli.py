@@ -11,42 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from config.destinations import ConfigError, Destinations, load_destinations
 from config.keys import queue_for
-from config.settings import Settings
-from schemas.errors import describe_validation_error
-
-EXIT_CONFIG = 2
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise click.ClickException(
-            "settings: "
-            + describe_validation_error(exc)
-            + " (environment variables POSTBACK_RELAY_*)"
-        ) from None
-
-
-def _destinations(settings: Settings) -> Destinations:
-    try:
-        return load_destinations(settings.destinations_file)
-    except ConfigError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-
-
-def _start(settings: Settings, destinations: Destinations) -> Any:
-    from workers.app import create_app
-    from workers.logging import configure_logging
-
-    secrets = [v for d in destinations for v in d.secret_values().values()]
-    configure_logging(settings, secrets)
-    return create_app(settings, destinations)
+from workers.cli_ops import register as register_operator_commands
+from workers.cli_support import context
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,8 +26,8 @@ def main() -> None:
 @main.command("check-config")
 def check_config() -> None:
     """Validate settings and the destinations file, then list the destinations."""
-    settings = _settings()
-    destinations = _destinations(settings)
+    ctx = context()
+    destinations = ctx.destinations
     click.echo(f"{destinations.source}: {len(destinations)} destination(s) OK")
     for dest in destinations:
         routes = ", ".join(
@@ -89,8 +57,9 @@ def worker(
     """Run a delivery worker (a Celery worker on the destination queues)."""
     from workers.app import ALL_KINDS
 
-    settings = _settings()
-    app = _start(settings, _destinations(settings))
+    ctx = context()
+    settings = ctx.settings
+    app = ctx.start_app()
     kinds = queues.split(",") if queues else list(ALL_KINDS)
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
@@ -126,8 +95,9 @@ def worker(
 )
 def flower(port: int | None, address: str, open_localhost: bool) -> None:
     """Run Flower against the app, with basic auth from settings."""
-    settings = _settings()
-    app = _start(settings, _destinations(settings))
+    ctx = context()
+    settings = ctx.settings
+    app = ctx.start_app()
     if settings.flower_user and settings.flower_password:
         os.environ["FLOWER_BASIC_AUTH"] = (
             f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
@@ -143,8 +113,9 @@ def flower(port: int | None, address: str, open_localhost: bool) -> None:
 @main.command()
 def beat() -> None:
     """Run the single periodic scheduler."""
-    settings = _settings()
-    app = _start(settings, _destinations(settings))
+    ctx = context()
+    settings = ctx.settings
+    app = ctx.start_app()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app.start(
         [
@@ -172,8 +143,8 @@ def produce(source: Any) -> None:
     """Produce events from JSON lines (a file or stdin); print one result line per event."""
     from producers.produce import Producer
 
-    settings = _settings()
-    producer = Producer(settings, _destinations(settings), _redis(settings))
+    ctx = context()
+    producer = Producer(ctx.settings, ctx.destinations, ctx.redis)
     failed = 0
     for result in producer.produce_many(_json_lines(source)):
         failed += not result.ok
@@ -188,12 +159,6 @@ def produce(source: Any) -> None:
             )
         )
     sys.exit(1 if failed else 0)
-
-
-def _redis(settings: Settings) -> Any:
-    from workers.runtime import redis_client
-
-    return redis_client(settings)
 
 
 @main.command()
@@ -216,7 +181,7 @@ def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -
     """Run everything locally (embedded Redis unless REDIS_URL is set) and show deliveries."""
     from workers.demo import run_demo
 
-    settings = _settings()
+    settings = context().settings
     sys.exit(
         run_demo(
             settings,
@@ -227,6 +192,8 @@ def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -
         )
     )
 
+
+register_operator_commands(main)
 
 if __name__ == "__main__":
     main()

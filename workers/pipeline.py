@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+import redis
 import requests
 import structlog
 
 from config.destinations import Destinations
-from config.keys import queue_for
+from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from workers.adapters import DestinationAdapter, adapter_for
 from workers.adapters.base import BODY_EXCERPT_BYTES, OutgoingRequest
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
+from workers.metrics import MetricsRecorder
 from workers.outcomes import Delivered, Outcome, PermanentFailure, Skipped
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.wire import TaskMessageEncoder
@@ -35,6 +37,7 @@ class PipelineResult:
 
     status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped
     detail: str = ""
+    attempt: tuple[DeliveryEnvelope, OutgoingRequest, Outcome, AttemptSummary] | None = None
 
 
 class Requeuer:
@@ -67,6 +70,10 @@ class DeliveryPipeline:
         requeuer: Requeuer,
         dead_letters: DeadLetterStore,
         attempts: AttemptLog,
+        metrics: MetricsRecorder,
+        redis_client: redis.Redis,
+        keys: RedisKeys,
+        max_unfinished_starts: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.destinations = destinations
@@ -76,12 +83,48 @@ class DeliveryPipeline:
         self.requeuer = requeuer
         self.dead_letters = dead_letters
         self.attempts = attempts
+        self.metrics = metrics
+        self.redis = redis_client
+        self.keys = keys
+        self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
         self._adapters: dict[str, DestinationAdapter] = {
             d.name: adapter_for(d) for d in destinations
         }
 
     def run(self, envelope: DeliveryEnvelope) -> PipelineResult:
+        """Deliver, retry later or dead-letter; then record it all in one round trip."""
+        started_key = self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(started_key)
+            pipe.expire(started_key, 7 * 24 * 3600)
+            starts = int(pipe.execute()[0])
+        if starts > self.max_unfinished_starts:
+            # Each earlier start ended with its worker dying (or Redis vanishing) mid-task.
+            result = self._dead_letter(
+                envelope,
+                f"started {starts - 1} times without finishing: it may be killing its worker",
+            )
+        else:
+            result = self._run(envelope)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(started_key)
+            self.metrics.count(pipe, envelope.destination, result.status)
+            if result.attempt is not None:
+                self.attempts.record(pipe, *result.attempt)
+                self.metrics.observe(
+                    pipe,
+                    "http_duration",
+                    envelope.destination,
+                    result.attempt[3].duration_ms / 1000,
+                )
+            if result.status == "delivered":
+                latency = self.clock() - envelope.created_at.timestamp()
+                self.metrics.observe(pipe, "delivery_latency", envelope.destination, latency)
+            pipe.execute()
+        return result
+
+    def _run(self, envelope: DeliveryEnvelope) -> PipelineResult:
         adapter = self._adapters.get(envelope.destination)
         if adapter is None:
             return self._dead_letter(
@@ -117,8 +160,8 @@ class DeliveryPipeline:
             body_excerpt=getattr(outcome, "body_excerpt", "")[:300],
             duration_ms=round(duration * 1000, 1),
         )
-        self.attempts.record(envelope, request, outcome, summary)
-        return self._settle(envelope.after_attempt(summary), outcome)
+        result = self._settle(envelope.after_attempt(summary), outcome)
+        return replace(result, attempt=(envelope, request, outcome, summary))
 
     def _send(self, adapter: DestinationAdapter, request: OutgoingRequest) -> tuple[Outcome, float]:
         timeout = adapter.destination.timeout

@@ -19,6 +19,7 @@ from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.delay import DelaySet
+from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.wire import TaskMessageEncoder
@@ -74,6 +75,10 @@ class WorkerRuntime:
                     requeuer=Requeuer(DelaySet(client, self.keys), TaskMessageEncoder(self._app)),
                     dead_letters=DeadLetterStore(client, self.keys),
                     attempts=AttemptLog(client, self.keys, self.settings.attempt_log_max_records),
+                    metrics=MetricsRecorder(self.keys),
+                    redis_client=client,
+                    keys=self.keys,
+                    max_unfinished_starts=self.settings.max_unfinished_starts,
                 )
             return self._pipeline
 

@@ -1,0 +1,312 @@
+"""On-call commands: the dead-letter store, the attempt log, destination pauses, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from workers.attempts import AttemptLog
+from workers.cli_support import CliContext, context, parse_since
+from workers.deadletter import DeadLetter, DeadLetterStore, Replayer
+from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+
+console = Console()
+
+EXPORT_FIELDS = (
+    "attempt_datetime", "attempt_timestamp", "notifying_status", "response_code",
+    "response_body", "postback_url", "postback_method", "conversion_datetime",
+    "conversion_timestamp", "event_name", "application_id", "destination", "delivery_id",
+    "attempt", "error", "duration_ms", "attribution",
+)  # fmt: skip
+
+
+def _store(ctx: CliContext) -> DeadLetterStore:
+    return DeadLetterStore(ctx.redis, ctx.keys)
+
+
+def _select(
+    ctx: CliContext,
+    *,
+    ids: Iterable[str],
+    destination: str | None,
+    since: str | None,
+    reason: str | None,
+    select_all: bool,
+) -> list[DeadLetter]:
+    store = _store(ctx)
+    ids = list(ids)
+    if not (ids or destination or since or reason or select_all):
+        raise click.UsageError("choose entries: IDs, --destination, --since, --reason or --all")
+    if ids:
+        found = [store.get(i) for i in ids]
+        missing = [i for i, e in zip(ids, found, strict=True) if e is None]
+        if missing:
+            click.echo(f"not in the dead-letter store: {', '.join(missing)}", err=True)
+        return [e for e in found if e is not None]
+    start = parse_since(since)
+    return list(
+        store.iter_entries(
+            since=start.timestamp() if start else 0.0, destination=destination, reason=reason
+        )
+    )
+
+
+@click.group()
+def dlq() -> None:
+    """Inspect, replay and purge the dead-letter store."""
+
+
+_filters = [
+    click.option("--destination", "-d", default=None, help="Only this destination."),
+    click.option("--since", default=None, help="Dead-lettered since: 90m, 24h, 7d or ISO time."),
+    click.option("--reason", default=None, help="Reason contains this text (case-insensitive)."),
+]
+
+
+def _with_filters(func: Any) -> Any:
+    for option in reversed(_filters):
+        func = option(func)
+    return func
+
+
+@dlq.command("list")
+@_with_filters
+@click.option("--limit", default=50, show_default=True, help="Rows to show (newest last).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(
+    destination: str | None, since: str | None, reason: str | None, limit: int, as_json: bool
+) -> None:
+    """List dead letters, with counts by reason."""
+    ctx = context()
+    store = _store(ctx)
+    start = parse_since(since)
+    entries = list(
+        store.iter_entries(
+            since=start.timestamp() if start else 0.0, destination=destination, reason=reason
+        )
+    )
+    if as_json:
+        for entry in entries[-limit:]:
+            click.echo(entry.model_dump_json(exclude={"envelope", "raw_message"}))
+        return
+    table = Table(title=f"dead letters: {len(entries)} matching")
+    for column in ("delivery id", "destination", "dead at (UTC)", "status", "attempts", "reason"):
+        table.add_column(column)
+    for entry in entries[-limit:]:
+        attempts = len(entry.envelope.history) if entry.envelope else 0
+        table.add_row(
+            entry.delivery_id, entry.destination, entry.dead_at.strftime("%Y-%m-%d %H:%M:%S"),
+            str(entry.status or "-"), str(attempts), entry.reason[:80],
+        )  # fmt: skip
+    console.print(table)
+    counts = Table(title="by reason")
+    counts.add_column("reason")
+    counts.add_column("entries", justify="right")
+    for category, count in store.counts_by_reason(entries).most_common():
+        counts.add_row(category, str(count))
+    console.print(counts)
+
+
+@dlq.command("show")
+@click.argument("delivery_id")
+def dlq_show(delivery_id: str) -> None:
+    """Everything kept about one dead letter: envelope, every attempt, the reason."""
+    entry = _store(context()).get(delivery_id)
+    if entry is None:
+        raise click.ClickException(f"{delivery_id}: not in the dead-letter store")
+    click.echo(entry.model_dump_json(indent=2))
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@_with_filters
+@click.option("--all", "select_all", is_flag=True, help="Every entry.")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; change nothing.")
+def dlq_replay(
+    ids: tuple[str, ...],
+    destination: str | None,
+    since: str | None,
+    reason: str | None,
+    select_all: bool,
+    dry_run: bool,
+) -> None:
+    """Put dead letters back on their queues, paced by each destination's rate limit.
+
+    Each entry is enqueued and only then removed, in one atomic step, so replaying an entry
+    twice (or from two terminals at once) delivers it once."""
+    from celery import Celery
+
+    from workers.wire import TaskMessageEncoder
+
+    ctx = context()
+    entries = _select(
+        ctx, ids=ids, destination=destination, since=since, reason=reason, select_all=select_all
+    )
+    replayer = Replayer(
+        _store(ctx),
+        ctx.destinations,
+        TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
+        GlobalRateLimiter(ctx.settings.redis_url, ctx.keys),
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("dry run" if dry_run else "replaying", total=len(entries))
+        report = replayer.replay(
+            entries, dry_run=dry_run, on_progress=lambda _e, _o: progress.advance(task)
+        )
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(f"{verb} {len(report.replayed)} of {len(entries)} selected")
+    if report.already_gone:
+        click.echo(f"already replayed or purged meanwhile: {len(report.already_gone)}")
+    for delivery_id, why in report.not_replayable.items():
+        click.echo(f"not replayable: {delivery_id}: {why}")
+    if dry_run:
+        for delivery_id in report.replayed:
+            click.echo(f"  {delivery_id}")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@_with_filters
+@click.option("--all", "select_all", is_flag=True, help="Every entry.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(
+    ids: tuple[str, ...],
+    destination: str | None,
+    since: str | None,
+    reason: str | None,
+    select_all: bool,
+    yes: bool,
+) -> None:
+    """Delete dead letters for good."""
+    ctx = context()
+    entries = _select(
+        ctx, ids=ids, destination=destination, since=since, reason=reason, select_all=select_all
+    )
+    if not entries:
+        click.echo("nothing to purge")
+        return
+    if not yes:
+        click.confirm(f"Delete {len(entries)} dead letter(s) for good?", abort=True)
+    store = _store(ctx)
+    removed = sum(store.remove(e) for e in entries)
+    click.echo(f"purged {removed}")
+
+
+@click.group()
+def attempts() -> None:
+    """The attempt log (AppMetrica postbacks-export field names)."""
+
+
+@attempts.command("export")
+@click.option("--since", default=None, help="90m, 24h, 7d or an ISO time (default: everything).")
+@click.option("--destination", "-d", default=None)
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json")
+def attempts_export(since: str | None, destination: str | None, fmt: str) -> None:
+    """Print attempt records as AppMetrica's export does: {"data": [...]} or CSV."""
+    ctx = context()
+    log = AttemptLog(ctx.redis, ctx.keys, ctx.settings.attempt_log_max_records)
+    records = (
+        r for r in log.iter_records(parse_since(since))
+        if destination is None or r.get("destination") == destination
+    )  # fmt: skip
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for record in records:
+            writer.writerow(record)
+        return
+    sys.stdout.write('{"data":[')
+    for index, record in enumerate(records):
+        sys.stdout.write(("," if index else "") + "\n" + json.dumps(record))
+    sys.stdout.write("\n]}\n")
+
+
+@attempts.command("show")
+@click.argument("delivery_id")
+def attempts_show(delivery_id: str) -> None:
+    """Every recorded attempt of one delivery, oldest first."""
+    ctx = context()
+    log = AttemptLog(ctx.redis, ctx.keys, ctx.settings.attempt_log_max_records)
+    found = [r for r in log.iter_records() if r.get("delivery_id") == delivery_id]
+    if not found:
+        raise click.ClickException(f"{delivery_id}: no attempts recorded (or aged out)")
+    for record in found:
+        click.echo(json.dumps(record, indent=2))
+
+
+@click.group()
+def destinations() -> None:
+    """Destinations: list them with their state, pause and resume them."""
+
+
+@destinations.command("list")
+def destinations_list() -> None:
+    ctx = context()
+    pauses = PauseRegistry(ctx.redis, ctx.keys)
+    counts = _store(ctx).counts_by_destination()
+    table = Table()
+    for column in ("name", "kind", "rate limit", "paused", "dead letters"):
+        table.add_column(column)
+    for dest in ctx.destinations:
+        until = pauses.paused_until(dest.name)
+        paused = f"{until - time.time():.0f}s more" if until else "no"
+        table.add_row(dest.name, dest.kind, dest.rate_limit or "-", paused,
+                      str(counts.get(dest.name, 0)))  # fmt: skip
+    console.print(table)
+
+
+@destinations.command("pause")
+@click.argument("name")
+@click.option("--for", "seconds", type=float, default=3600, show_default=True)
+@click.option("--reason", default="paused by an operator")
+def destinations_pause(name: str, seconds: float, reason: str) -> None:
+    """Hold every delivery to NAME (they wait, no attempt is spent)."""
+    ctx = context()
+    if name not in ctx.destinations.by_name:
+        raise click.BadParameter(f"{name!r} is not in {ctx.destinations.source}")
+    PauseRegistry(ctx.redis, ctx.keys).pause(name, seconds, reason)
+    click.echo(f"{name}: paused for {seconds:g}s")
+
+
+@destinations.command("resume")
+@click.argument("name")
+def destinations_resume(name: str) -> None:
+    """Lift a pause (set by an operator, a 429 Retry-After or a 401)."""
+    ctx = context()
+    lifted = PauseRegistry(ctx.redis, ctx.keys).resume(name)
+    click.echo(f"{name}: resumed" if lifted else f"{name}: was not paused")
+
+
+@click.command()
+@click.option("--port", type=int, default=None, help="Default: POSTBACK_RELAY_METRICS_PORT.")
+@click.option("--address", default="0.0.0.0", show_default=True)  # noqa: S104
+def metrics(port: int | None, address: str) -> None:
+    """Serve Prometheus metrics read from Redis on http://ADDRESS:PORT/metrics."""
+    from workers.app import ALL_KINDS
+    from workers.metrics import RedisStateCollector, serve_metrics
+
+    ctx = context()
+    collector = RedisStateCollector(ctx.redis, ctx.keys, ctx.destinations, ALL_KINDS)
+    server, _thread = serve_metrics(collector, port or ctx.settings.metrics_port, address)
+    click.echo(f"serving metrics on http://{address}:{server.server_port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+def register(main: click.Group) -> None:
+    for command in (dlq, attempts, destinations, metrics):
+        main.add_command(command)

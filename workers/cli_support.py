@@ -1,0 +1,87 @@
+"""What every CLI command needs, built once per invocation from the environment."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any
+
+import click
+import redis
+from pydantic import ValidationError
+
+from config.destinations import ConfigError, Destinations, load_destinations
+from config.keys import RedisKeys
+from config.settings import Settings
+from schemas.errors import describe_validation_error
+
+EXIT_CONFIG = 2
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise click.ClickException(
+            "settings: "
+            + describe_validation_error(exc)
+            + " (environment variables POSTBACK_RELAY_*)"
+        ) from None
+
+
+@dataclass
+class CliContext:
+    settings: Settings
+
+    @cached_property
+    def destinations(self) -> Destinations:
+        try:
+            return load_destinations(self.settings.destinations_file)
+        except ConfigError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        from workers.runtime import redis_client
+
+        return redis_client(self.settings)
+
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.settings.key_prefix)
+
+    def start_app(self) -> Any:
+        """Configure logging (with every secret registered for redaction) and build the app."""
+        from workers.app import create_app
+        from workers.logging import configure_logging
+
+        secrets = [v for d in self.destinations for v in d.secret_values().values()]
+        configure_logging(self.settings, secrets)
+        return create_app(self.settings, self.destinations)
+
+
+def context() -> CliContext:
+    return CliContext(load_settings())
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """'90m', '24h', '7d' (ago) or an ISO-8601 time; naive times are taken as UTC."""
+    if value is None:
+        return None
+    match = _RELATIVE.match(value.strip())
+    if match:
+        amount, unit = float(match.group(1)), _UNITS[match.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: amount})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: use a duration like 90m, 24h, 7d or a time like 2026-11-22T10:00:00Z"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
