@@ -281,6 +281,22 @@ class Destinations:
         return matched
 
 
+def check_timeouts_nest(destinations: Destinations, max_connect: float, max_read: float) -> None:
+    """Each destination's HTTP timeouts must fit under the process's (which nest below the task
+    limits), so no delivery can outlive its task's time limit or the visibility timeout."""
+    for dest in destinations:
+        for field, value, limit in (
+            ("timeout.connect", dest.timeout.connect, max_connect),
+            ("timeout.read", dest.timeout.read, max_read),
+        ):
+            if value > limit:
+                setting = "POSTBACK_RELAY_HTTP_" + field.split(".")[1].upper() + "_TIMEOUT"
+                raise ConfigError(
+                    f"{destinations.source}: destination {dest.name!r}: {field}: {value:g}s is "
+                    f"longer than {setting} ({limit:g}s); raise it together with the task limits"
+                )
+
+
 def parse_destinations(
     data: Mapping[str, Any], environ: Mapping[str, str], source: str = "destinations"
 ) -> Destinations:

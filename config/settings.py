@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     worker_prefetch_multiplier: int = Field(default=4, ge=1, le=128)
 
     # Timeouts nest (ARCHITECTURE rule 3): HTTP < soft limit < hard limit < visibility timeout.
+    # The longest connect/read timeout any destination may set (checked at start-up).
     http_connect_timeout: float = Field(default=3.05, gt=0)
     http_read_timeout: float = Field(default=10.0, gt=0)
     task_soft_time_limit: float = Field(default=30.0, gt=0)

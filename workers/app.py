@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging
 from kombu import Queue
 
-from config.destinations import Destinations, load_destinations
+from config.destinations import Destinations, check_timeouts_nest, load_destinations
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
 from workers.delay import DelaySet
@@ -36,6 +36,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     """Build the app from settings; the destinations file is validated here, at start-up."""
     if destinations is None:
         destinations = load_destinations(settings.destinations_file)
+    check_timeouts_nest(destinations, settings.http_connect_timeout, settings.http_read_timeout)
     app = PostbackRelay("postback_relay", set_as_current=False)
     app.settings = settings
     app.destinations = destinations

@@ -63,7 +63,11 @@ class CliContext:
 
         secrets = [v for d in self.destinations for v in d.secret_values().values()]
         configure_logging(self.settings, secrets)
-        return create_app(self.settings, self.destinations)
+        try:
+            return create_app(self.settings, self.destinations)
+        except ConfigError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
 
 
 def context() -> CliContext:

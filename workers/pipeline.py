@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import redis
 import requests
 import structlog
+from urllib3.util import Timeout
 
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
@@ -172,7 +173,14 @@ class DeliveryPipeline:
                 request.url,
                 headers=request.headers,
                 data=request.body,
-                timeout=(timeout.connect, timeout.read),
+                # total= bounds the whole exchange: a partner trickling bytes cannot hold a
+                # thread past the soft time limit (the threads pool enforces no Celery limits).
+                # requests hands a urllib3 Timeout through as is; its stubs only know floats.
+                timeout=Timeout(  # type: ignore[arg-type]
+                    connect=timeout.connect,
+                    read=timeout.read,
+                    total=timeout.connect + timeout.read,
+                ),
                 stream=True,
             ) as response:
                 excerpt = response.raw.read(BODY_EXCERPT_BYTES, decode_content=True)
@@ -200,7 +208,7 @@ class DeliveryPipeline:
             return self._dead_letter(envelope, outcome.reason, outcome.status, outcome.body_excerpt)
 
         dest = self.destinations.get(envelope.destination)
-        if outcome.after is not None and outcome.status == 429:
+        if outcome.after is not None and outcome.status in {429, 503}:
             self.pauses.pause(dest.name, outcome.after, outcome.reason)
         if envelope.attempt >= envelope.max_attempts:
             return self._dead_letter(
