@@ -61,6 +61,8 @@ class Settings(BaseSettings):
 
     # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).
     attempt_log_max_records: int = Field(default=200_000, ge=1000)
+    # ... and none older than this.
+    attempt_log_max_age_seconds: int = Field(default=30 * 24 * 3600, ge=60)
 
     metrics_port: int = Field(default=9464, ge=1, le=65535)
     # `health` fails when the dead-letter store holds more entries than this.

@@ -19,10 +19,13 @@ from workers.outcomes import Delivered, Outcome
 
 
 class AttemptLog:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, max_records: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, max_records: int, max_age_seconds: int = 0
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.max_records = max_records
+        self.max_age_seconds = max_age_seconds
 
     def record(
         self,
@@ -52,6 +55,10 @@ class AttemptLog:
             "duration_ms": summary.duration_ms,
         }
         pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+        if self.max_age_seconds:
+            # Stream ids are milliseconds: everything before this id is older than the limit.
+            oldest = int((summary.at.timestamp() - self.max_age_seconds) * 1000)
+            pipe.xtrim(self.keys.attempts(), minid=f"{max(oldest, 0)}-0", approximate=True)
 
     def iter_records(self, since: datetime | None = None) -> Iterator[dict[str, str]]:
         start = f"{int(since.timestamp() * 1000)}-0" if since else "-"

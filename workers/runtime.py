@@ -74,7 +74,12 @@ class WorkerRuntime:
                     pauses=PauseRegistry(client, self.keys),
                     requeuer=Requeuer(DelaySet(client, self.keys), TaskMessageEncoder(self._app)),
                     dead_letters=DeadLetterStore(client, self.keys),
-                    attempts=AttemptLog(client, self.keys, self.settings.attempt_log_max_records),
+                    attempts=AttemptLog(
+                        client,
+                        self.keys,
+                        self.settings.attempt_log_max_records,
+                        self.settings.attempt_log_max_age_seconds,
+                    ),
                     metrics=MetricsRecorder(self.keys),
                     redis_client=client,
                     keys=self.keys,
