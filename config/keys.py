@@ -60,6 +60,10 @@ class RedisKeys:
     def rate_limit(self, destination: str) -> str:
         return f"{self.prefix}:ratelimit:{destination}"
 
+    def server_budget(self, destination: str) -> str:
+        """What the partner says is left of its window; expires at the partner's reset time."""
+        return f"{self.prefix}:budget:{destination}"
+
     def paused(self, destination: str) -> str:
         return f"{self.prefix}:paused:{destination}"
 

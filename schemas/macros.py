@@ -43,7 +43,8 @@ def _sha1(value: str | None) -> str | None:
     return hashlib.sha1(value.encode()).hexdigest() if value else None  # noqa: S324 - partner wire format
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso_millis(value: datetime | None) -> str | None:
+    """ISO-8601 UTC with milliseconds, as X and most partners want: 2014-05-22T02:38:28.103Z."""
     return (
         value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
         if value
@@ -97,9 +98,9 @@ _TABLE: list[tuple[tuple[str, ...], Getter]] = [
     (("event-name", "event_name", "event"), _field("event_name")),
     (("event-value", "event_value", "encode", "json"), lambda e, _: _json(e.event_values)),
     (("event_id",), _field("event_id")),
-    (("event-time", "event_time"), lambda e, _: _iso(e.event_time)),
+    (("event-time", "event_time"), lambda e, _: iso_millis(e.event_time)),
     (("timestamp", "event-unix-ts", "event_unix_ts"), lambda e, _: _unix(e.event_time)),
-    (("install-time", "install_time"), lambda e, _: _iso(e.install_time)),
+    (("install-time", "install_time"), lambda e, _: iso_millis(e.install_time)),
     (("install-unix-ts", "install_unix_ts"), lambda e, _: _unix(e.install_time)),
     (("currency", "event_revenue_currency"), _field("currency")),
     (("monetary", "revenue", "event_revenue"), lambda e, _: _money(e.revenue)),
@@ -116,7 +117,7 @@ _TABLE: list[tuple[tuple[str, ...], Getter]] = [
         ("attributed_touch_type",),
         lambda e, _: _TOUCH_FLAG[e.touch_type] if e.touch_type else None,
     ),
-    (("attributed_touch_time", "touch_time"), lambda e, _: _iso(e.touch_time)),
+    (("attributed_touch_time", "touch_time"), lambda e, _: iso_millis(e.touch_time)),
     (("delivery_id",), lambda _, c: c.delivery_id),
     (("attempt",), lambda _, c: str(c.attempt + 1)),
 ]

@@ -6,6 +6,7 @@ read AppMetrica's export can read ours with the same field names.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -53,6 +54,9 @@ class AttemptLog:
             "attempt": envelope.attempt + 1,
             "error": summary.error or "",
             "duration_ms": summary.duration_ms,
+            "attribution": json.dumps(outcome.attribution)
+            if isinstance(outcome, Delivered) and outcome.attribution is not None
+            else "",
         }
         pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
         if self.max_age_seconds:

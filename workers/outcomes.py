@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RateBudget:
+    """What the destination says is left of its own window (e.g. X's x-rate-limit-* headers)."""
+
+    remaining: int
+    reset_at: float  # epoch seconds
 
 
 @dataclass(frozen=True)
 class Delivered:
     status: int
     body_excerpt: str = ""
+    attribution: dict[str, Any] | None = None  # what the partner claimed, kept with the attempt
+    budget: RateBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,7 @@ class RetryLater:
     status: int | None = None
     body_excerpt: str = ""
     after: float | None = None
+    budget: RateBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,8 @@ class PermanentFailure:
     status: int | None = None
     body_excerpt: str = ""
     alarm: bool = False
+    pause_seconds: float | None = None  # e.g. bad credentials: stop sending until resumed
+    budget: RateBudget | None = None
 
 
 @dataclass(frozen=True)

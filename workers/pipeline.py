@@ -20,7 +20,7 @@ from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from workers.adapters import DestinationAdapter, adapter_for
-from workers.adapters.base import BODY_EXCERPT_BYTES, OutgoingRequest
+from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
@@ -146,13 +146,18 @@ class DeliveryPipeline:
             log.info("delivery.skipped", reason=request.reason)
             return PipelineResult("skipped", request.reason)
 
-        wait = self.limiter.acquire(dest.name, dest.rate_limit_item)
+        wait = self.limiter.acquire(
+            dest.name, dest.rate_limit_item, server_budget=adapter.uses_server_budget
+        )
         if wait is not None:
             # Not an attempt: the partner never saw it. Park it until a slot should be free.
             self.requeuer.later(envelope, wait)
             return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
 
         outcome, duration = self._send(adapter, request)
+        budget = getattr(outcome, "budget", None)
+        if budget is not None:
+            self.limiter.tighten(dest.name, budget.remaining, budget.reset_at)
         summary = AttemptSummary(
             at=datetime.fromtimestamp(now, UTC),
             status=getattr(outcome, "status", None),
@@ -183,7 +188,7 @@ class DeliveryPipeline:
                 ),
                 stream=True,
             ) as response:
-                excerpt = response.raw.read(BODY_EXCERPT_BYTES, decode_content=True)
+                excerpt = response.raw.read(RESPONSE_READ_BYTES, decode_content=True)
                 text = excerpt.decode(response.encoding or "utf-8", errors="replace")
                 outcome = adapter.classify(response, text)
         except requests.RequestException as exc:
@@ -198,6 +203,14 @@ class DeliveryPipeline:
         if isinstance(outcome, Skipped):
             return PipelineResult("skipped", outcome.reason)
         if isinstance(outcome, PermanentFailure):
+            if outcome.pause_seconds:
+                self.pauses.pause(envelope.destination, outcome.pause_seconds, outcome.reason)
+                log.error(
+                    "destination.paused",
+                    alarm=True,
+                    reason=outcome.reason,
+                    resume_with=f"postback-relay destinations resume {envelope.destination}",
+                )
             if outcome.alarm:
                 log.error(
                     "destination.auth_failed",

@@ -18,15 +18,38 @@ import redis
 
 from config.keys import RedisKeys
 
+# The partner's own count of what is left (e.g. X's x-rate-limit-remaining), shared by every
+# worker: each send takes one; below zero, wait for the partner's reset time.
+_TAKE_FROM_BUDGET_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('DECR', KEYS[1]) >= 0 then return -1 end
+return redis.call('PTTL', KEYS[1])
+"""
+
 
 class GlobalRateLimiter:
     def __init__(self, redis_url: str, keys: RedisKeys) -> None:
         self.keys = keys
         self.storage = limits.storage.storage_from_string(redis_url)
         self.strategy = limits.strategies.MovingWindowRateLimiter(self.storage)
+        self.redis = redis.Redis.from_url(redis_url)
+        self._take_from_budget = self.redis.register_script(_TAKE_FROM_BUDGET_LUA)
 
-    def acquire(self, destination: str, item: limits.RateLimitItem | None) -> float | None:
+    def tighten(self, destination: str, remaining: int, reset_at: float) -> None:
+        """Record what the partner says is left until ``reset_at`` (epoch seconds)."""
+        if reset_at > time.time():
+            self.redis.set(
+                self.keys.server_budget(destination), max(0, remaining), pxat=int(reset_at * 1000)
+            )
+
+    def acquire(
+        self, destination: str, item: limits.RateLimitItem | None, server_budget: bool = False
+    ) -> float | None:
         """Take a slot. None when granted; otherwise seconds until one is expected to open."""
+        if server_budget:
+            wait_ms = int(self._take_from_budget(keys=[self.keys.server_budget(destination)]))
+            if wait_ms >= 0:
+                return max(0.01, wait_ms / 1000)
         if item is None:
             return None
         key = self.keys.rate_limit(destination)

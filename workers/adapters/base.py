@@ -15,7 +15,8 @@ from config.destinations import DestinationBase
 from schemas.envelope import DeliveryEnvelope
 from workers.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 
-BODY_EXCERPT_BYTES = 1024
+# Enough to parse a partner's JSON answer (X's attribution); records keep a shorter excerpt.
+RESPONSE_READ_BYTES = 64 * 1024
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
@@ -32,6 +33,8 @@ class OutgoingRequest:
 
 class DestinationAdapter(ABC):
     kind: ClassVar[str]
+    # True when the partner announces what is left of its own window (rate-limit headers).
+    uses_server_budget: ClassVar[bool] = False
 
     def __init__(self, destination: DestinationBase) -> None:
         self.destination = destination
