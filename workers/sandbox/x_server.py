@@ -79,7 +79,7 @@ class _Validator(RequestValidator):
     def validate_client_key(self, client_key: str, request: Request) -> bool:
         return client_key == self.creds.consumer_key
 
-    def validate_timestamp_and_nonce(
+    def validate_timestamp_and_nonce(  # noqa: PLR0917 - oauthlib's signature
         self,
         client_key: str,
         timestamp: Any,
