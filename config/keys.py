@@ -67,5 +67,21 @@ class RedisKeys:
     def paused(self, destination: str) -> str:
         return f"{self.prefix}:paused:{destination}"
 
+    def xmp_seen(self, destination: str, event_id: str) -> str:
+        """Set once an event was counted into a destination's totals (at-least-once delivery)."""
+        return f"{self.prefix}:xmp:{destination}:seen:{event_id}"
+
+    def xmp_record(self, destination: str, request_id: str) -> str:
+        """Hash: dims, count, revenue_micros, value_micros, version of one XMP record."""
+        return f"{self.prefix}:xmp:{destination}:rec:{request_id}"
+
+    def xmp_users(self, destination: str, request_id: str) -> str:
+        """HyperLogLog of the record's device ids: event_unique_users."""
+        return f"{self.prefix}:xmp:{destination}:users:{request_id}"
+
+    def xmp_dirty(self, destination: str) -> str:
+        """Sorted set of request ids changed since their last successful send."""
+        return f"{self.prefix}:xmp:{destination}:dirty"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -11,7 +11,12 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging
 from kombu import Queue
 
-from config.destinations import Destinations, check_timeouts_nest, load_destinations
+from config.destinations import (
+    Destinations,
+    XmpDestination,
+    check_timeouts_nest,
+    load_destinations,
+)
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
 from workers.delay import DelaySet
@@ -74,6 +79,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     )
     for kind in ALL_KINDS:
         _register_delivery_task(app, kind)
+    _register_periodic_tasks(app)
     app.steps["worker"].add(DelayMover)
     return app
 
@@ -91,6 +97,39 @@ def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
         return f"{result.status}: {result.detail}"
 
     deliver.__doc__ = f"Deliver one postback to a `{kind}` destination."
+
+
+XMP_FLUSH_TASK = "postback_relay.xmp_flush"
+
+
+def _register_periodic_tasks(app: PostbackRelay) -> None:
+    """Periodic work: beat publishes, any worker on the queue runs it, a Redis lock inside
+    makes sure it never runs twice at once (ARCHITECTURE rule 8)."""
+
+    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"))
+    def xmp_flush(destination: str) -> str:
+        dest = app.destinations.get(destination)
+        assert isinstance(dest, XmpDestination)
+        report = app.runtime.xmp_flusher.flush(dest)
+        if report.skipped_locked:
+            return "skipped: another flush is running"
+        return (
+            f"{report.sent} of {report.records} record(s) sent in {report.requests} request(s); "
+            f"{len(report.dead_lettered)} dead-lettered"
+            + (f"; {report.failed}" if report.failed else "")
+        )
+
+    app.conf.beat_schedule = {
+        f"xmp-flush-{dest.name}": {
+            "task": XMP_FLUSH_TASK,
+            "schedule": dest.flush_interval_seconds,
+            "args": (dest.name,),
+            # A flush that could not start before the next one is due is simply dropped.
+            "options": {"queue": queue_for("xmp"), "expires": dest.flush_interval_seconds},
+        }
+        for dest in app.destinations
+        if isinstance(dest, XmpDestination)
+    }
 
 
 class DelayMover(bootsteps.StartStopStep):

@@ -64,6 +64,10 @@ class AttemptLog:
             oldest = int((summary.at.timestamp() - self.max_age_seconds) * 1000)
             pipe.xtrim(self.keys.attempts(), minid=f"{max(oldest, 0)}-0", approximate=True)
 
+    def record_fields(self, fields: dict[Any, Any]) -> None:
+        """A record that is not one delivery's attempt (an XMP batch): same stream, same names."""
+        self.redis.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+
     def iter_records(self, since: datetime | None = None) -> Iterator[dict[str, str]]:
         start = f"{int(since.timestamp() * 1000)}-0" if since else "-"
         while True:

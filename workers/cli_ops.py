@@ -346,6 +346,46 @@ def x_check(destination: str, event_file: Any) -> None:
         sys.exit(1)
 
 
+@click.group()
+def xmp() -> None:
+    """XMP aggregates."""
+
+
+@xmp.command("flush")
+@click.option("--destination", "-d", default=None, help="One xmp destination (default: all).")
+@click.option("--dry-run", is_flag=True, help="Print what the next flush would send.")
+def xmp_flush(destination: str | None, dry_run: bool) -> None:
+    """Send the records that changed since their last successful send (or show them)."""
+    from config.destinations import XmpDestination
+    from workers.runtime import WorkerRuntime
+    from workers.xmp import dumps_exact, iter_payloads
+
+    ctx = context()
+    targets = [d for d in ctx.destinations if isinstance(d, XmpDestination)]
+    if destination is not None:
+        targets = [d for d in targets if d.name == destination]
+        if not targets:
+            raise click.BadParameter(f"{destination!r} is not an xmp destination")
+    runtime = WorkerRuntime(ctx.settings, ctx.destinations, app=ctx.start_app())
+    for dest in targets:
+        flusher = runtime.xmp_flusher
+        if dry_run:
+            records = flusher.pending(dest)
+            click.echo(f"{dest.name}: {len(records)} record(s) would be sent")
+            for number, batch in enumerate(iter_payloads(dest, records), 1):
+                click.echo(f"-- request {number}: {len(batch)} record(s)")
+                for record in batch:
+                    click.echo(dumps_exact(record).decode())
+            continue
+        report = flusher.flush(dest)
+        click.echo(
+            f"{dest.name}: sent {report.sent} of {report.records} record(s) in "
+            f"{report.requests} request(s); dead-lettered {len(report.dead_lettered)}; "
+            f"batch ids {', '.join(report.batch_ids) or '-'}"
+            + (f"; {report.failed}" if report.failed else "")
+        )
+
+
 def register(main: click.Group) -> None:
-    for command in (dlq, attempts, destinations, metrics, x_check):
+    for command in (dlq, attempts, destinations, metrics, x_check, xmp):
         main.add_command(command)

@@ -16,7 +16,7 @@ import requests
 import structlog
 from urllib3.util import Timeout
 
-from config.destinations import Destinations
+from config.destinations import Destinations, XmpDestination
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from workers.adapters import DestinationAdapter, adapter_for
@@ -28,6 +28,7 @@ from workers.metrics import MetricsRecorder
 from workers.outcomes import Delivered, Outcome, PermanentFailure, Skipped
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.wire import TaskMessageEncoder
+from workers.xmp import XmpAggregator, XmpReject
 
 log = structlog.get_logger("postback_relay.pipeline")
 
@@ -36,7 +37,7 @@ log = structlog.get_logger("postback_relay.pipeline")
 class PipelineResult:
     """How the pipeline left a delivery: the task's return value, for logs and Flower."""
 
-    status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped
+    status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped | aggregated
     detail: str = ""
     attempt: tuple[DeliveryEnvelope, OutgoingRequest, Outcome, AttemptSummary] | None = None
 
@@ -75,6 +76,7 @@ class DeliveryPipeline:
         redis_client: redis.Redis,
         keys: RedisKeys,
         max_unfinished_starts: int = 3,
+        aggregator: XmpAggregator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.destinations = destinations
@@ -88,6 +90,7 @@ class DeliveryPipeline:
         self.redis = redis_client
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
+        self.aggregator = aggregator
         self.clock = clock
         self._adapters: dict[str, DestinationAdapter] = {
             d.name: adapter_for(d) for d in destinations
@@ -136,6 +139,15 @@ class DeliveryPipeline:
         if envelope.expired(datetime.fromtimestamp(now, UTC)):
             return self._dead_letter(envelope, "max age exceeded before delivery")
 
+        if isinstance(dest, XmpDestination):
+            return self._aggregate(dest, envelope, now)
+        return self._deliver(adapter, envelope, now)
+
+    def _deliver(
+        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, now: float
+    ) -> PipelineResult:
+        """One HTTP attempt, unless the destination is paused or its rate limit says wait."""
+        dest = adapter.destination
         paused_until = self.pauses.paused_until(dest.name)
         if paused_until is not None:
             self.requeuer.later(envelope, paused_until - now)
@@ -168,6 +180,19 @@ class DeliveryPipeline:
         )
         result = self._settle(envelope.after_attempt(summary), outcome)
         return replace(result, attempt=(envelope, request, outcome, summary))
+
+    def _aggregate(
+        self, dest: XmpDestination, envelope: DeliveryEnvelope, now: float
+    ) -> PipelineResult:
+        """XMP takes totals, not events: count it; the periodic flush does the sending."""
+        assert self.aggregator is not None, "an xmp destination needs the aggregator"
+        try:
+            added = self.aggregator.add(dest, envelope.event, datetime.fromtimestamp(now, UTC))
+        except XmpReject as exc:
+            return self._dead_letter(envelope, str(exc))
+        if not added:
+            return PipelineResult("skipped", "already counted (same event id)")
+        return PipelineResult("aggregated", "added to the day's totals")
 
     def _send(self, adapter: DestinationAdapter, request: OutgoingRequest) -> tuple[Outcome, float]:
         timeout = adapter.destination.timeout

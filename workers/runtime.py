@@ -23,6 +23,7 @@ from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.wire import TaskMessageEncoder
+from workers.xmp import XmpAggregator, XmpFlusher
 
 log = structlog.get_logger("postback_relay.worker")
 
@@ -61,6 +62,7 @@ class WorkerRuntime:
         self._app = app
         self._lock = threading.Lock()
         self._pipeline: DeliveryPipeline | None = None
+        self._xmp_flusher: XmpFlusher | None = None
 
     @property
     def pipeline(self) -> DeliveryPipeline:
@@ -84,8 +86,25 @@ class WorkerRuntime:
                     redis_client=client,
                     keys=self.keys,
                     max_unfinished_starts=self.settings.max_unfinished_starts,
+                    aggregator=XmpAggregator(client, self.keys),
                 )
             return self._pipeline
+
+    @property
+    def xmp_flusher(self) -> XmpFlusher:
+        pipeline = self.pipeline
+        with self._lock:
+            if self._xmp_flusher is None:
+                attempts = pipeline.attempts
+                self._xmp_flusher = XmpFlusher(
+                    pipeline.redis,
+                    self.keys,
+                    pipeline.session,
+                    dead_letters=pipeline.dead_letters,
+                    pauses=pipeline.pauses,
+                    record_attempt=attempts.record_fields,
+                )
+            return self._xmp_flusher
 
     def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:
         """Decode, run the pipeline, map the outcome; a poison message is dead-lettered."""
