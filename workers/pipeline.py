@@ -20,7 +20,7 @@ from config.destinations import Destinations, XmpDestination
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from workers.adapters import DestinationAdapter, adapter_for
-from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest
+from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
@@ -214,7 +214,10 @@ class DeliveryPipeline:
                 stream=True,
             ) as response:
                 excerpt = response.raw.read(RESPONSE_READ_BYTES, decode_content=True)
-                text = excerpt.decode(response.encoding or "utf-8", errors="replace")
+                text = mask_secrets(
+                    excerpt.decode(response.encoding or "utf-8", errors="replace"),
+                    adapter.destination.secret_values().values(),
+                )
                 outcome = adapter.classify(response, text)
         except requests.RequestException as exc:
             outcome = adapter.classify_error(exc)

@@ -31,6 +31,7 @@ import structlog
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
 from schemas.event import ConversionEvent
+from workers.adapters.base import mask_secrets
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.ratelimit import PauseRegistry
 
@@ -354,7 +355,8 @@ class XmpFlusher:
                 dest.url, data=dumps_exact(body), headers={"Content-Type": "application/json"},
                 timeout=(dest.timeout.connect, dest.timeout.read),
             )  # fmt: skip
-            status, text = response.status_code, response.text[:2048]
+            status = response.status_code
+            text = mask_secrets(response.text[:2048], dest.secret_values().values())
         except requests.RequestException as exc:
             self._record(dest, batch, None, body=type(exc).__name__, started=started, batch_id=None)
             return f"request failed ({type(exc).__name__})"

@@ -4,10 +4,12 @@ each adapter only builds its request and, where the partner has its own error fo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import ClassVar
+from urllib.parse import quote
 
 import requests
 
@@ -64,6 +66,17 @@ class DestinationAdapter(ABC):
         if isinstance(exc, requests.ConnectionError):
             return RetryLater(f"connection error ({type(exc).__name__})")
         return PermanentFailure(f"request error ({type(exc).__name__})")
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Partners echo requests back in error bodies; what we store must not carry our secrets."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+            encoded = quote(secret, safe="")
+            if encoded != secret:
+                text = text.replace(encoded, "***")
+    return text
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:

@@ -1,0 +1,458 @@
+"""Reliability building blocks against a real Redis, no worker processes: Retry-After parsing,
+answer classification, the delay-set mover, the dead-letter store, pauses and the global limiter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import redis
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from config.destinations import parse_destinations
+from config.keys import RedisKeys, queue_for
+from schemas.envelope import DeliveryEnvelope, delivery_id_for
+from schemas.event import ConversionEvent
+from workers.adapters.base import retry_after_seconds
+from workers.adapters.templated import TemplatedAdapter
+from workers.deadletter import DeadLetter, DeadLetterStore
+from workers.delay import DelaySet
+from workers.outcomes import Delivered, PermanentFailure, RetryLater
+from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+
+KEYS = RedisKeys("pr")
+QUEUE = queue_for("templated")
+
+
+# --- Retry-After -----------------------------------------------------------------------------
+
+
+def test_retry_after_delta_seconds() -> None:
+    assert retry_after_seconds("120") == 120.0
+    assert retry_after_seconds(" 7 ") == 7.0
+    assert retry_after_seconds("0") == 0.0
+
+
+def test_retry_after_http_date_in_the_future_and_past() -> None:
+    now = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+    future = format_datetime(now + timedelta(seconds=90), usegmt=True)
+    past = format_datetime(now - timedelta(hours=1), usegmt=True)
+    assert future.endswith("GMT")
+    assert retry_after_seconds(future, now=now) == 90.0
+    assert retry_after_seconds(past, now=now) == 0.0
+    # Without an explicit now, a date 1 h ahead is about 3600 s away.
+    ahead = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    seconds = retry_after_seconds(ahead)
+    assert seconds is not None
+    assert 3500 < seconds <= 3600
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "Someday, 99 Foo 2026", "1.5e3", "-5"])
+def test_retry_after_garbage_is_none(value: str | None) -> None:
+    assert retry_after_seconds(value) is None
+
+
+# --- classify --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter() -> TemplatedAdapter:
+    destinations = parse_destinations(
+        {
+            "destination": [
+                {
+                    "name": "net",
+                    "kind": "templated",
+                    "url": "https://pb.example.com/i?idfa=(idfa)",
+                    "routes": [{"type": "install"}],
+                }
+            ]
+        },
+        {},
+    )
+    dest = destinations.get("net")
+    return TemplatedAdapter(dest)  # type: ignore[arg-type]
+
+
+def response(status: int, headers: dict[str, str] | None = None) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp.headers = CaseInsensitiveDict(headers or {})
+    return resp
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, 299])
+def test_classify_2xx_is_delivered(adapter: TemplatedAdapter, status: int) -> None:
+    outcome = adapter.classify(response(status), "ok")
+    assert outcome == Delivered(status, "ok")
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_classify_transient_statuses_retry_later(adapter: TemplatedAdapter, status: int) -> None:
+    outcome = adapter.classify(response(status), "busy")
+    assert isinstance(outcome, RetryLater)
+    assert outcome.status == status
+    assert outcome.reason == f"HTTP {status}"
+    assert outcome.body_excerpt == "busy"
+    assert outcome.after is None
+
+
+def test_classify_429_carries_retry_after(adapter: TemplatedAdapter) -> None:
+    outcome = adapter.classify(response(429, {"Retry-After": "30"}), "")
+    assert isinstance(outcome, RetryLater)
+    assert outcome.after == 30.0
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    outcome = adapter.classify(response(503, {"retry-after": when}), "")
+    assert isinstance(outcome, RetryLater)
+    assert outcome.after is not None
+    assert 100 < outcome.after <= 120
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 422])
+def test_classify_other_4xx_is_permanent_without_alarm(
+    adapter: TemplatedAdapter, status: int
+) -> None:
+    outcome = adapter.classify(response(status), "bad app id")
+    assert outcome == PermanentFailure(f"HTTP {status}", status, "bad app id", alarm=False)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_classify_auth_failures_are_permanent_with_alarm(
+    adapter: TemplatedAdapter, status: int
+) -> None:
+    outcome = adapter.classify(response(status), "")
+    assert isinstance(outcome, PermanentFailure)
+    assert outcome.status == status
+    assert outcome.alarm is True
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.Timeout("t"),
+        requests.ConnectTimeout("t"),
+        requests.ReadTimeout("t"),
+        requests.ConnectionError("refused"),
+    ],
+)
+def test_classify_error_timeouts_and_connection_errors_retry(
+    adapter: TemplatedAdapter, exc: requests.RequestException
+) -> None:
+    outcome = adapter.classify_error(exc)
+    assert isinstance(outcome, RetryLater)
+    assert outcome.status is None
+    assert type(exc).__name__ in outcome.reason
+
+
+# --- DelaySet --------------------------------------------------------------------------------
+
+
+def test_delay_set_moves_only_due_items(redis_client: redis.Redis) -> None:
+    delays = DelaySet(redis_client, KEYS)
+    now = 1_000_000.0
+    delays.schedule(QUEUE, "due-1", now - 5)
+    delays.schedule(QUEUE, "due-2", now)
+    delays.schedule(QUEUE, "later", now + 30)
+    assert delays.depth(QUEUE) == 3
+    assert delays.next_due(QUEUE) == now - 5
+
+    assert delays.move_due([QUEUE], now=now) == 2
+    assert sorted(redis_client.lrange(QUEUE, 0, -1)) == [b"due-1", b"due-2"]
+    assert delays.depth(QUEUE) == 1
+    assert delays.next_due(QUEUE) == now + 30
+    assert delays.move_due([QUEUE], now=now + 29) == 0
+    assert redis_client.llen(QUEUE) == 2
+    assert delays.move_due([QUEUE], now=now + 30) == 1
+    assert redis_client.llen(QUEUE) == 3
+    assert delays.depth(QUEUE) == 0
+    assert delays.next_due(QUEUE) is None
+
+
+def test_racing_movers_publish_each_item_exactly_once(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    total, movers = 5000, 8
+    key = KEYS.delayed(QUEUE)
+    now = time.time()
+    with redis_client.pipeline(transaction=False) as pipe:
+        for start in range(0, total, 500):
+            pipe.zadd(key, {f"msg-{i}": now - 1 - i / total for i in range(start, start + 500)})
+        pipe.execute()
+    assert redis_client.zcard(key) == total
+
+    moved_by: list[int] = [0] * movers
+    errors: list[BaseException] = []
+    go = threading.Barrier(movers)
+
+    def mover(index: int) -> None:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            delays = DelaySet(client, KEYS)
+            go.wait()
+            while True:
+                moved = delays.move_due([QUEUE], limit=50)
+                moved_by[index] += moved
+                if moved == 0 and client.zcard(key) == 0:
+                    return
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=mover, args=(i,)) for i in range(movers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert not any(t.is_alive() for t in threads)
+
+    published = redis_client.lrange(QUEUE, 0, -1)
+    assert len(published) == total
+    assert len(set(published)) == total
+    assert set(published) == {f"msg-{i}".encode() for i in range(total)}
+    assert sum(moved_by) == total
+    assert sum(1 for m in moved_by if m > 0) >= 2  # the movers did race
+    assert redis_client.zcard(key) == 0
+
+
+# --- DeadLetterStore -------------------------------------------------------------------------
+
+
+def envelope(event_id: str, destination: str = "net", attempts: int = 1) -> DeliveryEnvelope:
+    event = ConversionEvent.parse(
+        {
+            "event_id": event_id,
+            "app_id": "com.example.game",
+            "platform": "android",
+            "event_name": "install",
+            "event_time": "2026-11-22T10:00:00Z",
+        }
+    )
+    return DeliveryEnvelope(
+        delivery_id=delivery_id_for(event_id, destination),
+        destination=destination,
+        kind="templated",
+        event=event,
+        attempt=attempts,
+        max_attempts=attempts,
+        created_at=datetime(2026, 11, 22, 10, 0, tzinfo=UTC),
+    )
+
+
+def entry(
+    event_id: str,
+    destination: str = "net",
+    reason: str = "HTTP 400",
+    dead_at: datetime | None = None,
+) -> DeadLetter:
+    env = envelope(event_id, destination)
+    return DeadLetter(
+        delivery_id=env.delivery_id,
+        destination=destination,
+        reason=reason,
+        status=400,
+        dead_at=dead_at or datetime.now(UTC),
+        envelope=env,
+    )
+
+
+def test_dead_letter_store_add_get_count(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    assert store.count() == 0
+    assert store.counts_by_destination() == {}
+
+    first = store.add_envelope(envelope("e1"), "HTTP 400", 400, '{"error":"bad"}')
+    store.add(entry("e2"))
+    store.add(entry("e3", destination="other"))
+    assert store.count() == 3
+    assert store.counts_by_destination() == {"net": 2, "other": 1}
+
+    got = store.get(first.delivery_id)
+    assert got == first
+    assert got is not None
+    assert got.envelope is not None
+    assert got.envelope.event.event_id == "e1"
+    assert got.body_excerpt == '{"error":"bad"}'
+    assert store.get("no-such-id") is None
+
+    # Adding the same delivery again replaces it and does not count it twice.
+    store.add(entry("e2", reason="HTTP 404"))
+    assert store.count() == 3
+    assert store.counts_by_destination() == {"net": 2, "other": 1}
+    again = store.get(delivery_id_for("e2", "net"))
+    assert again is not None
+    assert again.reason == "HTTP 404"
+
+
+def test_replay_one_twice_enqueues_once(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    dead = entry("e1")
+    store.add(dead)
+    store.add(entry("e2"))
+    assert dead.envelope is not None
+
+    assert store.replay_one(dead, dead.envelope, "wire-message-1") is True
+    assert store.replay_one(dead, dead.envelope, "wire-message-2") is False
+    assert redis_client.lrange(QUEUE, 0, -1) == [b"wire-message-1"]
+    assert store.get(dead.delivery_id) is None
+    assert store.count() == 1
+    assert store.counts_by_destination() == {"net": 1}
+
+
+def test_remove_keeps_counts_consistent(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    entries = [entry(f"e{i}", destination="net" if i % 2 else "other") for i in range(6)]
+    for e in entries:
+        store.add(e)
+    assert store.counts_by_destination() == {"net": 3, "other": 3}
+
+    assert store.remove(entries[1]) is True
+    assert store.remove(entries[1]) is False  # a second removal changes nothing
+    assert store.remove(entries[0]) is True
+    assert store.count() == 4
+    assert store.counts_by_destination() == {"net": 2, "other": 2}
+    assert len(list(store.iter_entries())) == 4
+
+    for e in entries:
+        store.remove(e)
+    assert store.count() == 0
+    assert store.counts_by_destination() == {}
+    assert list(store.iter_entries()) == []
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_iter_entries_filters_by_destination_reason_and_since(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    base = datetime.now(UTC) - timedelta(hours=3)
+    store.add(entry("old", "net", "HTTP 400", base))
+    store.add(
+        entry("mid", "other", "attempts exhausted (3 of 3): HTTP 503", base + timedelta(hours=1))
+    )
+    store.add(
+        entry(
+            "new",
+            "net",
+            "attempts exhausted (2 of 2): timeout (ReadTimeout)",
+            base + timedelta(hours=2),
+        )
+    )
+
+    def ids(entries: object) -> list[str]:
+        return [e.envelope.event.event_id for e in entries]  # type: ignore[attr-defined]
+
+    assert ids(store.iter_entries()) == ["old", "mid", "new"]  # oldest first
+    assert ids(store.iter_entries(destination="net")) == ["old", "new"]
+    assert ids(store.iter_entries(destination="other")) == ["mid"]
+    assert ids(store.iter_entries(destination="nobody")) == []
+    assert ids(store.iter_entries(reason="ATTEMPTS EXHAUSTED")) == ["mid", "new"]
+    assert ids(store.iter_entries(reason="http 503")) == ["mid"]
+    since = (base + timedelta(minutes=30)).timestamp()
+    assert ids(store.iter_entries(since=since)) == ["mid", "new"]
+    assert ids(store.iter_entries(since=since, destination="net")) == ["new"]
+    assert ids(store.iter_entries(since=time.time() + 60)) == []
+
+
+def test_iter_entries_pages_through_many(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    base = datetime.now(UTC) - timedelta(hours=1)
+    for i in range(450):
+        store.add(entry(f"e{i:03}", dead_at=base + timedelta(seconds=i)))
+    got = list(store.iter_entries())
+    assert len(got) == 450
+    assert [e.envelope.event.event_id for e in got if e.envelope] == [
+        f"e{i:03}" for i in range(450)
+    ]
+
+
+def test_reason_category_groups_particulars(redis_client: redis.Redis) -> None:
+    store = DeadLetterStore(redis_client, KEYS)
+    reasons = [
+        "attempts exhausted (3 of 3): HTTP 503",
+        "attempts exhausted (2 of 2): timeout (ReadTimeout)",
+        "HTTP 400",
+        "HTTP 400",
+        "max age would pass before the next retry: HTTP 500",
+    ]
+    entries = [entry(f"e{i}", reason=r) for i, r in enumerate(reasons)]
+    assert entries[0].reason_category == "attempts exhausted"
+    assert entries[2].reason_category == "HTTP 400"
+    assert store.counts_by_reason(entries) == {
+        "attempts exhausted": 2,
+        "HTTP 400": 2,
+        "max age would pass before the next retry": 1,
+    }
+
+
+# --- PauseRegistry and GlobalRateLimiter -----------------------------------------------------
+
+
+def test_pause_paused_until_and_resume(redis_client: redis.Redis) -> None:
+    pauses = PauseRegistry(redis_client, KEYS)
+    assert pauses.paused_until("net") is None
+    before = time.time()
+    pauses.pause("net", 30, "429 Retry-After")
+    until = pauses.paused_until("net")
+    assert until is not None
+    assert before + 30 <= until <= time.time() + 30
+    assert pauses.paused_until("other") is None
+    ttl = redis_client.pttl(KEYS.paused("net"))
+    assert 25_000 < ttl <= 30_001
+
+    assert pauses.resume("net") is True
+    assert pauses.paused_until("net") is None
+    assert pauses.resume("net") is False
+
+
+def test_shorter_pause_never_shortens_a_longer_one(redis_client: redis.Redis) -> None:
+    pauses = PauseRegistry(redis_client, KEYS)
+    pauses.pause("net", 60, "operator")
+    long_until = pauses.paused_until("net")
+    assert long_until is not None
+    pauses.pause("net", 2, "429 Retry-After: 2")
+    assert pauses.paused_until("net") == long_until
+    assert redis_client.pttl(KEYS.paused("net")) > 50_000
+    # A longer pause does extend it.
+    pauses.pause("net", 120, "operator")
+    extended = pauses.paused_until("net")
+    assert extended is not None
+    assert extended > long_until + 50
+
+
+def test_pause_expires(redis_client: redis.Redis) -> None:
+    pauses = PauseRegistry(redis_client, KEYS)
+    pauses.pause("net", 0.3, "short")
+    assert pauses.paused_until("net") is not None
+    deadline = time.monotonic() + 5
+    while pauses.paused_until("net") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pauses.paused_until("net") is None
+
+
+def test_rate_limiter_denies_the_sixth_hit_within_a_second(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    import limits
+
+    limiter = GlobalRateLimiter(redis_url, KEYS)
+    item = limits.parse("5/second")
+    granted = [limiter.acquire("net", item) for _ in range(5)]
+    wait = limiter.acquire("net", item)
+    assert granted == [None] * 5
+    assert wait is not None
+    assert 0 < wait <= 1.0
+    # Other destinations have their own windows.
+    assert limiter.acquire("other", item) is None
+    assert limiter.acquire("replay:net", item) is None
+    # No limit configured: always granted.
+    assert all(limiter.acquire("net", None) is None for _ in range(20))
+    # A second limiter (another worker process) shares the same window.
+    other_process = GlobalRateLimiter(redis_url, KEYS)
+    assert other_process.acquire("net", item) is not None
+    # After the window has moved on, hits are granted again.
+    time.sleep(wait + 0.05)
+    assert limiter.acquire("net", item) is None
