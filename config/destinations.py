@@ -7,6 +7,7 @@ the process stops before it accepts or delivers anything.
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import re
@@ -181,11 +182,15 @@ class DestinationBase(BaseModel):
         for cred_name, ref in self.credentials.items():
             try:
                 resolved[cred_name] = ref.resolve(environ)
+                self.check_secret(cred_name, resolved[cred_name].get_secret_value())
             except ValueError as exc:
                 raise ConfigError(
                     f"destination {self.name!r}: credentials.{cred_name}: {exc}"
                 ) from None
         self._secrets = resolved
+
+    def check_secret(self, name: str, value: str) -> None:
+        """Kinds with a format for a credential check it here, at start-up; never echo it."""
 
     def route_for(self, event: ConversionEvent) -> Route | None:
         if not self.active:
@@ -299,6 +304,16 @@ class XMactDestination(DestinationBase):
                 f"missing {', '.join(missing)}"
             )
         return self
+
+    def check_secret(self, name: str, value: str) -> None:
+        if name == "partner_key":
+            try:
+                if not base64.b64decode(value, validate=True):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    "must be the base64 text X issued (it is base64-decoded to the HMAC key)"
+                ) from None
 
     @property
     def conversion_map(self) -> dict[str, str]:

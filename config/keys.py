@@ -72,7 +72,7 @@ class RedisKeys:
         return f"{self.prefix}:xmp:{destination}:seen:{event_id}"
 
     def xmp_record(self, destination: str, request_id: str) -> str:
-        """Hash: dims, count, revenue_micros, value_micros, version of one XMP record."""
+        """Hash: dims, count, revenue/value as units + micros, version of one XMP record."""
         return f"{self.prefix}:xmp:{destination}:rec:{request_id}"
 
     def xmp_users(self, destination: str, request_id: str) -> str:

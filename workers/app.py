@@ -94,6 +94,10 @@ def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
             # Requeue the message instead of acking it: at-least-once, never silent loss.
             log.warning("delivery.redis_unavailable", error=str(exc))
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
+        except Exception as exc:
+            # Celery would ack a failed task and the delivery would be gone: keep it instead.
+            log.exception("delivery.unexpected_error")
+            result = app.runtime.dead_letter_unexpected(envelope, self.request.id, exc)
         return f"{result.status}: {result.detail}"
 
     deliver.__doc__ = f"Deliver one postback to a `{kind}` destination."

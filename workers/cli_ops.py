@@ -283,9 +283,17 @@ def destinations_pause(name: str, seconds: float, reason: str) -> None:
 @click.argument("name")
 def destinations_resume(name: str) -> None:
     """Lift a pause (set by an operator, a 429 Retry-After or a 401)."""
+    from config.keys import queue_for
+    from workers.delay import DelaySet
+
     ctx = context()
+    if name not in ctx.destinations.by_name:
+        raise click.BadParameter(f"{name!r} is not in {ctx.destinations.source}")
     lifted = PauseRegistry(ctx.redis, ctx.keys).resume(name)
-    click.echo(f"{name}: resumed" if lifted else f"{name}: was not paused")
+    kind = ctx.destinations.get(name).kind
+    released = DelaySet(ctx.redis, ctx.keys).release(queue_for(kind), name)
+    state = "resumed" if lifted else "was not paused"
+    click.echo(f"{name}: {state}; {released} held delivery(ies) released")
 
 
 @click.command()

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import redis
 
 from config.keys import RedisKeys
+from workers.wire import decode_task_args
 
 _MOVE_DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
@@ -40,6 +41,21 @@ class DelaySet:
         for queue in queues:
             moved += int(self._move_due(keys=[self.keys.delayed(queue), queue], args=[now, limit]))
         return moved
+
+    def release(self, queue: str, destination: str, now: float | None = None) -> int:
+        """Make every parked delivery for ``destination`` due now (after a pause is lifted)."""
+        key = self.keys.delayed(queue)
+        due = time.time() if now is None else now
+        released = 0
+        for member, _score in self.redis.zscan_iter(key, count=500):
+            try:
+                _headers, args = decode_task_args(member.decode())
+                target = args[0].get("destination") if args and isinstance(args[0], dict) else None
+            except (ValueError, KeyError, IndexError):
+                continue  # not ours to judge here; the mover will publish it when due
+            if target == destination:
+                released += int(self.redis.zadd(key, {member: due}, xx=True, ch=True) or 0)
+        return released
 
     def depth(self, queue: str) -> int:
         return int(self.redis.zcard(self.keys.delayed(queue)))

@@ -19,7 +19,7 @@ from urllib3.util import Timeout
 from config.destinations import Destinations, XmpDestination
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
-from workers.adapters import DestinationAdapter, adapter_for
+from workers.adapters import ADAPTERS, DestinationAdapter, adapter_for
 from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
@@ -92,8 +92,9 @@ class DeliveryPipeline:
         self.max_unfinished_starts = max_unfinished_starts
         self.aggregator = aggregator
         self.clock = clock
+        # HTTP kinds have an adapter; xmp is aggregated here and sent by the periodic flush.
         self._adapters: dict[str, DestinationAdapter] = {
-            d.name: adapter_for(d) for d in destinations
+            d.name: adapter_for(d) for d in destinations if d.kind in ADAPTERS
         }
 
     def run(self, envelope: DeliveryEnvelope) -> PipelineResult:
@@ -129,19 +130,17 @@ class DeliveryPipeline:
         return result
 
     def _run(self, envelope: DeliveryEnvelope) -> PipelineResult:
-        adapter = self._adapters.get(envelope.destination)
-        if adapter is None:
+        dest = self.destinations.by_name.get(envelope.destination)
+        if dest is None:
             return self._dead_letter(
                 envelope, f"destination {envelope.destination!r} is not in the destinations file"
             )
-        dest = adapter.destination
         now = self.clock()
         if envelope.expired(datetime.fromtimestamp(now, UTC)):
             return self._dead_letter(envelope, "max age exceeded before delivery")
-
         if isinstance(dest, XmpDestination):
             return self._aggregate(dest, envelope, now)
-        return self._deliver(adapter, envelope, now)
+        return self._deliver(self._adapters[dest.name], envelope, now)
 
     def _deliver(
         self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, now: float
@@ -153,7 +152,13 @@ class DeliveryPipeline:
             self.requeuer.later(envelope, paused_until - now)
             return PipelineResult("deferred", f"destination paused for {paused_until - now:.1f}s")
 
-        request = adapter.build_request(envelope)
+        try:
+            request = adapter.build_request(envelope)
+        except Exception as exc:
+            detail = mask_secrets(str(exc)[:300], dest.secret_values().values())
+            return self._dead_letter(
+                envelope, f"cannot build the request: {type(exc).__name__}: {detail}"
+            )
         if isinstance(request, Skipped):
             log.info("delivery.skipped", reason=request.reason)
             return PipelineResult("skipped", request.reason)

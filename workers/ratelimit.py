@@ -27,6 +27,21 @@ return redis.call('PTTL', KEYS[1])
 """
 
 
+# Within one window (same reset time) keep the lower count: a late answer must not hand back
+# budget that other sends already used.
+_TIGHTEN_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ends_at = tonumber(ARGV[3]) + redis.call('PTTL', KEYS[1])
+  if math.abs(ends_at - tonumber(ARGV[2])) < 1000 and tonumber(current) <= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+return 1
+"""
+
+
 class GlobalRateLimiter:
     def __init__(self, redis_url: str, keys: RedisKeys) -> None:
         self.keys = keys
@@ -34,12 +49,15 @@ class GlobalRateLimiter:
         self.strategy = limits.strategies.MovingWindowRateLimiter(self.storage)
         self.redis = redis.Redis.from_url(redis_url)
         self._take_from_budget = self.redis.register_script(_TAKE_FROM_BUDGET_LUA)
+        self._tighten = self.redis.register_script(_TIGHTEN_LUA)
 
     def tighten(self, destination: str, remaining: int, reset_at: float) -> None:
         """Record what the partner says is left until ``reset_at`` (epoch seconds)."""
-        if reset_at > time.time():
-            self.redis.set(
-                self.keys.server_budget(destination), max(0, remaining), pxat=int(reset_at * 1000)
+        now = time.time()
+        if reset_at > now:
+            self._tighten(
+                keys=[self.keys.server_budget(destination)],
+                args=[max(0, remaining), int(reset_at * 1000), int(now * 1000)],
             )
 
     def acquire(

@@ -16,6 +16,7 @@ from config.destinations import Destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
+from workers.adapters.base import mask_secrets
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.delay import DelaySet
@@ -105,6 +106,28 @@ class WorkerRuntime:
                     record_attempt=attempts.record_fields,
                 )
             return self._xmp_flusher
+
+    def dead_letter_unexpected(
+        self, raw: Any, task_id: str | None, exc: Exception
+    ) -> PipelineResult:
+        """Keep a delivery whose processing raised something unforeseen, replayable later."""
+        try:
+            envelope: DeliveryEnvelope | None = DeliveryEnvelope.from_task_arg(raw)
+        except PoisonMessage:
+            envelope = None
+        reason = f"unexpected error: {type(exc).__name__}: {str(exc)[:300]}"
+        for dest in self.destinations:
+            reason = mask_secrets(reason, dest.secret_values().values())
+        entry = DeadLetter(
+            delivery_id=envelope.delivery_id if envelope else f"error-{task_id or uuid.uuid4()}",
+            destination=envelope.destination if envelope else "?",
+            reason=reason,
+            dead_at=datetime.now(UTC),
+            envelope=envelope,
+            raw_message=None if envelope else repr(raw)[:4096],
+        )
+        self.pipeline.dead_letters.add(entry)
+        return PipelineResult("dead_lettered", reason)
 
     def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:
         """Decode, run the pipeline, map the outcome; a poison message is dead-lettered."""

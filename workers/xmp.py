@@ -13,6 +13,7 @@ counted before (delivery is at least once).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -27,6 +28,7 @@ from typing import Any
 import redis
 import requests
 import structlog
+from redis.exceptions import LockError
 
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
@@ -44,19 +46,27 @@ SEEN_TTL_SECONDS = 7 * 24 * 3600
 _LIMITS = {"campaign_id": 64, "adset_id": 64, "ad_id": 64, "event_name": 64,
            "subsource_id": 128, "app_id": 128}  # fmt: skip
 
+# Nothing is written unless all of it can be: Redis does not roll back a script that fails
+# half-way, and a 64-bit HINCRBY overflow would fail after the event was marked as counted.
 _ADD_LUA = """
+local limit = 9.0e18
+for i = 7, #ARGV, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+  if math.abs(current + tonumber(ARGV[i + 1])) >= limit then return -1 end
+end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 redis.call('HSETNX', KEYS[2], 'dims', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'count', 1)
-redis.call('HINCRBY', KEYS[2], 'revenue_micros', ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'value_micros', ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-if ARGV[5] ~= '' then
-  redis.call('PFADD', KEYS[3], ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[7])
+for i = 7, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-redis.call('ZADD', KEYS[4], ARGV[8], ARGV[6])
+redis.call('HINCRBY', KEYS[2], 'version', 1)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if ARGV[3] ~= '' then
+  redis.call('PFADD', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
 return 1
 """
 
@@ -164,6 +174,16 @@ def _micros(amount: Decimal | None) -> int:
     return 0 if amount is None else int((amount * MICROS).to_integral_exact())
 
 
+def _amount_fields(name: str, amount: Decimal | None) -> list[str | int]:
+    """Whole units and micros in two 64-bit counters: any numeric(20,6) value stays exact."""
+    units, micros = divmod(_micros(amount), MICROS)
+    return [f"{name}_units", units, f"{name}_micros", micros]
+
+
+def _total_micros(fields: dict[str, str], name: str) -> int:
+    return int(fields.get(f"{name}_units", 0)) * MICROS + int(fields.get(f"{name}_micros", 0))
+
+
 def _decimal(micros: int) -> Decimal:
     return (Decimal(micros) / MICROS).quantize(Decimal("0.000001"))
 
@@ -188,9 +208,14 @@ class XmpAggregator:
                 self.keys.xmp_users(dest.name, rid),
                 self.keys.xmp_dirty(dest.name),
             ],
-            args=[SEEN_TTL_SECONDS, json.dumps(key.dims()), _micros(event.revenue_usd),
-                  _micros(value), device, rid, RECORD_TTL_SECONDS, now.timestamp()],
+            args=[SEEN_TTL_SECONDS, json.dumps(key.dims()), device, rid, RECORD_TTL_SECONDS,
+                  now.timestamp(), *_amount_fields("revenue", event.revenue_usd),
+                  *_amount_fields("value", value)],
         )  # fmt: skip
+        if int(added) < 0:
+            raise XmpReject(
+                "event_revenue_usd: the record's total would exceed what can be summed exactly"
+            )
         return bool(added)
 
 
@@ -285,7 +310,7 @@ class XmpFlusher:
                 fields = {k.decode(): v.decode() for k, v in raw.items()}
                 records.append(
                     XmpRecord(rid, json.loads(fields["dims"]), int(fields["count"]),
-                              int(fields["revenue_micros"]), int(fields["value_micros"]),
+                              _total_micros(fields, "revenue"), _total_micros(fields, "value"),
                               int(users), fields["version"])
                 )  # fmt: skip
         return records
@@ -308,11 +333,16 @@ class XmpFlusher:
             report.records = len(records)
             fresh = self._drop_too_old(dest, records, now or datetime.now(UTC), report)
             for start in range(0, len(fresh), dest.batch_size):
+                # Each batch renews the lock: a long outage must not let a second flush start.
+                lock.reacquire()
                 self._send_with_retries(dest, fresh[start : start + dest.batch_size], report)
         except _Stop as stop:
             report.failed = str(stop)
+        except LockError:
+            report.failed = "lost the flush lock; the next flush continues"
         finally:
-            lock.release()
+            with contextlib.suppress(LockError):
+                lock.release()
         return report
 
     def _drop_too_old(
@@ -358,14 +388,19 @@ class XmpFlusher:
             status = response.status_code
             text = mask_secrets(response.text[:2048], dest.secret_values().values())
         except requests.RequestException as exc:
-            self._record(dest, batch, None, body=type(exc).__name__, started=started, batch_id=None)
+            self._record(
+                dest, batch, None, body=type(exc).__name__, started=started, batch_id=None, ok=False
+            )
             return f"request failed ({type(exc).__name__})"
         answer = _parse(text)
         code = answer.get("code") if isinstance(answer.get("code"), int) else status
         msg = str(answer.get("msg", ""))[:500]
         batch_id = str(answer.get("batch_id", "")) or None
-        self._record(dest, batch, status, body=text, started=started, batch_id=batch_id)
-        if status == 200 and code == 200:
+        accepted = status == 200 and code == 200
+        self._record(
+            dest, batch, status, body=text, started=started, batch_id=batch_id, ok=accepted
+        )
+        if accepted:
             self._sent(dest, batch, report, batch_id)
             return None
         if code == 401 or status in {401, 403}:
@@ -414,13 +449,13 @@ class XmpFlusher:
 
     def _record(
         self, dest: XmpDestination, batch: Sequence[XmpRecord], status: int | None, *,
-        body: str, started: float, batch_id: str | None,
+        body: str, started: float, batch_id: str | None, ok: bool,
     ) -> None:  # fmt: skip
         now = datetime.now(UTC)
         self.record_attempt({
             "attempt_datetime": now.strftime("%Y-%m-%d %H:%M:%S"),
             "attempt_timestamp": int(now.timestamp()),
-            "notifying_status": "sent" if status == 200 and batch_id else "failed",
+            "notifying_status": "sent" if ok else "failed",
             "response_code": "" if status is None else status,
             "response_body": body[:300],
             "postback_url": dest.url,

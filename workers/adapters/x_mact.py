@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
@@ -87,12 +88,12 @@ class XMactAdapter(DestinationAdapter):
         }
         if event.ip:
             params["device_ip_address"] = str(event.ip)
-        if event.revenue is not None and event.currency:
+        if event.revenue is not None and event.revenue >= 0 and event.currency:
             params["price_micro"] = str(price_micro(event.revenue))
             params["price_currency"] = event.currency
         for param, key in (("number_items", dest.number_items_key), ("level", dest.level_key)):
             value = event.event_values.get(key)
-            if isinstance(value, int | str) and str(value).isdigit():
+            if isinstance(value, int | str) and re.fullmatch(r"[0-9]{1,9}", str(value)):
                 params[param] = str(int(value))
         return params
 
@@ -116,7 +117,9 @@ class XMactAdapter(DestinationAdapter):
         params = self.params(envelope.event)
         if isinstance(params, Skipped):
             return params
-        return self._signed("POST", "conversion_event", params)
+        request = self._signed("POST", "conversion_event", params)
+        request.headers["X-Idempotency-Key"] = envelope.delivery_id
+        return request
 
     def build_check_request(self, event: ConversionEvent) -> OutgoingRequest | Skipped:
         """GET conversion_attribution: asks X what it would attribute, records nothing."""
@@ -145,7 +148,8 @@ class XMactAdapter(DestinationAdapter):
                 wait = max(0.0, budget.reset_at - time.time())
             return RetryLater(reason, status, body_excerpt, wait, budget)
         if status >= 500 or status in {408, 425}:
-            return RetryLater(reason, status, body_excerpt, None, budget)
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            return RetryLater(reason, status, body_excerpt, wait, budget)
         if status == 401:
             return PermanentFailure(
                 reason, status, body_excerpt, alarm=True,
