@@ -387,24 +387,101 @@ class XmpDestination(DestinationBase):
         return int(self.timezone.removeprefix("UTC"))
 
 
-Destination = TemplatedDestination | XMactDestination | XmpDestination
+class RedeliverDestination(DestinationBase):
+    """Sends again, by GET, postback URLs another system failed to deliver (the reconciler).
+
+    The URLs come from outside (an export), so they are checked before anything is sent:
+    http/https only, and hosts resolving to loopback, private, link-local or otherwise
+    non-public addresses are refused unless ``allow_private`` is set (the sandbox, tests).
+    """
+
+    kind: Literal["redeliver"]
+    routes: list[Route] = Field(default_factory=list, max_length=0)
+    allow_private: bool = False
+    host_allowlist: list[str] = Field(default_factory=list)
+    rate_limit: str | None = "10/second"  # per target host
+
+    def route_for(self, event: ConversionEvent) -> Route | None:
+        return None  # produce() never routes here; only the reconciler enqueues
+
+
+Destination = TemplatedDestination | XMactDestination | XmpDestination | RedeliverDestination
 KINDS: dict[str, type[DestinationBase]] = {
     "templated": TemplatedDestination,
     "x_mact": XMactDestination,
     "xmp": XmpDestination,
+    "redeliver": RedeliverDestination,
 }
+
+
+class ReconcileSource(BaseModel):
+    """An AppMetrica application whose postbacks export the reconciler reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+    application_id: str = Field(pattern=r"^[0-9]{1,20}$")
+    token: SecretRef
+    redeliver_to: str = Field(pattern=_NAME, description="a destination of kind redeliver")
+    base_url: str = Field(
+        default="https://api.appmetrica.yandex.com", pattern=r"^https?://[^/?#\s]+$"
+    )
+    date_dimension: Literal["default", "receive"] = "default"
+    interval_seconds: float = Field(default=3600, ge=10)
+    overlap_seconds: float = Field(default=3600, ge=0)
+    settle_seconds: float = Field(default=600, ge=0)
+    first_look_back_seconds: float = Field(default=86_400, gt=0)
+    poll_seconds: float = Field(default=30, ge=1, le=600)
+    retention_days: int = Field(default=30, ge=1, le=365)
+    timeout: Timeouts = Field(default_factory=Timeouts)
+    active: bool = True
+
+    _token: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _retention_covers_the_window(self) -> ReconcileSource:
+        window = self.overlap_seconds + self.settle_seconds + self.first_look_back_seconds
+        if self.retention_days * 86_400 <= window:
+            raise ValueError(
+                "retention_days: must outlast the look-back window, or a postback could be "
+                "redelivered twice"
+            )
+        return self
+
+    def resolve_token(self, environ: Mapping[str, str]) -> None:
+        self._token = self.token.resolve(environ)
+
+    def token_value(self) -> str:
+        assert self._token is not None
+        return self._token.get_secret_value()
 
 
 class Destinations:
     """The validated destinations file, with routing."""
 
-    def __init__(self, destinations: Iterable[DestinationBase], source: str = "") -> None:
+    def __init__(
+        self,
+        destinations: Iterable[DestinationBase],
+        source: str = "",
+        reconcile: Iterable[ReconcileSource] = (),
+    ) -> None:
         self.by_name: dict[str, DestinationBase] = {}
         for dest in destinations:
             if dest.name in self.by_name:
                 raise ConfigError(f"{source}: destination {dest.name!r}: name: used twice")
             self.by_name[dest.name] = dest
         self.source = source
+        self.reconcile: dict[str, ReconcileSource] = {}
+        for rec in reconcile:
+            target = self.by_name.get(rec.redeliver_to)
+            if target is None or target.kind != "redeliver":
+                raise ConfigError(
+                    f"{source}: reconcile {rec.name!r}: redeliver_to: {rec.redeliver_to!r} "
+                    "must name a destination of kind redeliver"
+                )
+            if rec.name in self.reconcile:
+                raise ConfigError(f"{source}: reconcile {rec.name!r}: name: used twice")
+            self.reconcile[rec.name] = rec
 
     def __iter__(self) -> Iterator[DestinationBase]:
         return iter(self.by_name.values())
@@ -448,10 +525,11 @@ def check_timeouts_nest(destinations: Destinations, max_connect: float, max_read
 def parse_destinations(
     data: Mapping[str, Any], environ: Mapping[str, str], source: str = "destinations"
 ) -> Destinations:
-    unknown = set(data) - {"destination"}
+    unknown = set(data) - {"destination", "reconcile"}
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level key(s) {sorted(unknown)}; use [[destination]]"
+            f"{source}: unknown top-level key(s) {sorted(unknown)}; use [[destination]] "
+            "and [[reconcile]]"
         )
     entries = data.get("destination", [])
     if not isinstance(entries, list):
@@ -479,7 +557,33 @@ def parse_destinations(
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         parsed.append(dest)
-    return Destinations(parsed, source)
+    return Destinations(
+        parsed, source, _parse_reconcile(data.get("reconcile", []), environ, source)
+    )
+
+
+def _parse_reconcile(
+    entries: Any, environ: Mapping[str, str], source: str
+) -> list[ReconcileSource]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: reconcile: must be an array of tables ([[reconcile]])")
+    parsed = []
+    for index, entry in enumerate(entries):
+        label = (
+            repr(entry["name"]) if isinstance(entry, dict) and "name" in entry else f"#{index + 1}"
+        )
+        try:
+            rec = ReconcileSource.model_validate(entry)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{source}: reconcile {label}: {describe_validation_error(exc)}"
+            ) from None
+        try:
+            rec.resolve_token(environ)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: reconcile {label}: token: {exc}") from None
+        parsed.append(rec)
+    return parsed
 
 
 def load_destinations(path: Path, environ: Mapping[str, str] | None = None) -> Destinations:

@@ -83,5 +83,16 @@ class RedisKeys:
         """Sorted set of request ids changed since their last successful send."""
         return f"{self.prefix}:xmp:{destination}:dirty"
 
+    def reconciled(self, source: str, identity: str) -> str:
+        """Claimed once a postback was enqueued for redelivery: never twice, ever."""
+        return f"{self.prefix}:reconcile:{source}:done:{identity}"
+
+    def reconcile_checkpoint(self, source: str) -> str:
+        return f"{self.prefix}:reconcile:{source}:checkpoint"
+
+    def reconcile_pending(self, source: str) -> str:
+        """The window of an export AppMetrica is still preparing (polls repeat it exactly)."""
+        return f"{self.prefix}:reconcile:{source}:pending"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -60,14 +60,38 @@ class ProduceResult:
 
 
 @dataclass(frozen=True)
-class _Planned:
-    delivery_id: str
-    destination: str
-    dedupe_key: str
+class Enqueue:
+    """A wire message for ``target_key`` (a queue, or a delay set when ``delayed``), sent only
+    if ``claim_key`` was free; the claim expires after the caller's TTL."""
+
+    claim_key: str
     target_key: str
     delayed: bool
     due: float
     wire: str
+
+
+class EnqueueOnce:
+    """Claim-then-enqueue for many messages in one atomic Lua call (one round trip)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_ENQUEUE_LUA)
+
+    def __call__(self, items: Sequence[Enqueue], ttl_seconds: int) -> list[bool]:
+        if not items:
+            return []
+        keys: list[str] = []
+        argv: list[Any] = [ttl_seconds]
+        for item in items:
+            keys += [item.claim_key, item.target_key]
+            argv += ["z" if item.delayed else "l", repr(item.due), item.wire]
+        return [bool(flag) for flag in self._script(keys=keys, args=argv)]
+
+
+@dataclass(frozen=True)
+class _Planned(Enqueue):
+    delivery_id: str = ""
+    destination: str = ""
 
 
 class Producer:
@@ -79,7 +103,7 @@ class Producer:
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = client.register_script(_ENQUEUE_LUA)
+        self._enqueue = EnqueueOnce(client)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
@@ -121,7 +145,7 @@ class Producer:
                 _Planned(
                     delivery_id=envelope.delivery_id,
                     destination=envelope.destination,
-                    dedupe_key=self.keys.dedupe(envelope.delivery_id),
+                    claim_key=self.keys.dedupe(envelope.delivery_id),
                     target_key=self.keys.delayed(queue) if delayed else queue,
                     delayed=delayed,
                     due=now.timestamp() + route.delay_seconds,
@@ -131,14 +155,7 @@ class Producer:
         return planned
 
     def _run(self, planned: Sequence[_Planned]) -> list[bool]:
-        if not planned:
-            return []
-        keys: list[str] = []
-        argv: list[Any] = [self.settings.dedupe_ttl_seconds]
-        for p in planned:
-            keys += [p.dedupe_key, p.target_key]
-            argv += ["z" if p.delayed else "l", repr(p.due), p.wire]
-        return [bool(flag) for flag in self._enqueue(keys=keys, args=argv)]
+        return self._enqueue(planned, self.settings.dedupe_ttl_seconds)
 
     def produce(self, event: ConversionEvent | dict[str, Any]) -> ProduceResult:
         """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad."""

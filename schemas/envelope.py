@@ -6,7 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from schemas.errors import describe_validation_error
 from schemas.event import ConversionEvent
@@ -37,20 +44,67 @@ class AttemptSummary(BaseModel):
     duration_ms: float = 0.0
 
 
+class Redelivery(BaseModel):
+    """A postback another system failed to deliver (AppMetrica's export), sent again by URL."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    postback_url: str = Field(min_length=8, max_length=8192)
+    application_id: str = Field(max_length=64)
+    event_name: str = Field(default="", max_length=256)
+    conversion_time: AwareDatetime
+    source: str = Field(max_length=64, description="the reconciler source that found it")
+
+
 class DeliveryEnvelope(BaseModel):
-    """One delivery. ``attempt`` counts HTTP attempts already made (0 on the first run)."""
+    """One delivery. ``attempt`` counts HTTP attempts already made (0 on the first run).
+
+    It carries either an ``event`` (produce()) or a ``redelivery`` (the reconciler)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     delivery_id: str = Field(min_length=1, max_length=64)
     destination: str = Field(min_length=1, max_length=64)
     kind: str = Field(min_length=1, max_length=32)
-    event: ConversionEvent
+    event: ConversionEvent | None = None
+    redelivery: Redelivery | None = None
     attempt: int = Field(default=0, ge=0)
     max_attempts: int = Field(ge=1, le=11, description="HTTP attempts in all: 1 + retries.")
     created_at: AwareDatetime
     not_after: AwareDatetime | None = None
     history: list[AttemptSummary] = Field(default_factory=list, max_length=20)
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> DeliveryEnvelope:
+        if (self.event is None) == (self.redelivery is None):
+            raise ValueError("event/redelivery: exactly one of the two must be given")
+        return self
+
+    def require_event(self) -> ConversionEvent:
+        if self.event is None:
+            raise PoisonMessage(f"envelope: a {self.kind} delivery needs an event")
+        return self.event
+
+    @property
+    def event_name(self) -> str:
+        if self.event is not None:
+            return self.event.event_name
+        assert self.redelivery is not None
+        return self.redelivery.event_name
+
+    @property
+    def conversion_time(self) -> datetime:
+        if self.event is not None:
+            return self.event.event_time
+        assert self.redelivery is not None
+        return self.redelivery.conversion_time
+
+    @property
+    def app_id(self) -> str:
+        if self.event is not None:
+            return self.event.app_id
+        assert self.redelivery is not None
+        return self.redelivery.application_id
 
     def after_attempt(self, summary: AttemptSummary) -> DeliveryEnvelope:
         """The envelope for the next try: attempt counted, this attempt remembered."""
@@ -62,7 +116,7 @@ class DeliveryEnvelope(BaseModel):
         """What Flower and logs show of a task's arguments: no device ids, no personal data."""
         return (
             f"{{'delivery_id': {self.delivery_id!r}, 'destination': {self.destination!r}, "
-            f"'event_name': {self.event.event_name!r}, 'attempt': {self.attempt + 1}}}"
+            f"'event_name': {self.event_name!r}, 'attempt': {self.attempt + 1}}}"
         )
 
     def to_task_arg(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
@@ -104,6 +105,7 @@ def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
 
 
 XMP_FLUSH_TASK = "postback_relay.xmp_flush"
+RECONCILE_TASK = "postback_relay.reconcile"
 
 
 def _register_periodic_tasks(app: PostbackRelay) -> None:
@@ -123,7 +125,35 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
             + (f"; {report.failed}" if report.failed else "")
         )
 
-    app.conf.beat_schedule = {
+    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"))
+    def reconcile(source: str) -> str:
+        rec = app.destinations.reconcile[source]
+        report = app.runtime.reconciler.run(rec)
+        if report.state in {"pending", "rate_limited"}:
+            # Poll again later without holding a worker: park the task in the delay set.
+            wait = report.retry_after or (rec.poll_seconds if report.state == "pending" else 60)
+            queue = queue_for("redeliver")
+            wire = app.runtime.pipeline.requeuer.encoder.encode(
+                RECONCILE_TASK, queue, (source,), argsrepr=f"({source!r},)"
+            )
+            app.runtime.pipeline.requeuer.delays.schedule(queue, wire, time.time() + wait)
+        return (
+            f"{report.state}: rows {report.rows_read}, postbacks {report.postbacks}, "
+            f"redelivered {report.redelivered}, skipped {report.skipped_already_redelivered}"
+            + (f"; {report.detail}" if report.detail else "")
+        )
+
+    schedule: dict[str, Any] = {
+        f"reconcile-{rec.name}": {
+            "task": RECONCILE_TASK,
+            "schedule": rec.interval_seconds,
+            "args": (rec.name,),
+            "options": {"queue": queue_for("redeliver"), "expires": rec.interval_seconds},
+        }
+        for rec in app.destinations.reconcile.values()
+        if rec.active
+    }
+    app.conf.beat_schedule = schedule | {
         f"xmp-flush-{dest.name}": {
             "task": XMP_FLUSH_TASK,
             "schedule": dest.flush_interval_seconds,

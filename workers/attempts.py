@@ -36,7 +36,6 @@ class AttemptLog:
         outcome: Outcome,
         summary: AttemptSummary,
     ) -> None:
-        event = envelope.event
         fields: dict[Any, Any] = {
             "attempt_datetime": summary.at.strftime("%Y-%m-%d %H:%M:%S"),
             "attempt_timestamp": int(summary.at.timestamp()),
@@ -45,10 +44,10 @@ class AttemptLog:
             "response_body": summary.body_excerpt,
             "postback_url": request.display_url,
             "postback_method": request.method,
-            "conversion_datetime": event.event_time.strftime("%Y-%m-%d %H:%M:%S"),
-            "conversion_timestamp": int(event.event_time.timestamp()),
-            "event_name": event.event_name,
-            "application_id": event.app_id,
+            "conversion_datetime": envelope.conversion_time.strftime("%Y-%m-%d %H:%M:%S"),
+            "conversion_timestamp": int(envelope.conversion_time.timestamp()),
+            "event_name": envelope.event_name,
+            "application_id": envelope.app_id,
             "destination": envelope.destination,
             "delivery_id": envelope.delivery_id,
             "attempt": envelope.attempt + 1,

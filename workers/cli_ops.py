@@ -394,6 +394,67 @@ def xmp_flush(destination: str | None, dry_run: bool) -> None:
         )
 
 
+@click.command()
+@click.option("--source", "-s", "name", default=None, help="A [[reconcile]] name.")
+@click.option("--app", "app_id", default=None, help="...or its AppMetrica application id.")
+@click.option("--since", default=None, help="90m, 24h, 7d or ISO time (default: checkpoint).")
+@click.option("--until", default=None, help="Default: now minus the settle delay.")
+@click.option("--dry-run", is_flag=True, help="Report what would be redelivered; send nothing.")
+def reconcile(
+    name: str | None, app_id: str | None, since: str | None, until: str | None, dry_run: bool
+) -> None:
+    """Find postbacks AppMetrica failed to deliver and never delivered later; redeliver once."""
+    from rich.status import Status
+
+    from workers.runtime import WorkerRuntime
+
+    ctx = context()
+    sources = [
+        r for r in ctx.destinations.reconcile.values()
+        if (name is None or r.name == name) and (app_id is None or r.application_id == app_id)
+    ]  # fmt: skip
+    if len(sources) != 1:
+        known = ", ".join(
+            f"{r.name} (app {r.application_id})" for r in ctx.destinations.reconcile.values()
+        )
+        raise click.UsageError(
+            f"choose one source with --source or --app; configured: {known or 'none'}"
+        )
+    source = sources[0]
+    runtime = WorkerRuntime(ctx.settings, ctx.destinations, app=ctx.start_app())
+    start, end = parse_since(since), parse_since(until)
+    polls = 0
+    with Status("asking AppMetrica for the export...", console=Console(stderr=True)) as status:
+        while True:
+            report = runtime.reconciler.run(source, start, end, dry_run=dry_run, wait_for_lock=60)
+            if report.state not in {"pending", "rate_limited"}:
+                break
+            polls += 1
+            wait = report.retry_after or source.poll_seconds
+            status.update(f"{report.detail} (poll {polls}); asking again in {wait:.0f}s")
+            time.sleep(wait)
+    title = (
+        f"reconcile {source.name}: {report.since:%Y-%m-%d %H:%M:%S} to "
+        f"{report.until:%Y-%m-%d %H:%M:%S} UTC" + (" (dry run)" if dry_run else "")
+    )
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for label, value in (
+        ("rows read", report.rows_read), ("unparseable rows", report.unparseable),
+        ("postbacks", report.postbacks), ("already sent", report.already_sent),
+        ("to redeliver", report.to_redeliver),
+        ("would redeliver" if dry_run else "redelivered", report.redelivered),
+        ("skipped: already redelivered", report.skipped_already_redelivered),
+    ):  # fmt: skip
+        table.add_row(label, str(value))
+    console.print(table)
+    for example in report.unparseable_examples:
+        click.echo(f"unparseable: {example}", err=True)
+    if report.state != "done":
+        raise click.ClickException(f"{report.state}: {report.detail}")
+
+
 def register(main: click.Group) -> None:
-    for command in (dlq, attempts, destinations, metrics, x_check, xmp):
+    for command in (dlq, attempts, destinations, metrics, x_check, xmp, reconcile):
         main.add_command(command)

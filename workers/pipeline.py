@@ -162,9 +162,13 @@ class DeliveryPipeline:
         if isinstance(request, Skipped):
             log.info("delivery.skipped", reason=request.reason)
             return PipelineResult("skipped", request.reason)
+        if isinstance(request, PermanentFailure):
+            return self._dead_letter(envelope, request.reason)
 
         wait = self.limiter.acquire(
-            dest.name, dest.rate_limit_item, server_budget=adapter.uses_server_budget
+            adapter.rate_limit_key(envelope),
+            dest.rate_limit_item,
+            server_budget=adapter.uses_server_budget,
         )
         if wait is not None:
             # Not an attempt: the partner never saw it. Park it until a slot should be free.
@@ -192,7 +196,9 @@ class DeliveryPipeline:
         """XMP takes totals, not events: count it; the periodic flush does the sending."""
         assert self.aggregator is not None, "an xmp destination needs the aggregator"
         try:
-            added = self.aggregator.add(dest, envelope.event, datetime.fromtimestamp(now, UTC))
+            added = self.aggregator.add(
+                dest, envelope.require_event(), datetime.fromtimestamp(now, UTC)
+            )
         except XmpReject as exc:
             return self._dead_letter(envelope, str(exc))
         if not added:

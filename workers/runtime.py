@@ -23,6 +23,7 @@ from workers.delay import DelaySet
 from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.reconciler import Reconciler
 from workers.wire import TaskMessageEncoder
 from workers.xmp import XmpAggregator, XmpFlusher
 
@@ -64,6 +65,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._pipeline: DeliveryPipeline | None = None
         self._xmp_flusher: XmpFlusher | None = None
+        self._reconciler: Reconciler | None = None
 
     @property
     def pipeline(self) -> DeliveryPipeline:
@@ -106,6 +108,20 @@ class WorkerRuntime:
                     record_attempt=attempts.record_fields,
                 )
             return self._xmp_flusher
+
+    @property
+    def reconciler(self) -> Reconciler:
+        pipeline = self.pipeline
+        with self._lock:
+            if self._reconciler is None:
+                self._reconciler = Reconciler(
+                    pipeline.redis,
+                    self.keys,
+                    pipeline.session,
+                    destinations=self.destinations,
+                    encoder=pipeline.requeuer.encoder,
+                )
+            return self._reconciler
 
     def dead_letter_unexpected(
         self, raw: Any, task_id: str | None, exc: Exception

@@ -209,7 +209,7 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, str, str]] = [
         {},
         "'net'",
         "kind",
-        "must be one of templated, x_mact, xmp (got 'appsflyer')",
+        "must be one of templated, x_mact, xmp, redeliver (got 'appsflyer')",
     ),
     (
         "missing-kind-named",
@@ -217,7 +217,7 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, str, str]] = [
         {},
         "'net'",
         "kind",
-        "must be one of templated, x_mact, xmp (got None)",
+        "must be one of templated, x_mact, xmp, redeliver (got None)",
     ),
     (
         "missing-kind-unnamed",

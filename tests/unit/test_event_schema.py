@@ -457,7 +457,7 @@ def test_from_task_arg_on_non_dict_is_poison(garbage: Any, type_name: str) -> No
 
 
 @pytest.mark.parametrize(
-    "missing", ["delivery_id", "destination", "kind", "event", "max_attempts", "created_at"]
+    "missing", ["delivery_id", "destination", "kind", "max_attempts", "created_at"]
 )
 def test_from_task_arg_missing_field_is_poison(missing: str) -> None:
     arg = make_envelope().to_task_arg()
@@ -467,11 +467,19 @@ def test_from_task_arg_missing_field_is_poison(missing: str) -> None:
     assert f"{missing}: Field required" in str(info.value)
 
 
+def test_from_task_arg_without_event_or_redelivery_is_poison() -> None:
+    arg = make_envelope().to_task_arg()
+    del arg["event"]
+    with pytest.raises(PoisonMessage) as info:
+        DeliveryEnvelope.from_task_arg(arg)
+    assert "event/redelivery: exactly one of the two must be given" in str(info.value)
+
+
 def test_from_task_arg_empty_dict_names_every_missing_field() -> None:
     with pytest.raises(PoisonMessage) as info:
         DeliveryEnvelope.from_task_arg({})
     message = str(info.value)
-    for field in ["delivery_id", "destination", "kind", "event", "max_attempts", "created_at"]:
+    for field in ["delivery_id", "destination", "kind", "max_attempts", "created_at"]:
         assert f"{field}: Field required" in message
 
 

@@ -42,8 +42,15 @@ class DestinationAdapter(ABC):
         self.destination = destination
 
     @abstractmethod
-    def build_request(self, envelope: DeliveryEnvelope) -> OutgoingRequest | Skipped:
-        """The exact request for this delivery, or Skipped when there is nothing to send."""
+    def build_request(
+        self, envelope: DeliveryEnvelope
+    ) -> OutgoingRequest | Skipped | PermanentFailure:
+        """The exact request, Skipped when there is nothing to send, or PermanentFailure when
+        it must never be sent (it is dead-lettered with the reason)."""
+
+    def rate_limit_key(self, envelope: DeliveryEnvelope) -> str:
+        """Which shared limiter this delivery counts against (the destination, by default)."""
+        return self.destination.name
 
     def classify(self, response: requests.Response, body_excerpt: str) -> Outcome:
         """2xx delivered; 408/425/429/5xx retry; other 4xx permanent (401/403 also alarm)."""

@@ -18,7 +18,7 @@ class TemplatedAdapter(DestinationAdapter):
 
     def build_request(self, envelope: DeliveryEnvelope) -> OutgoingRequest:
         dest = self.destination
-        event, secrets = envelope.event, dest.secret_values()
+        event, secrets = envelope.require_event(), dest.secret_values()
         context = DeliveryContext(envelope.delivery_id, envelope.attempt)
         url = dest.url_template.render(event, context, secrets, url_encode=True)
         display_url = dest.url_template.render(

@@ -114,7 +114,7 @@ class XMactAdapter(DestinationAdapter):
         return OutgoingRequest(method, signed_url, url, dict(headers), None)
 
     def build_request(self, envelope: DeliveryEnvelope) -> OutgoingRequest | Skipped:
-        params = self.params(envelope.event)
+        params = self.params(envelope.require_event())
         if isinstance(params, Skipped):
             return params
         request = self._signed("POST", "conversion_event", params)

@@ -1,0 +1,300 @@
+"""The reconciler: read AppMetrica's postbacks export, find postbacks that never got through,
+and redeliver each of them once, ever, through the normal pipeline (kind `redeliver`).
+
+The export has one row per attempt, so a postback that failed and later succeeded has both
+rows: rows are grouped by postback identity and only groups with no `sent` row are redelivered.
+Rows are streamed (ijson), so an export of any size is read in constant memory per postback.
+Each run covers from the last checkpoint minus an overlap to now minus a settle delay; a
+claim key per postback (kept longer than the look-back) makes every redelivery happen once,
+however runs overlap and however many reconcilers run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import ijson
+import redis
+import requests
+import structlog
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from redis.exceptions import LockError
+
+from config.destinations import Destinations, ReconcileSource
+from config.keys import RedisKeys, queue_for
+from producers.produce import Enqueue, EnqueueOnce
+from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
+from schemas.errors import describe_validation_error
+from workers.adapters.base import retry_after_seconds
+from workers.wire import TaskMessageEncoder
+
+log = structlog.get_logger("postback_relay.reconciler")
+
+EXPORT_FIELDS = (
+    "application_id", "postback_url", "conversion_timestamp", "event_name", "cost_model",
+    "notifying_status", "attempt_timestamp", "response_code", "google_aid", "ios_ifa",
+    "appmetrica_device_id", "click_id",
+)  # fmt: skip
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _blank_to_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class ExportRow(BaseModel):
+    """One attempt row. The docs say integers; the official example sends strings: both parse."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True, str_strip_whitespace=True)
+
+    application_id: str = ""
+    postback_url: str = Field(min_length=1)
+    conversion_timestamp: int = Field(ge=0)
+    event_name: str = ""
+    cost_model: str = ""
+    notifying_status: Literal["sent", "failed"]
+    attempt_timestamp: Annotated[int | None, BeforeValidator(_blank_to_none)] = None
+    response_code: Annotated[int | None, BeforeValidator(_blank_to_none)] = None
+    google_aid: str = ""
+    ios_ifa: str = ""
+    appmetrica_device_id: str = ""
+    click_id: str = ""
+
+    @property
+    def identity(self) -> str:
+        """One postback: its URL, conversion time, device (or click) and cost model."""
+        who = self.google_aid or self.ios_ifa or self.appmetrica_device_id or self.click_id
+        raw = "\n".join([self.postback_url, str(self.conversion_timestamp), who, self.cost_model])
+        return hashlib.sha256(raw.encode()).hexdigest()[:40]
+
+
+@dataclass
+class RunReport:
+    source: str
+    since: datetime
+    until: datetime
+    state: str = "done"  # done | pending | rate_limited | unauthorized | failed | locked
+    detail: str = ""
+    rows_read: int = 0
+    unparseable: int = 0
+    unparseable_examples: list[str] = field(default_factory=list)
+    postbacks: int = 0
+    already_sent: int = 0
+    to_redeliver: int = 0
+    redelivered: int = 0
+    skipped_already_redelivered: int = 0
+    retry_after: float | None = None
+    delivery_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Postback:
+    sent: bool
+    row: ExportRow
+
+
+class AppMetricaExport:
+    """GET /logs/v1/export/postbacks.json: 200 rows, 202 'Wait for result', 429, 401/403."""
+
+    def __init__(self, session: requests.Session, source: ReconcileSource) -> None:
+        self.session = session
+        self.source = source
+
+    def open(self, since: datetime, until: datetime) -> requests.Response:
+        params = {
+            "application_id": self.source.application_id,
+            "date_since": since.strftime(TIME_FORMAT),
+            "date_until": until.strftime(TIME_FORMAT),
+            "fields": ",".join(EXPORT_FIELDS),
+            "date_dimension": self.source.date_dimension,
+        }
+        return self.session.get(
+            f"{self.source.base_url}/logs/v1/export/postbacks.json",
+            params=params,
+            headers={
+                "Authorization": f"OAuth {self.source.token_value()}",
+                "Accept-Encoding": "gzip",
+            },
+            timeout=(self.source.timeout.connect, self.source.timeout.read),
+            stream=True,
+        )
+
+    @staticmethod
+    def rows(response: requests.Response) -> Iterator[Any]:
+        response.raw.decode_content = True  # gzip is undone as the bytes stream in
+        yield from ijson.items(response.raw, "data.item")
+
+
+class Reconciler:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        session: requests.Session,
+        *,
+        destinations: Destinations,
+        encoder: TaskMessageEncoder,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.keys = keys
+        self.session = session
+        self.destinations = destinations
+        self.encoder = encoder
+        self.clock = clock
+        self._enqueue_once = EnqueueOnce(client)
+
+    def window(self, source: ReconcileSource) -> tuple[datetime, datetime]:
+        """From the checkpoint minus the overlap (or the first look-back) to now minus settle.
+
+        A window whose export is still being prepared is reused, so every poll repeats the
+        identical request AppMetrica is preparing."""
+        pending = self.redis.get(self.keys.reconcile_pending(source.name))
+        if pending:
+            data = json.loads(pending)
+            return _utc(data["since"]), _utc(data["until"])
+        now = self.clock()
+        checkpoint = self.redis.get(self.keys.reconcile_checkpoint(source.name))
+        start = (
+            float(checkpoint) - source.overlap_seconds
+            if checkpoint
+            else now - source.first_look_back_seconds
+        )
+        until = int(now - source.settle_seconds)
+        return _utc(int(start)), _utc(until)
+
+    def run(
+        self,
+        source: ReconcileSource,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        dry_run: bool = False,
+        wait_for_lock: float = 0.0,
+    ) -> RunReport:
+        explicit = since is not None or until is not None
+        default_since, default_until = self.window(source)
+        since, until = since or default_since, until or default_until
+        report = RunReport(source.name, since, until)
+        lock = self.redis.lock(self.keys.lock(f"reconcile:{source.name}"), timeout=3600)
+        if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
+            report.state, report.detail = "locked", "another reconcile run holds the lock"
+            return report
+        try:
+            self._run(source, report, dry_run=dry_run, explicit=explicit)
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                log.warning("reconcile.lock_lost", source=source.name)
+        return report
+
+    def _run(self, source: ReconcileSource, report: RunReport, *, dry_run: bool,
+             explicit: bool) -> None:  # fmt: skip
+        pending_key = self.keys.reconcile_pending(source.name)
+        try:
+            response = AppMetricaExport(self.session, source).open(report.since, report.until)
+        except requests.RequestException as exc:
+            report.state, report.detail = "failed", f"export request failed: {type(exc).__name__}"
+            return
+        with response:
+            status = response.status_code
+            if status == 202:
+                report.state, report.detail = "pending", "export is being prepared"
+                if not explicit:
+                    window = {"since": report.since.timestamp(), "until": report.until.timestamp()}
+                    self.redis.set(pending_key, json.dumps(window), ex=24 * 3600)
+                return
+            if status == 429:
+                report.state = "rate_limited"
+                report.detail = "AppMetrica has 3 exports queued for this application"
+                report.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                return
+            if status in {401, 403}:
+                report.state, report.detail = "unauthorized", f"HTTP {status}: check the token"
+                self.redis.delete(pending_key)
+                log.error("reconcile.unauthorized", alarm=True, source=source.name, status=status)
+                return
+            if status != 200:
+                report.state, report.detail = "failed", f"HTTP {status}"
+                return
+            groups = self._group(AppMetricaExport.rows(response), report)
+        self._redeliver(source, groups, report, dry_run=dry_run)
+        if not dry_run:
+            self.redis.delete(pending_key)
+            if not explicit:
+                self.redis.set(
+                    self.keys.reconcile_checkpoint(source.name), report.until.timestamp()
+                )
+
+    def _group(self, rows: Iterator[Any], report: RunReport) -> dict[str, _Postback]:
+        groups: dict[str, _Postback] = {}
+        for raw in rows:
+            report.rows_read += 1
+            try:
+                row = ExportRow.model_validate(raw)
+            except ValidationError as exc:
+                report.unparseable += 1
+                if len(report.unparseable_examples) < 5:
+                    detail = describe_validation_error(exc)
+                    report.unparseable_examples.append(f"row {report.rows_read}: {detail}")
+                continue
+            seen = groups.get(row.identity)
+            if seen is None:
+                groups[row.identity] = _Postback(row.notifying_status == "sent", row)
+            elif row.notifying_status == "sent":
+                seen.sent = True
+        report.postbacks = len(groups)
+        report.already_sent = sum(1 for g in groups.values() if g.sent)
+        report.to_redeliver = report.postbacks - report.already_sent
+        return groups
+
+    def _redeliver(self, source: ReconcileSource, groups: dict[str, _Postback],
+                   report: RunReport, *, dry_run: bool) -> None:  # fmt: skip
+        dest = self.destinations.get(source.redeliver_to)
+        failed = [(identity, g.row) for identity, g in groups.items() if not g.sent]
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        for start in range(0, len(failed), 500):
+            chunk = failed[start : start + 500]
+            claims = [self.keys.reconciled(source.name, identity) for identity, _ in chunk]
+            if dry_run:
+                taken = self.redis.exists(*claims) if claims else 0
+                report.skipped_already_redelivered += int(taken)
+                report.redelivered += len(chunk) - int(taken)
+                continue
+            items = []
+            for (identity, row), claim in zip(chunk, claims, strict=True):
+                envelope = DeliveryEnvelope(
+                    delivery_id=delivery_id_for(f"reconcile:{source.name}:{identity}", dest.name),
+                    destination=dest.name,
+                    kind=dest.kind,
+                    redelivery=Redelivery(
+                        postback_url=row.postback_url,
+                        application_id=row.application_id or source.application_id,
+                        event_name=row.event_name,
+                        conversion_time=_utc(row.conversion_timestamp),
+                        source=source.name,
+                    ),
+                    max_attempts=1 + dest.retry.max_attempts,
+                    created_at=now,
+                    not_after=now + timedelta(seconds=dest.retry.max_age_seconds),
+                )
+                wire = self.encoder.encode_envelope(envelope, task_id=envelope.delivery_id)
+                items.append(Enqueue(claim, queue_for(dest.kind), False, now.timestamp(), wire))
+            flags = self._enqueue_once(items, source.retention_days * 86_400)
+            for item, new in zip(items, flags, strict=True):
+                if new:
+                    report.redelivered += 1
+                    report.delivery_ids.append(json.loads(item.wire)["headers"]["id"])
+                else:
+                    report.skipped_already_redelivered += 1
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
