@@ -455,6 +455,119 @@ def reconcile(
         raise click.ClickException(f"{report.state}: {report.detail}")
 
 
+HEALTH_CHECKS = ("redis", "consumers", "dead-letters", "paused")
+
+
+def _kinds_in_use(ctx: CliContext) -> list[str]:
+    kinds = {d.kind for d in ctx.destinations}
+    if ctx.destinations.reconcile:
+        kinds.add("redeliver")
+    return sorted(kinds)
+
+
+def _health_problems(ctx: CliContext, checks: set[str], kinds: list[str]) -> list[str]:
+    import redis as redis_lib
+
+    from config.keys import queue_for
+
+    try:
+        ctx.redis.ping()
+    except redis_lib.RedisError as exc:
+        return [f"redis: unreachable at {ctx.settings.redis_url.split('@')[-1]} ({exc})"]
+    problems = []
+    if "consumers" in checks:
+        app = ctx.start_app()
+        replies = app.control.inspect(timeout=2.0).active_queues() or {}
+        consumed = {q["name"] for queues in replies.values() for q in queues}
+        problems += [
+            f"consumers: no worker consumes {queue_for(kind)}"
+            for kind in kinds
+            if queue_for(kind) not in consumed
+        ]
+    if "dead-letters" in checks:
+        count = _store(ctx).count()
+        if count > ctx.settings.health_max_dead_letters:
+            problems.append(
+                f"dead-letters: {count} entries, more than "
+                f"POSTBACK_RELAY_HEALTH_MAX_DEAD_LETTERS={ctx.settings.health_max_dead_letters}"
+            )
+    if "paused" in checks:
+        pauses = PauseRegistry(ctx.redis, ctx.keys)
+        for dest in ctx.destinations:
+            until = pauses.paused_until(dest.name)
+            if until is not None:
+                problems.append(f"paused: {dest.name} for {until - time.time():.0f}s more")
+    return problems
+
+
+@click.command()
+@click.option(
+    "--check", "checks", multiple=True, type=click.Choice(HEALTH_CHECKS),
+    help="Run only these checks (repeatable; default: all).",
+)  # fmt: skip
+@click.option(
+    "--queue", "queues", multiple=True,
+    help="Destination kinds whose queues need a consumer (default: kinds in use).",
+)  # fmt: skip
+def health(checks: tuple[str, ...], queues: tuple[str, ...]) -> None:
+    """Exit 1, saying why, when Redis is unreachable, a queue has no consumer, the dead-letter
+    store is over its threshold or a destination is paused. A docker-compose healthcheck."""
+    ctx = context()
+    problems = _health_problems(
+        ctx, set(checks or HEALTH_CHECKS), list(queues) or _kinds_in_use(ctx)
+    )
+    for problem in problems:
+        click.echo(f"FAIL {problem}")
+    if problems:
+        sys.exit(1)
+    click.echo("ok")
+
+
+@click.command()
+def status() -> None:
+    """One screen for on-call: per destination its queue, delay set, in-flight messages,
+    the last hour's delivered/failed attempts, dead letters and pauses."""
+    from collections import Counter
+    from datetime import UTC, datetime, timedelta
+
+    from config.keys import queue_for
+
+    ctx = context()
+    log = AttemptLog(ctx.redis, ctx.keys, ctx.settings.attempt_log_max_records)
+    hour: Counter[tuple[str, str]] = Counter()
+    for record in log.iter_records(datetime.now(UTC) - timedelta(hours=1)):
+        hour[(record.get("destination", "?"), record.get("notifying_status", "?"))] += 1
+    dead = _store(ctx).counts_by_destination()
+    pauses = PauseRegistry(ctx.redis, ctx.keys)
+    in_flight = Counter(_unacked_queues(ctx))
+    table = Table(title=f"postback-relay status at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+    for column in ("destination", "kind", "queued", "delayed", "in flight", "sent 1h",
+                   "failed 1h", "dead letters", "paused"):  # fmt: skip
+        table.add_column(column, justify="left" if column in {"destination", "kind"} else "right")
+    for dest in ctx.destinations:
+        queue = queue_for(dest.kind)
+        until = pauses.paused_until(dest.name)
+        table.add_row(
+            dest.name, dest.kind, str(ctx.redis.llen(queue)),
+            str(ctx.redis.zcard(ctx.keys.delayed(queue))), str(in_flight[queue]),
+            str(hour[(dest.name, "sent")]), str(hour[(dest.name, "failed")]),
+            str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",
+        )  # fmt: skip
+    console.print(table)
+    console.print("queued/delayed/in flight are per kind queue, shared by its destinations")
+
+
+def _unacked_queues(ctx: CliContext) -> list[str]:
+    """The queue of each message a worker holds unacknowledged (kombu's `unacked` hash)."""
+    queues = []
+    for raw in ctx.redis.hvals("unacked"):
+        try:
+            queues.append(json.loads(raw)[2])  # [message, exchange, routing_key]
+        except (ValueError, IndexError, TypeError):
+            continue
+    return queues
+
+
 def register(main: click.Group) -> None:
-    for command in (dlq, attempts, destinations, metrics, x_check, xmp, reconcile):
+    for command in (dlq, attempts, destinations, metrics, x_check, xmp, reconcile, health, status):
         main.add_command(command)

@@ -101,3 +101,12 @@ def test_dockerfile_installs_every_package() -> None:
     for package in ("workers", "producers", "schemas", "config"):
         assert f"COPY {package} ./{package}" in text
     assert "pip install --no-cache-dir ." in text
+
+
+def test_each_worker_has_a_healthcheck_for_its_own_queue(compose: dict[str, Any]) -> None:
+    for kind in ALL_KINDS:
+        service = compose["services"][f"worker-{kind.replace('_', '-')}"]
+        test = service["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "postback-relay", "health"]
+        assert test[test.index("--queue") + 1] == kind
+        assert "consumers" in test and "redis" in test
