@@ -37,7 +37,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(  # noqa: S603 - our own CLI
+        return subprocess.Popen(
             [sys.executable, "-m", "workers.cli", *args],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -100,14 +100,14 @@ def main() -> int:
         queues = [q["name"] for q in workers[hostname]["active_queues"]]
         print(f"Flower API lists {hostname} consuming {queues}")
         url = f"http://{user}:{password}@127.0.0.1:{port}/workers"
-        subprocess.run(  # noqa: S603
+        subprocess.run(
             [args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'chrome'}",
              "--window-size=1280,800", f"--screenshot={args.screenshot.resolve()}", url],
             capture_output=True, timeout=90, check=False,
         )  # fmt: skip
         dom = ""
         for _ in range(3):  # the page fills its table from Flower's API after loading
-            dom = subprocess.run(  # noqa: S603
+            dom = subprocess.run(
                 [args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'chrome'}",
                  "--dump-dom", url],
                 capture_output=True, text=True, timeout=90, check=False,

@@ -109,4 +109,5 @@ def test_each_worker_has_a_healthcheck_for_its_own_queue(compose: dict[str, Any]
         test = service["healthcheck"]["test"]
         assert test[:3] == ["CMD", "postback-relay", "health"]
         assert test[test.index("--queue") + 1] == kind
-        assert "consumers" in test and "redis" in test
+        assert "consumers" in test
+        assert "redis" in test
