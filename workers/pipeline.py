@@ -223,6 +223,7 @@ class DeliveryPipeline:
                     total=timeout.connect + timeout.read,
                 ),
                 stream=True,
+                allow_redirects=request.follow_redirects,
             ) as response:
                 excerpt = response.raw.read(RESPONSE_READ_BYTES, decode_content=True)
                 text = mask_secrets(

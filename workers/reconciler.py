@@ -23,6 +23,7 @@ import ijson
 import redis
 import requests
 import structlog
+import urllib3
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from redis.exceptions import LockError
 
@@ -207,6 +208,8 @@ class Reconciler:
             status = response.status_code
             if status == 202:
                 report.state, report.detail = "pending", "export is being prepared"
+                # Kept for dry runs too: every poll must repeat the identical request, and a
+                # later real run reusing this window leaves no gap (it starts at the checkpoint).
                 if not explicit:
                     window = {"since": report.since.timestamp(), "until": report.until.timestamp()}
                     self.redis.set(pending_key, json.dumps(window), ex=24 * 3600)
@@ -224,7 +227,19 @@ class Reconciler:
             if status != 200:
                 report.state, report.detail = "failed", f"HTTP {status}"
                 return
-            groups = self._group(AppMetricaExport.rows(response), report)
+            try:
+                groups = self._group(AppMetricaExport.rows(response), report)
+            except (ijson.JSONError, requests.RequestException, urllib3.exceptions.HTTPError,
+                    OSError) as exc:  # fmt: skip
+                # A broken or cut-off export: nothing is enqueued, the checkpoint stays, and
+                # the next run asks for a fresh export instead of this one.
+                report.state = "failed"
+                report.detail = (
+                    f"export unreadable after {report.rows_read} row(s): {type(exc).__name__}"
+                )
+                self.redis.delete(pending_key)
+                log.warning("reconcile.export_unreadable", source=source.name, detail=report.detail)
+                return
         self._redeliver(source, groups, report, dry_run=dry_run)
         if not dry_run:
             self.redis.delete(pending_key)

@@ -31,6 +31,7 @@ class OutgoingRequest:
     display_url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
+    follow_redirects: bool = True
 
 
 class DestinationAdapter(ABC):

@@ -62,4 +62,5 @@ class RedeliverAdapter(DestinationAdapter):
         if why is not None:
             return PermanentFailure(why)
         headers = {"X-Idempotency-Key": envelope.delivery_id}
-        return OutgoingRequest("GET", url, url, headers, None)
+        # A redirect's target was never checked: it is not followed (an answer of 3xx fails).
+        return OutgoingRequest("GET", url, url, headers, None, follow_redirects=False)

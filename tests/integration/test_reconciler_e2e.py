@@ -1,0 +1,367 @@
+"""Reconciler end to end: an in-process SandboxAppMetrica -> `postback-relay reconcile` (a real
+CLI process) or the periodic reconcile task -> Redis -> a real worker on the redeliver queue ->
+a real local PostbackReceiver, asserted exactly: one GET per never-sent postback with the exact
+exported URL, none for a postback that was sent later, nothing twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from config.destinations import load_destinations
+from config.keys import RedisKeys, queue_for
+from config.settings import Settings
+from schemas.envelope import delivery_id_for
+from tests.conftest import ROOT, WorkerProcess
+from workers.attempts import AttemptLog
+from workers.deadletter import DeadLetterStore
+from workers.reconciler import TIME_FORMAT, ExportRow
+from workers.sandbox.appmetrica_server import SandboxAppMetrica
+from workers.sandbox.receiver import PostbackReceiver
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "appmetrica-e2e-token-81d2f4c6a9"
+KEYS = RedisKeys("pr")
+QUEUE = queue_for("redeliver")
+CLI = Path(sys.executable).parent / "postback-relay"
+DEVICE = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
+
+
+def destinations_toml(sandbox_url: str, allow_private: bool = True, extra: str = "") -> str:
+    return f"""
+[[destination]]
+name = "redeliver"
+kind = "redeliver"
+allow_private = {"true" if allow_private else "false"}
+retry = {{ max_attempts = 2, schedule = [0.3, 0.3], jitter = 0 }}
+{extra}
+
+[[reconcile]]
+name = "main"
+application_id = "1111"
+token = {{ env = "APPMETRICA_TOKEN" }}
+redeliver_to = "redeliver"
+base_url = "{sandbox_url}"
+settle_seconds = 0
+poll_seconds = 1
+"""
+
+
+def row(postback_url: str, status: str, ts: int, device: str = DEVICE) -> dict[str, Any]:
+    """One attempt row as in AppMetrica's official example: every value a string."""
+    return {
+        "application_id": "1111",
+        "click_id": "f2ae4254de8844dda58b29cac2cf0e87",
+        "google_aid": "",
+        "ios_ifa": device,
+        "appmetrica_device_id": "123456789012345678",
+        "conversion_datetime": datetime.fromtimestamp(ts, UTC).strftime(TIME_FORMAT),
+        "conversion_timestamp": str(ts),
+        "event_name": "New person",
+        "attempt_timestamp": str(ts + 5),
+        "cost_model": "cpi",
+        "notifying_status": status,
+        "postback_url": postback_url,
+        "postback_url_parameters": postback_url.partition("?")[2],
+        "response_body": "SUCCESS" if status == "sent" else "",
+        "response_code": "200" if status == "sent" else "",
+    }
+
+
+def run_cli(redis_url: str, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "POSTBACK_RELAY_REDIS_URL": redis_url,
+        "POSTBACK_RELAY_DESTINATIONS_FILE": str(path),
+        "POSTBACK_RELAY_LOG_FORMAT": "json",
+        "APPMETRICA_TOKEN": TOKEN,
+        "COLUMNS": "120",
+    }
+    return subprocess.run(
+        [str(CLI), *args],
+        check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+
+
+def table(stdout: str) -> dict[str, int]:
+    """The CLI's rich table as {label: count}."""
+    counts = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃|]", line)]
+        cells = [c for c in cells if c]
+        if len(cells) == 2 and cells[1].isdigit():
+            counts[cells[0]] = int(cells[1])
+    return counts
+
+
+def expected_delivery_id(exported: dict[str, Any]) -> str:
+    identity = ExportRow.model_validate(exported).identity
+    return delivery_id_for(f"reconcile:main:{identity}", "redeliver")
+
+
+def settle(check: Callable[[], bool], timeout: float, what: str, worker: WorkerProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{worker.log()[-4000:]}")
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxAppMetrica]:
+    with SandboxAppMetrica(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def scenario(
+    sandbox: SandboxAppMetrica, receiver: PostbackReceiver
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows in the sandbox; returns (the never-sent postbacks' first rows, sent-later URLs)."""
+    now = int(time.time())
+    base = receiver.url
+    never = [
+        row(
+            f"{base}/pb/adcolony?transaction_id=t1&event=New%20person&ifa={DEVICE}",
+            "failed",
+            now - 1200,
+        ),
+        row(
+            f"{base}/pb/adcolony?transaction_id=t2&event=New%20person&ifa={DEVICE}",
+            "failed",
+            now - 1500,
+        ),
+        row(f"{base}/pb/unity?click=c%2F3&sum=4.99&cur=EUR", "failed", now - 900),
+        row(f"{base}/pb/mintegral?cid=abc&ts={now - 600}", "failed", now - 600),
+    ]
+    late = [
+        f"{base}/pb/late-a?transaction_id=l1",
+        f"{base}/pb/late-b?transaction_id=l2",
+    ]
+    rows = [*never, never[0]]  # t1 failed twice, never sent
+    for url in late:
+        rows += [row(url, "failed", now - 1000), row(url, "sent", now - 1000)]
+    rows.append(row(f"{base}/pb/ok?transaction_id=ok", "sent", now - 700))
+    sandbox.rows = rows
+    return never, late
+
+
+def test_cli_dry_run_then_reconcile_redelivers_each_never_sent_postback_once(
+    sandbox: SandboxAppMetrica,
+    receiver: PostbackReceiver,
+    scenario: tuple[list[dict[str, Any]], list[str]],
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    never, late = scenario
+    sandbox.polls_before_ready = 1  # the CLI polls once
+    path = write_destinations(destinations_toml(sandbox.url))
+    worker = start_worker(
+        path, "--queues", "redeliver", "--concurrency", "4", env={"APPMETRICA_TOKEN": TOKEN}
+    )
+
+    dry = run_cli(redis_url, path, "reconcile", "--source", "main", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "(dry run)" in dry.stdout
+    assert table(dry.stdout) == {
+        "rows read": 10,
+        "unparseable rows": 0,
+        "postbacks": 7,
+        "already sent": 3,
+        "to redeliver": 4,
+        "would redeliver": 4,
+        "skipped: already redelivered": 0,
+    }, dry.stdout
+    # it polled: a 202, then the same query again
+    assert len(sandbox.requests) == 2
+    assert sandbox.requests[0] == sandbox.requests[1]
+    time.sleep(1.5)
+    assert receiver.received() == []
+    assert redis_client.llen(QUEUE) == 0
+    assert list(redis_client.scan_iter(match="pr:reconcile:main:done:*")) == []
+
+    real = run_cli(redis_url, path, "reconcile", "--source", "main")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert "(dry run)" not in real.stdout
+    counts = table(real.stdout)
+    assert counts["rows read"] == 10
+    assert counts["to redeliver"] == 4
+    assert counts["redelivered"] == 4, real.stdout
+    assert counts["skipped: already redelivered"] == 0
+
+    got = receiver.wait_for(4, timeout=30)
+    time.sleep(1.5)  # nothing more may arrive
+    got = receiver.received()
+    assert len(got) == 4, worker.log()[-4000:]
+    assert all(r.method == "GET" for r in got)
+    by_url = {f"{receiver.url}{r.raw_target}": r for r in got}
+    assert set(by_url) == {r["postback_url"] for r in never}  # exactly the exported URLs
+    for exported in never:
+        request = by_url[exported["postback_url"]]
+        assert request.headers["X-Idempotency-Key"] == expected_delivery_id(exported)
+    assert not set(late) & set(by_url)  # failed, then sent: never redelivered
+    assert not any(r.path.startswith("/pb/late") or r.path == "/pb/ok" for r in got)
+    assert {r.status for r in got} == {200}
+    assert DeadLetterStore(redis_client, KEYS).count() == 0
+    records = list(AttemptLog(redis_client, KEYS, 1000).iter_records())
+    assert len(records) == 4
+    assert {r["notifying_status"] for r in records} == {"sent"}
+    assert {r["destination"] for r in records} == {"redeliver"}
+
+    again = run_cli(redis_url, path, "reconcile", "--source", "main")
+    assert again.returncode == 0, again.stdout + again.stderr
+    counts = table(again.stdout)
+    assert counts["to redeliver"] == 4  # still failed in the export (the overlap re-reads them)
+    assert counts["redelivered"] == 0
+    assert counts["skipped: already redelivered"] == 4
+    time.sleep(1.5)
+    assert len(receiver.received()) == 4
+    assert TOKEN not in dry.stdout + dry.stderr + real.stdout + real.stderr + worker.log()
+
+
+def test_loopback_postback_is_refused_and_dead_lettered_without_allow_private(
+    sandbox: SandboxAppMetrica,
+    receiver: PostbackReceiver,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    now = int(time.time())
+    url = f"{receiver.url}/pb/internal?transaction_id=x1"
+    sandbox.rows = [row(url, "failed", now - 600)]
+    path = tmp_path / "strict-destinations.toml"
+    path.write_text(destinations_toml(sandbox.url, allow_private=False))
+    worker = start_worker(
+        path, "--queues", "redeliver", "--concurrency", "4", env={"APPMETRICA_TOKEN": TOKEN}
+    )
+
+    result = run_cli(redis_url, path, "reconcile", "--source", "main")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table(result.stdout)["redelivered"] == 1
+
+    store = DeadLetterStore(redis_client, KEYS)
+    delivery_id = expected_delivery_id(sandbox.rows[0])
+    settle(lambda: store.get(delivery_id) is not None, 20, "the dead letter", worker)
+    entry = store.get(delivery_id)
+    assert entry is not None
+    assert entry.destination == "redeliver"
+    assert "non-public address" in entry.reason
+    assert "127.0.0.1" in entry.reason
+    assert entry.envelope is not None
+    assert entry.envelope.redelivery is not None
+    assert entry.envelope.redelivery.postback_url == url
+    assert store.count() == 1
+    time.sleep(1.0)
+    assert receiver.received() == []
+    assert list(AttemptLog(redis_client, KEYS, 1000).iter_records()) == []
+
+
+def test_a_redirect_to_a_refused_host_is_not_followed(
+    sandbox: SandboxAppMetrica,
+    receiver: PostbackReceiver,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    from workers.sandbox.receiver import Answer, ReceivedRequest
+
+    port = receiver.url.rsplit(":", 1)[1]
+    inside = f"http://127.0.0.1:{port}/internal/metadata"
+
+    def answer(req: ReceivedRequest, seen: int) -> Answer:
+        if req.path == "/pb/redirecting":
+            return Answer(302, "", headers={"Location": inside})
+        return Answer(200)
+
+    receiver.responder = answer
+    now = int(time.time())
+    sandbox.rows = [row(f"http://localhost:{port}/pb/redirecting?t=1", "failed", now - 600)]
+    path = tmp_path / "allowlist-destinations.toml"
+    path.write_text(destinations_toml(sandbox.url, extra='host_allowlist = ["localhost"]'))
+    worker = start_worker(
+        path, "--queues", "redeliver", "--concurrency", "4", env={"APPMETRICA_TOKEN": TOKEN}
+    )
+    result = run_cli(redis_url, path, "reconcile", "--source", "main")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert table(result.stdout)["redelivered"] == 1
+
+    receiver.wait_for(1, timeout=20)
+    log = AttemptLog(redis_client, KEYS, 1000)
+    settle(lambda: len(list(log.iter_records())) >= 1, 20, "the attempt record", worker)
+    time.sleep(1.5)
+    paths = [r.path for r in receiver.received()]
+    assert paths == ["/pb/redirecting"], paths  # 127.0.0.1 is not in the allow-list
+
+
+def test_periodic_reconcile_task_polls_by_itself_and_redelivers(
+    sandbox: SandboxAppMetrica,
+    receiver: PostbackReceiver,
+    scenario: tuple[list[dict[str, Any]], list[str]],
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    from workers.app import RECONCILE_TASK, create_app
+
+    never, _late = scenario
+    sandbox.polls_before_ready = 2
+    path = write_destinations(destinations_toml(sandbox.url))
+    worker = start_worker(
+        path, "--queues", "redeliver", "--concurrency", "4", env={"APPMETRICA_TOKEN": TOKEN}
+    )
+    settings = Settings(redis_url=redis_url, destinations_file=path)
+    app = create_app(settings, load_destinations(path, {"APPMETRICA_TOKEN": TOKEN}))
+    assert app.conf.beat_schedule["reconcile-main"]["task"] == RECONCILE_TASK
+    assert app.conf.beat_schedule["reconcile-main"]["args"] == ("main",)
+    try:
+        app.send_task(RECONCILE_TASK, args=("main",), queue=QUEUE)
+    finally:
+        app.close()
+
+    got = receiver.wait_for(4, timeout=45)
+    assert len(got) == 4, worker.log()[-4000:]
+    time.sleep(1.5)
+    got = receiver.received()
+    assert len(got) == 4
+    assert {f"{receiver.url}{r.raw_target}" for r in got} == {r["postback_url"] for r in never}
+
+    # two 202s and a 200, all for the same window, without anyone polling by hand
+    assert len(sandbox.requests) == 3, worker.log()[-4000:]
+    assert sandbox.requests[0] == sandbox.requests[1] == sandbox.requests[2]
+    settle(
+        lambda: redis_client.get(KEYS.reconcile_checkpoint("main")) is not None,
+        10,
+        "the checkpoint",
+        worker,
+    )
+    checkpoint = float(redis_client.get(KEYS.reconcile_checkpoint("main")) or 0)
+    assert (
+        datetime.fromtimestamp(checkpoint, UTC).strftime(TIME_FORMAT)
+        == sandbox.requests[0]["date_until"]
+    )
+    assert redis_client.get(KEYS.reconcile_pending("main")) is None
+    assert redis_client.zcard(KEYS.delayed(QUEUE)) == 0
+    assert redis_client.llen(QUEUE) == 0
+    assert "done: rows 10, postbacks 7, redelivered 4, skipped 0" in worker.log()
