@@ -26,6 +26,7 @@ from workers.runtime import WorkerRuntime, redis_client
 # Every kind has its queue from the start so workers, Flower and the compose file agree;
 # a kind whose adapter arrives later simply has no destinations yet.
 ALL_KINDS = ("templated", "x_mact", "xmp", "redeliver")
+TRANSPORT = "workers.transport:Transport"
 
 log = structlog.get_logger("postback_relay.app")
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     app.runtime = WorkerRuntime(settings, destinations, app)
     app.conf.update(
         broker_url=settings.redis_url,
+        # rediss:// (TLS) keeps kombu's own transport; see workers/transport.py for ours.
+        broker_transport=None if settings.redis_url.startswith("rediss") else TRANSPORT,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
         broker_transport_options={
@@ -56,6 +59,10 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 30,
+            # Look for messages of dead workers every 10 s (kombu's default is ~100 s), so
+            # they come back soon after the visibility timeout.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
         },
         broker_heartbeat=0,
         task_ignore_result=True,
