@@ -16,12 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from workers.sandbox.base import LocalServer
+
 PATH = "/logs/v1/export/postbacks.json"
 MAX_PENDING = 3
 
 
 @dataclass
-class SandboxAppMetrica:
+class SandboxAppMetrica(LocalServer):
     token: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     polls_before_ready: int = 0
@@ -53,26 +55,6 @@ class SandboxAppMetrica:
                 return
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> SandboxAppMetrica:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> SandboxAppMetrica:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def answer(self, target: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
         split = urlsplit(target)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
+from workers.sandbox.base import LocalServer
+
 
 @dataclass(frozen=True)
 class ReceivedRequest:
@@ -39,7 +41,7 @@ Responder = Callable[[ReceivedRequest, int], Answer]
 """Given a request and how many requests its path has had before it, the answer to give."""
 
 
-class PostbackReceiver:
+class PostbackReceiver(LocalServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[ReceivedRequest] = []
         self.counts: Counter[str] = Counter()
@@ -86,22 +88,6 @@ class PostbackReceiver:
                 return
 
         self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> PostbackReceiver:
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def received(self, path: str | None = None, ok_only: bool = False) -> list[ReceivedRequest]:
         with self._lock:
@@ -121,9 +107,3 @@ class PostbackReceiver:
                 return got
             time.sleep(0.05)
         return self.received(path)
-
-    def __enter__(self) -> PostbackReceiver:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()

@@ -23,6 +23,7 @@ from oauthlib.common import Request
 from oauthlib.oauth1 import RequestValidator, SignatureOnlyEndpoint
 
 from config.destinations import X_CONVERSION_TYPES
+from workers.sandbox.base import LocalServer
 
 _TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 _HASHED_ID = re.compile(r"^[A-Za-z0-9+/]{43}=$")
@@ -109,7 +110,7 @@ def _error(code: str, message: str, parameter: str | None = None) -> dict[str, A
 
 
 @dataclass
-class SandboxX:
+class SandboxX(LocalServer):
     creds: XCredentials
     attribution_share: float = 0.5  # share of hashed ids (deterministically) attributed to X
     rate_limit: int = 60_000
@@ -153,26 +154,6 @@ class SandboxX:
                 return
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> SandboxX:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> SandboxX:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def fail_next(
         self, status: int, count: int = 1, code: str = "INTERNAL_ERROR",

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from config.destinations import XMP_CHANNELS
+from workers.sandbox.base import LocalServer
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _STRINGS = {"channel": 64, "campaign_id": 64, "adset_id": 64, "ad_id": 64, "country": 2,
@@ -30,7 +31,9 @@ _METRICS = ("event_count", "event_value", "event_unique_users", "event_revenue_u
 
 
 @dataclass
-class SandboxXmp:
+class SandboxXmp(LocalServer):
+    url_path = "/s2s/postback/v2"
+
     token: str
     extra_channels: tuple[str, ...] = ()
     delay: float = 0.0
@@ -60,26 +63,6 @@ class SandboxXmp:
                 return
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/s2s/postback/v2"
-
-    def start(self) -> SandboxXmp:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> SandboxXmp:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def answer(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         if self.delay:
