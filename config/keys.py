@@ -94,5 +94,13 @@ class RedisKeys:
         """The window of an export AppMetrica is still preparing (polls repeat it exactly)."""
         return f"{self.prefix}:reconcile:{source}:pending"
 
+    def ledger(self) -> str:
+        """Sorted set: delivery id scored by its progress deadline (workers/ledger.py)."""
+        return f"{self.prefix}:ledger"
+
+    def ledger_messages(self) -> str:
+        """Hash: delivery id -> "queue\\n" + its latest wire message, to publish it again."""
+        return f"{self.prefix}:ledger:messages"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -64,11 +64,19 @@ class Settings(BaseSettings):
     # ... and none older than this.
     attempt_log_max_age_seconds: int = Field(default=30 * 24 * 3600, ge=60)
 
+    # The delivery ledger republishes a delivery that showed no progress (no start, no retry
+    # parked, not finished) for this long; default: twice the visibility timeout.
+    ledger_lease: int | None = Field(default=None, ge=10)
+
     metrics_port: int = Field(default=9464, ge=1, le=65535)
     # `health` fails when the dead-letter store holds more entries than this.
     health_max_dead_letters: int = Field(default=1000, ge=0)
 
     http_user_agent: str = "postback-relay/0.1 (+https://github.com/postback-relay)"
+
+    @property
+    def ledger_lease_seconds(self) -> int:
+        return self.ledger_lease or 2 * self.visibility_timeout
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> Settings:

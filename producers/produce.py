@@ -20,18 +20,23 @@ from schemas.event import ConversionEvent
 from workers.wire import TaskMessageEncoder
 
 # Atomic per delivery: claim the dedupe key, and only if it was free, enqueue the message (on the
-# queue, or in the delay set when the route asks for a delivery delay). A crash can therefore
-# never leave a claimed key without its message, which a later retry would then skip.
+# queue, or in the delay set when the route asks for a delivery delay) and record it in the
+# delivery ledger (workers/ledger.py). A crash can therefore never leave a claimed key without
+# its message, which a later retry would then skip.
 _ENQUEUE_LUA = """
-local ttl = ARGV[1]
+local ttl, lease = ARGV[1], tonumber(ARGV[2])
 local out = {}
-for i = 1, #KEYS / 2 do
-  local a = 2 + (i - 1) * 3
-  if redis.call('SET', KEYS[2 * i - 1], '1', 'NX', 'EX', ttl) then
+for i = 1, (#KEYS - 2) / 2 do
+  local a = 3 + (i - 1) * 5
+  if redis.call('SET', KEYS[2 * i + 1], '1', 'NX', 'EX', ttl) then
     if ARGV[a] == 'z' then
-      redis.call('ZADD', KEYS[2 * i], ARGV[a + 1], ARGV[a + 2])
+      redis.call('ZADD', KEYS[2 * i + 2], ARGV[a + 1], ARGV[a + 2])
     else
-      redis.call('LPUSH', KEYS[2 * i], ARGV[a + 2])
+      redis.call('LPUSH', KEYS[2 * i + 2], ARGV[a + 2])
+    end
+    if ARGV[a + 3] ~= '' then
+      redis.call('ZADD', KEYS[1], tonumber(ARGV[a + 1]) + lease, ARGV[a + 3])
+      redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 4] .. '\\n' .. ARGV[a + 2])
     end
     out[i] = 1
   else
@@ -69,22 +74,27 @@ class Enqueue:
     delayed: bool
     due: float
     wire: str
+    ledger_id: str = ""  # the delivery id, when the delivery ledger should track it
+    queue: str = ""  # the queue the message belongs to (target_key may be its delay set)
 
 
 class EnqueueOnce:
     """Claim-then-enqueue for many messages in one atomic Lua call (one round trip)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: float) -> None:
         self._script = client.register_script(_ENQUEUE_LUA)
+        self.keys = keys
+        self.lease_seconds = lease_seconds
 
     def __call__(self, items: Sequence[Enqueue], ttl_seconds: int) -> list[bool]:
         if not items:
             return []
-        keys: list[str] = []
-        argv: list[Any] = [ttl_seconds]
+        keys: list[str] = [self.keys.ledger(), self.keys.ledger_messages()]
+        argv: list[Any] = [ttl_seconds, self.lease_seconds]
         for item in items:
             keys += [item.claim_key, item.target_key]
-            argv += ["z" if item.delayed else "l", repr(item.due), item.wire]
+            argv += ["z" if item.delayed else "l", repr(item.due), item.wire, item.ledger_id,
+                     item.queue]  # fmt: skip
         return [bool(flag) for flag in self._script(keys=keys, args=argv)]
 
 
@@ -103,7 +113,7 @@ class Producer:
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = EnqueueOnce(client)
+        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
@@ -146,6 +156,8 @@ class Producer:
                     delivery_id=envelope.delivery_id,
                     destination=envelope.destination,
                     claim_key=self.keys.dedupe(envelope.delivery_id),
+                    ledger_id=envelope.delivery_id,
+                    queue=queue,
                     target_key=self.keys.delayed(queue) if delayed else queue,
                     delayed=delayed,
                     due=now.timestamp() + route.delay_seconds,

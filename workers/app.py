@@ -21,6 +21,7 @@ from config.destinations import (
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
 from workers.delay import DelaySet
+from workers.ledger import DeliveryLedger
 from workers.runtime import WorkerRuntime, redis_client
 
 # Every kind has its queue from the start so workers, Flower and the compose file agree;
@@ -174,7 +175,8 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
 
 
 class DelayMover(bootsteps.StartStopStep):
-    """Every worker republishes due items from the delay set; the Lua move makes that safe."""
+    """Every worker republishes due items from the delay set and sweeps the delivery ledger;
+    the Lua moves make both safe to run on many workers at once."""
 
     requires = ("celery.worker.components:Timer",)
 
@@ -185,7 +187,11 @@ class DelayMover(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         app: PostbackRelay = worker.app
-        self.delays = DelaySet(redis_client(app.settings), RedisKeys(app.settings.key_prefix))
+        client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
+        self.delays = DelaySet(client, keys)
+        self.ledger = DeliveryLedger(client, keys, app.settings.ledger_lease_seconds)
+        self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
+        self.last_sweep = 0.0
         self.queues = [queue_for(kind) for kind in ALL_KINDS]
         self.tref = worker.timer.call_repeatedly(app.settings.delay_mover_interval, self.move)
 
@@ -193,6 +199,12 @@ class DelayMover(bootsteps.StartStopStep):
         assert self.delays is not None
         try:
             self.delays.move_due(self.queues)
+            if time.monotonic() - self.last_sweep >= self.sweep_every:
+                self.last_sweep = time.monotonic()
+                republished = self.ledger.sweep()
+                if republished:
+                    log.warning("ledger.republished", deliveries=republished,
+                                reason="no progress within the lease")  # fmt: skip
         except redis.RedisError as exc:
             log.warning("delay_mover.redis_unavailable", error=str(exc))
 

@@ -24,6 +24,7 @@ from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_sec
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
+from workers.ledger import TERMINAL, DeliveryLedger
 from workers.metrics import MetricsRecorder
 from workers.outcomes import Delivered, Outcome, PermanentFailure, Skipped
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
@@ -45,9 +46,12 @@ class PipelineResult:
 class Requeuer:
     """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
 
-    def __init__(self, delays: DelaySet, encoder: TaskMessageEncoder) -> None:
+    def __init__(
+        self, delays: DelaySet, encoder: TaskMessageEncoder, ledger: DeliveryLedger
+    ) -> None:
         self.delays = delays
         self.encoder = encoder
+        self.ledger = ledger
 
     def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
         queue = queue_for(envelope.kind)
@@ -55,10 +59,13 @@ class Requeuer:
             envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
         )
         due = (time.time() if now is None else now) + max(0.0, delay)
-        if delay <= 0:
-            self.delays.redis.lpush(queue, wire)
-        else:
-            self.delays.schedule(queue, wire, due)
+        with self.delays.redis.pipeline(transaction=True) as pipe:
+            if delay <= 0:
+                pipe.lpush(queue, wire)
+            else:
+                pipe.zadd(self.delays.keys.delayed(queue), {wire: due})
+            self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+            pipe.execute()
 
 
 class DeliveryPipeline:
@@ -103,6 +110,7 @@ class DeliveryPipeline:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.incr(started_key)
             pipe.expire(started_key, 7 * 24 * 3600)
+            self.requeuer.ledger.touch(pipe, envelope.delivery_id, self.clock())
             starts = int(pipe.execute()[0])
         if starts > self.max_unfinished_starts:
             # Each earlier start ended with its worker dying (or Redis vanishing) mid-task.
@@ -114,6 +122,8 @@ class DeliveryPipeline:
             result = self._run(envelope)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(started_key)
+            if result.status in TERMINAL:
+                self.requeuer.ledger.settle(pipe, envelope.delivery_id)
             self.metrics.count(pipe, envelope.destination, result.status)
             if result.attempt is not None:
                 self.attempts.record(pipe, *result.attempt)

@@ -141,6 +141,7 @@ class Reconciler:
         *,
         destinations: Destinations,
         encoder: TaskMessageEncoder,
+        ledger_lease_seconds: float = 7200,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
@@ -149,7 +150,7 @@ class Reconciler:
         self.destinations = destinations
         self.encoder = encoder
         self.clock = clock
-        self._enqueue_once = EnqueueOnce(client)
+        self._enqueue_once = EnqueueOnce(client, keys, ledger_lease_seconds)
 
     def window(self, source: ReconcileSource) -> tuple[datetime, datetime]:
         """From the checkpoint minus the overlap (or the first look-back) to now minus settle.
@@ -301,7 +302,10 @@ class Reconciler:
                     not_after=now + timedelta(seconds=dest.retry.max_age_seconds),
                 )
                 wire = self.encoder.encode_envelope(envelope, task_id=envelope.delivery_id)
-                items.append(Enqueue(claim, queue_for(dest.kind), False, now.timestamp(), wire))
+                queue = queue_for(dest.kind)
+                items.append(
+                    Enqueue(claim, queue, False, now.timestamp(), wire, envelope.delivery_id, queue)
+                )
             flags = self._enqueue_once(items, source.retention_days * 86_400)
             for item, new in zip(items, flags, strict=True):
                 if new:

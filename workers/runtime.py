@@ -20,6 +20,7 @@ from workers.adapters.base import mask_secrets
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.delay import DelaySet
+from workers.ledger import DeliveryLedger
 from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
@@ -77,7 +78,11 @@ class WorkerRuntime:
                     session=http_session(self.settings),
                     limiter=GlobalRateLimiter(self.settings.redis_url, self.keys),
                     pauses=PauseRegistry(client, self.keys),
-                    requeuer=Requeuer(DelaySet(client, self.keys), TaskMessageEncoder(self._app)),
+                    requeuer=Requeuer(
+                        DelaySet(client, self.keys),
+                        TaskMessageEncoder(self._app),
+                        DeliveryLedger(client, self.keys, self.settings.ledger_lease_seconds),
+                    ),
                     dead_letters=DeadLetterStore(client, self.keys),
                     attempts=AttemptLog(
                         client,
@@ -120,6 +125,7 @@ class WorkerRuntime:
                     pipeline.session,
                     destinations=self.destinations,
                     encoder=pipeline.requeuer.encoder,
+                    ledger_lease_seconds=self.settings.ledger_lease_seconds,
                 )
             return self._reconciler
 
@@ -143,6 +149,10 @@ class WorkerRuntime:
             raw_message=None if envelope else repr(raw)[:4096],
         )
         self.pipeline.dead_letters.add(entry)
+        if envelope is not None:  # kept in the store now; the ledger must not publish it again
+            with self.pipeline.redis.pipeline() as pipe:
+                self.pipeline.requeuer.ledger.settle(pipe, envelope.delivery_id)
+                pipe.execute()
         return PipelineResult("dead_lettered", reason)
 
     def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:

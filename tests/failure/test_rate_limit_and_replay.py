@@ -28,6 +28,7 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import ROOT, WorkerProcess
+from tests.helpers import run_cli, wait_until
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.embedded_redis import free_port
@@ -68,30 +69,6 @@ def relay_env(redis_url: str, destinations: Path, **extra: str) -> dict[str, str
         "COLUMNS": "200",  # rich tables: no wrapping of ids and reasons
         **extra,
     }
-
-
-def run_cli(
-    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CLI), *args],
-        env=env,
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def keys_of(requests: list[ReceivedRequest]) -> Counter[str]:

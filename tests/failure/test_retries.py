@@ -25,6 +25,7 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
+from tests.helpers import wait_until
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
@@ -70,15 +71,6 @@ def destination(
 
 def key_of(request: ReceivedRequest) -> str:
     return request.headers["X-Idempotency-Key"]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def idle(client: redis.Redis) -> bool:

@@ -5,7 +5,6 @@ exported URL, none for a postback that was sent later, nothing twice."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from config.destinations import load_destinations
 from config.keys import RedisKeys, queue_for
 from config.settings import Settings
 from schemas.envelope import delivery_id_for
-from tests.conftest import ROOT, WorkerProcess
+from tests import helpers
+from tests.conftest import WorkerProcess
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.reconciler import TIME_FORMAT, ExportRow
@@ -80,22 +80,8 @@ def row(postback_url: str, status: str, ts: int, device: str = DEVICE) -> dict[s
 
 
 def run_cli(redis_url: str, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "POSTBACK_RELAY_REDIS_URL": redis_url,
-        "POSTBACK_RELAY_DESTINATIONS_FILE": str(path),
-        "POSTBACK_RELAY_LOG_FORMAT": "json",
-        "APPMETRICA_TOKEN": TOKEN,
-        "COLUMNS": "120",
-    }
-    return subprocess.run(
-        [str(CLI), *args],
-        check=False,
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=80,
+    return helpers.run_cli(
+        helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN), *args, timeout=80
     )
 
 

@@ -6,7 +6,6 @@ no token in any output."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
-from tests.conftest import ROOT, WorkerProcess
+from tests import helpers
+from tests.conftest import WorkerProcess
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.sandbox.xmp_server import SandboxXmp
@@ -79,22 +79,7 @@ def xmp_setup(
 
 
 def run_cli(redis_url: str, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "POSTBACK_RELAY_REDIS_URL": redis_url,
-        "POSTBACK_RELAY_DESTINATIONS_FILE": str(path),
-        "POSTBACK_RELAY_LOG_FORMAT": "json",
-        "XMP_TOKEN": TOKEN,
-    }
-    return subprocess.run(
-        [str(CLI), *args],
-        check=False,
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return helpers.run_cli(helpers.cli_env(redis_url, path, XMP_TOKEN=TOKEN), *args)
 
 
 def counter(client: redis.Redis, outcome: str) -> int:
