@@ -47,6 +47,7 @@ from workers.adapters.x_mact import XMactAdapter, price_micro
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
+from workers.ledger import DeliveryLedger
 from workers.metrics import MetricsRecorder
 from workers.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
 from workers.pipeline import DeliveryPipeline, Requeuer
@@ -597,6 +598,7 @@ def pipeline_for(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
             requeuer=Requeuer(
                 DelaySet(redis_client, KEYS),
                 TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
+                DeliveryLedger(redis_client, KEYS, 600),
             ),
             dead_letters=DeadLetterStore(redis_client, KEYS),
             attempts=AttemptLog(redis_client, KEYS, 1000),

@@ -42,6 +42,7 @@ from schemas.event import ConversionEvent
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
+from workers.ledger import DeliveryLedger
 from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, Requeuer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
@@ -952,6 +953,7 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
         requeuer=Requeuer(
             DelaySet(redis_client, KEYS),
             TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
+            DeliveryLedger(redis_client, KEYS, 600),
         ),
         dead_letters=dead_letters,
         attempts=AttemptLog(redis_client, KEYS, 1000),
