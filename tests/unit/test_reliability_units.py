@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import fakeredis
 import pytest
 import redis
 import requests
@@ -391,8 +392,16 @@ def test_reason_category_groups_particulars(redis_client: redis.Redis) -> None:
 # --- PauseRegistry and GlobalRateLimiter -----------------------------------------------------
 
 
-def test_pause_paused_until_and_resume(redis_client: redis.Redis) -> None:
-    pauses = PauseRegistry(redis_client, KEYS)
+@pytest.fixture(params=["real", "fake"])
+def pause_backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> redis.Redis:
+    """PauseRegistry is plain GET/SET/DEL: the same tests run on real Redis and on fakeredis."""
+    if request.param == "fake":
+        return fakeredis.FakeRedis()
+    return redis_client
+
+
+def test_pause_paused_until_and_resume(pause_backend: redis.Redis) -> None:
+    pauses = PauseRegistry(pause_backend, KEYS)
     assert pauses.paused_until("net") is None
     before = time.time()
     pauses.pause("net", 30, "429 Retry-After")
@@ -400,7 +409,7 @@ def test_pause_paused_until_and_resume(redis_client: redis.Redis) -> None:
     assert until is not None
     assert before + 30 <= until <= time.time() + 30
     assert pauses.paused_until("other") is None
-    ttl = redis_client.pttl(KEYS.paused("net"))
+    ttl = pause_backend.pttl(KEYS.paused("net"))
     assert 25_000 < ttl <= 30_001
 
     assert pauses.resume("net") is True
@@ -408,14 +417,14 @@ def test_pause_paused_until_and_resume(redis_client: redis.Redis) -> None:
     assert pauses.resume("net") is False
 
 
-def test_shorter_pause_never_shortens_a_longer_one(redis_client: redis.Redis) -> None:
-    pauses = PauseRegistry(redis_client, KEYS)
+def test_shorter_pause_never_shortens_a_longer_one(pause_backend: redis.Redis) -> None:
+    pauses = PauseRegistry(pause_backend, KEYS)
     pauses.pause("net", 60, "operator")
     long_until = pauses.paused_until("net")
     assert long_until is not None
     pauses.pause("net", 2, "429 Retry-After: 2")
     assert pauses.paused_until("net") == long_until
-    assert redis_client.pttl(KEYS.paused("net")) > 50_000
+    assert pause_backend.pttl(KEYS.paused("net")) > 50_000
     # A longer pause does extend it.
     pauses.pause("net", 120, "operator")
     extended = pauses.paused_until("net")
@@ -423,8 +432,8 @@ def test_shorter_pause_never_shortens_a_longer_one(redis_client: redis.Redis) ->
     assert extended > long_until + 50
 
 
-def test_pause_expires(redis_client: redis.Redis) -> None:
-    pauses = PauseRegistry(redis_client, KEYS)
+def test_pause_expires(pause_backend: redis.Redis) -> None:
+    pauses = PauseRegistry(pause_backend, KEYS)
     pauses.pause("net", 0.3, "short")
     assert pauses.paused_until("net") is not None
     deadline = time.monotonic() + 5
