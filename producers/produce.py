@@ -181,6 +181,7 @@ class Producer:
         """One result per input, in order; the valid events are enqueued, one round trip a batch."""
         results: list[ProduceResult] = []
         batch: list[tuple[int, str | None, list[_Planned]]] = []
+        pending = 0  # deliveries in the batch: one Lua call carries at most MAX_BATCH
         now = datetime.now(UTC)
 
         def flush() -> None:
@@ -197,9 +198,12 @@ class Producer:
                 results.append(ProduceResult(_raw_event_id(raw), error=str(exc)))
                 continue
             results.append(ProduceResult(parsed.event_id))
-            batch.append((len(results) - 1, parsed.event_id, self._plan(parsed, now)))
-            if sum(len(p) for _, _, p in batch) >= MAX_BATCH:
+            plans = self._plan(parsed, now)
+            batch.append((len(results) - 1, parsed.event_id, plans))
+            pending += len(plans)
+            if pending >= MAX_BATCH:
                 flush()
+                pending = 0
         flush()
         return results
 

@@ -127,11 +127,13 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
         report = app.runtime.xmp_flusher.flush(dest)
         if report.skipped_locked:
             return "skipped: another flush is running"
-        return (
+        summary = (
             f"{report.sent} of {report.records} record(s) sent in {report.requests} request(s); "
             f"{len(report.dead_lettered)} dead-lettered"
             + (f"; {report.failed}" if report.failed else "")
         )
+        log.info("xmp.flush", destination=destination, summary=summary)
+        return summary
 
     @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"))
     def reconcile(source: str) -> str:
@@ -145,11 +147,13 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
                 RECONCILE_TASK, queue, (source,), argsrepr=f"({source!r},)"
             )
             app.runtime.pipeline.requeuer.delays.schedule(queue, wire, time.time() + wait)
-        return (
+        summary = (
             f"{report.state}: rows {report.rows_read}, postbacks {report.postbacks}, "
             f"redelivered {report.redelivered}, skipped {report.skipped_already_redelivered}"
             + (f"; {report.detail}" if report.detail else "")
         )
+        log.info("reconcile.run", source=source, summary=summary)
+        return summary
 
     schedule: dict[str, Any] = {
         f"reconcile-{rec.name}": {

@@ -58,6 +58,12 @@ def worker(
     from workers.app import ALL_KINDS
 
     ctx = context()
+    # Options win over the environment, and the process is built from what will really run
+    # (the HTTP pool is sized to the thread count).
+    overrides = {"worker_pool": pool, "worker_concurrency": concurrency}
+    ctx.settings = ctx.settings.model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
     settings = ctx.settings
     app = ctx.start_app()
     kinds = queues.split(",") if queues else list(ALL_KINDS)
@@ -71,9 +77,9 @@ def worker(
         "--queues",
         ",".join(queue_for(k) for k in kinds),
         "--pool",
-        pool or settings.worker_pool,
+        settings.worker_pool,
         "--concurrency",
-        str(concurrency or settings.worker_concurrency),
+        str(settings.worker_concurrency),
         "--loglevel",
         settings.log_level,
         "--without-mingle",

@@ -97,3 +97,7 @@ def configure_logging(settings: Settings, secrets: Iterable[str] = ()) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    if settings.log_level != "DEBUG":
+        # Celery's "received"/"succeeded" lines repeat our own delivery.* line for every task.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)

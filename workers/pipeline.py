@@ -111,7 +111,9 @@ class DeliveryPipeline:
             pipe.incr(started_key)
             pipe.expire(started_key, 7 * 24 * 3600)
             self.requeuer.ledger.touch(pipe, envelope.delivery_id, self.clock())
-            starts = int(pipe.execute()[0])
+            pipe.get(self.keys.paused(envelope.destination))  # read here: one round trip less
+            starts, *_, paused = pipe.execute()
+            starts = int(starts)
         if starts > self.max_unfinished_starts:
             # Each earlier start ended with its worker dying (or Redis vanishing) mid-task.
             result = self._dead_letter(
@@ -119,7 +121,7 @@ class DeliveryPipeline:
                 f"started {starts - 1} times without finishing: it may be killing its worker",
             )
         else:
-            result = self._run(envelope)
+            result = self._run(envelope, PauseRegistry.parse(paused, self.clock()))
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(started_key)
             if result.status in TERMINAL:
@@ -139,7 +141,7 @@ class DeliveryPipeline:
             pipe.execute()
         return result
 
-    def _run(self, envelope: DeliveryEnvelope) -> PipelineResult:
+    def _run(self, envelope: DeliveryEnvelope, paused_until: float | None) -> PipelineResult:
         dest = self.destinations.by_name.get(envelope.destination)
         if dest is None:
             return self._dead_letter(
@@ -150,17 +152,22 @@ class DeliveryPipeline:
             return self._dead_letter(envelope, "max age exceeded before delivery")
         if isinstance(dest, XmpDestination):
             return self._aggregate(dest, envelope, now)
-        return self._deliver(self._adapters[dest.name], envelope, now)
+        return self._deliver(self._adapters[dest.name], envelope, now, paused_until)
 
     def _deliver(
-        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, now: float
+        self,
+        adapter: DestinationAdapter,
+        envelope: DeliveryEnvelope,
+        now: float,
+        paused_until: float | None,
     ) -> PipelineResult:
         """One HTTP attempt, unless the destination is paused or its rate limit says wait."""
         dest = adapter.destination
-        paused_until = self.pauses.paused_until(dest.name)
         if paused_until is not None:
             self.requeuer.later(envelope, paused_until - now)
-            return PipelineResult("deferred", f"destination paused for {paused_until - now:.1f}s")
+            detail = f"destination paused for {paused_until - now:.1f}s"
+            log.info("delivery.deferred", reason=detail)
+            return PipelineResult("deferred", detail)
 
         try:
             request = adapter.build_request(envelope)

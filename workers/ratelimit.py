@@ -94,11 +94,15 @@ class PauseRegistry:
             self.redis.set(key, value, pxat=int(until * 1000) + 1)
 
     def paused_until(self, destination: str) -> float | None:
-        raw = self.redis.get(self.keys.paused(destination))
+        return self.parse(self.redis.get(self.keys.paused(destination)))
+
+    @staticmethod
+    def parse(raw: bytes | str | None, now: float | None = None) -> float | None:
+        """The end of a pause from its stored value (read in a caller's pipeline), or None."""
         if raw is None:
             return None
         until = float(json.loads(raw)["until"])
-        return until if until > time.time() else None
+        return until if until > (time.time() if now is None else now) else None
 
     def resume(self, destination: str) -> bool:
         return bool(self.redis.delete(self.keys.paused(destination)))

@@ -362,7 +362,12 @@ def test_429_retry_after_pauses_the_destination_across_workers(
         for lines in lines_per_worker
     ]
     deferred_per_worker = [
-        sum(1 for line in lines if "deferred: destination paused" in str(line.get("event")))
+        sum(
+            1
+            for line in lines
+            if line.get("event") == "delivery.deferred"
+            and "destination paused" in str(line.get("reason"))
+        )
         for lines in lines_per_worker
     ]
     assert sum(delivered_per_worker) == THROTTLE_EVENTS, delivered_per_worker
