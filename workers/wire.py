@@ -15,7 +15,6 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from kombu.serialization import dumps as kombu_dumps
 
 from config.keys import queue_for, task_name_for
 from schemas.envelope import DeliveryEnvelope
@@ -26,11 +25,14 @@ class TaskMessageEncoder:
         self._amqp = app.amqp
 
     def encode_envelope(self, envelope: DeliveryEnvelope, task_id: str) -> str:
-        """The delivery task message for ``envelope``, addressed to its kind's queue."""
-        return self.encode(
+        """The delivery task message for ``envelope``, addressed to its kind's queue.
+
+        The envelope is serialised once, by pydantic, straight into Celery's body
+        ``[args, kwargs, embed]`` (produce_many's hot path: no dict round trip)."""
+        return self._wire(
             task_name_for(envelope.kind),
             queue_for(envelope.kind),
-            (envelope.to_task_arg(),),
+            "[" + envelope.model_dump_json() + "]",
             argsrepr=envelope.task_argsrepr(),
             task_id=task_id,
         )
@@ -43,16 +45,22 @@ class TaskMessageEncoder:
         argsrepr: str,
         task_id: str | None = None,
     ) -> str:
+        return self._wire(task_name, queue, json.dumps(list(args)), argsrepr, task_id)
+
+    def _wire(
+        self, task_name: str, queue: str, args_json: str, argsrepr: str, task_id: str | None
+    ) -> str:
         task_id = task_id or str(uuid.uuid4())
+        # Celery builds the protocol-2 headers and the embed part; the args are already JSON.
         headers, properties, body, _ = self._amqp.create_task_message(
-            task_id, task_name, args, {}, argsrepr=argsrepr, kwargsrepr="{}"
+            task_id, task_name, (), {}, argsrepr=argsrepr, kwargsrepr="{}"
         )
-        content_type, content_encoding, data = kombu_dumps(body, serializer="json")
-        raw = data if isinstance(data, bytes) else data.encode(content_encoding)
+        _, kwargs, embed = body
+        raw = f"[{args_json},{json.dumps(kwargs)},{json.dumps(embed)}]".encode()
         message = {
             "body": base64.b64encode(raw).decode("ascii"),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
             "headers": headers,
             "properties": {
                 **properties,
