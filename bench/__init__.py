@@ -1,0 +1,1 @@
+"""Benchmarks for postback-relay; see bench/README.md."""

@@ -1,0 +1,585 @@
+"""Shared set-up for the benchmarks: Redis, destinations file, receiver, worker processes, output.
+
+Nothing here changes the system under test: workers are started exactly as an operator would
+(``python -m workers.cli worker ...``), each in its own process group, configured only through
+``POSTBACK_RELAY_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # scripts run as `python bench/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import redis  # noqa: E402
+
+from config.destinations import load_destinations  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from producers.produce import Producer  # noqa: E402
+from workers.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
+
+BENCH_DIR = ROOT / "bench"
+CORES = os.cpu_count() or 1
+IDFA_NS = uuid.UUID("4b8a8c1e-2f7e-4a55-9d3c-0d1f6f1e2a10")
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def header(title: str, **setup: Any) -> None:
+    print(f"\n=== {title} ===")
+    for key, value in setup.items():
+        print(f"  {key.replace('_', ' ')}: {value}")
+    sys.stdout.flush()
+
+
+def row(label: str, value: str, note: str = "") -> None:
+    print(f"  {label:<44} {value}" + (f"   ({note})" if note else ""), flush=True)
+
+
+def verdict(target: str, met: bool | None, why: str = "") -> None:
+    state = "NOT MEASURED" if met is None else ("MET" if met else "MISSED")
+    print(f"  target: {target}")
+    print(f"  RESULT: {state}" + (f" - {why}" if why else ""), flush=True)
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def fmt_rate(value: float, unit: str = "/s") -> str:
+    return f"{value:,.0f} {unit}".replace("  ", " ")
+
+
+def run_main(body: Callable[[], None]) -> None:
+    """Run a benchmark: figures are printed, targets are judged, nothing asserts.
+
+    Exit 0 whatever the figures say; exit 1 only when the harness itself broke (a worker that
+    did not start, ...), with the reason printed."""
+    try:
+        body()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+    except Exception:
+        traceback.print_exc()
+        print("  RESULT: NOT MEASURED - the benchmark harness failed (see above)", flush=True)
+        sys.exit(1)
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisInfo:
+    url: str
+    source: str
+    client: redis.Redis
+
+    def describe(self) -> str:
+        info = self.client.info()
+        aof = self.client.config_get("appendfsync").get("appendfsync", "?")
+        aof_on = self.client.config_get("appendonly").get("appendonly", "?")
+        return (
+            f"{self.source} redis {info.get('redis_version')} at {self.url} "
+            f"(appendonly={aof_on}, appendfsync={aof})"
+        )
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--appendfsync",
+        choices=["always", "everysec", "no"],
+        default=None,
+        help="set the embedded Redis' appendfsync (default: always, the production setting), "
+        "to see what the disk costs",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the worker logs")
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, appendfsync: str | None = None) -> Iterator[RedisInfo]:
+    """REDIS_URL when it answers (its database is FLUSHED, as the test suite does), otherwise
+    an embedded redis-server (AOF, appendfsync always: the production setting) on a free port."""
+    external = os.environ.get("REDIS_URL")
+    if external and redis_answers(external):
+        client = redis.Redis.from_url(external)
+        client.flushdb()
+        yield RedisInfo(external, "external (REDIS_URL)", client)
+        client.close()
+        return
+    with EmbeddedRedis(workdir / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        if appendfsync:
+            client.config_set("appendfsync", appendfsync)
+        yield RedisInfo(server.url, "embedded", client)
+        client.close()
+
+
+# --- destinations and events ---------------------------------------------------------------
+
+
+def templated_toml(base_url: str, *, name: str = "bench", rate_limit: str | None = None) -> str:
+    limit = f'rate_limit = "{rate_limit}"\n' if rate_limit else ""
+    return f"""
+[[destination]]
+name = "{name}"
+kind = "templated"
+url = "{base_url}/pb/(app-id)?id=(event_id)&idfa=(idfa)&e=(event-name)&ts=(timestamp)"
+{limit}retry = {{ max_attempts = 3, schedule = [5, 10, 20] }}
+[[destination.routes]]
+type = "install"
+[[destination.routes]]
+type = "event"
+"""
+
+
+def write_destinations(workdir: Path, text: str) -> Path:
+    path = workdir / "destinations.toml"
+    path.write_text(text)
+    return path
+
+
+def make_events(
+    count: int, run_id: str, start: int = 0, app_id: str = "id1234567890"
+) -> list[dict[str, Any]]:
+    """Distinct installs (one delivery each with the bench destination)."""
+    now = datetime.now(UTC).isoformat()
+    return [
+        {
+            "event_id": f"{run_id}-{i}",
+            "app_id": app_id,
+            "platform": "ios",
+            "event_name": "install",
+            "event_time": now,
+            "idfa": str(uuid.uuid5(IDFA_NS, str(i))).upper(),
+            "media_source": "bench_network",
+            "campaign": "bench",
+            "country": "US",
+        }
+        for i in range(start, start + count)
+    ]
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def make_producer(redis_url: str, destinations_file: Path) -> Producer:
+    settings = Settings(redis_url=redis_url, destinations_file=destinations_file)
+    client = redis.Redis.from_url(redis_url, socket_keepalive=True)
+    return Producer(settings, load_destinations(destinations_file), client)
+
+
+def produce_all(producer: Producer, events: Sequence[dict[str, Any]], batch: int = 500) -> int:
+    accepted = 0
+    for start in range(0, len(events), batch):
+        for result in producer.produce_many(events[start : start + batch]):
+            if result.error:
+                raise RuntimeError(f"bench event rejected: {result.error}")
+            accepted += len(result.accepted)
+    return accepted
+
+
+# --- the partner endpoint ------------------------------------------------------------------
+
+
+class Receiver:
+    """bench/receiver.py in its own process: a fast partner endpoint that counts requests."""
+
+    def __init__(self, workdir: Path, delay: float = 0.0, targets: bool = False) -> None:
+        args = [sys.executable, str(BENCH_DIR / "receiver.py"), "--delay", str(delay)]
+        if targets:
+            args.append("--targets")
+        self.log_path = workdir / "receiver.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("port="):
+            raise RuntimeError(f"receiver did not start: {line!r} {self.log_path.read_text()}")
+        self.port = int(line.split("=", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+    def count(self) -> int:
+        return int(self._get("/__stats")["count"])
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/__stats")
+
+    def dump(self) -> dict[str, Any]:
+        return self._get("/__dump")
+
+    def reset(self) -> None:
+        self._get("/__reset")
+
+    def set_delay(self, seconds: float) -> None:
+        self._get(f"/__delay?s={seconds}")
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+        self._log.close()
+
+
+# --- worker processes ----------------------------------------------------------------------
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+class WorkerProc:
+    """A worker subprocess in its own process group; its output goes to a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        with log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def is_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"worker exited with {self.proc.returncode}: {' '.join(self.args)}\n"
+                + self.log()[-3000:]
+            )
+        return "ready." in self.log()
+
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.proc.pid)
+
+    def rss_bytes(self, children: bool = True) -> int:
+        """RSS of the worker process (plus its pool children, for prefork)."""
+        main = self.process()
+        procs = [main, *(main.children(recursive=True) if children else [])]
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        return total
+
+    def pss_bytes(self) -> int:
+        """Proportional set size of the worker and its children: shared pages counted once
+        in all (what a prefork pool really costs; RSS counts the forked pages per child)."""
+        main = self.process()
+        total = 0
+        for proc in [main, *main.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_full_info().pss
+        return total
+
+    def peak_rss_bytes(self) -> int:
+        """VmHWM of the main process: the kernel's own peak-RSS record."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+
+
+def wait_ready(workers: Sequence[WorkerProc], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(w.is_ready() for w in workers):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("workers not ready in time:\n" + workers[0].log()[-3000:])
+
+
+def relay_env(redis_url: str, destinations_file: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "POSTBACK_RELAY_REDIS_URL": redis_url,
+        "POSTBACK_RELAY_DESTINATIONS_FILE": str(destinations_file),
+        "POSTBACK_RELAY_LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+def start_relay_workers(
+    count: int,
+    env: dict[str, str],
+    workdir: Path,
+    *,
+    queues: str = "templated",
+    pool: str = "threads",
+    concurrency: int = 16,
+    tag: str = "relay",
+) -> list[WorkerProc]:
+    workers = []
+    for i in range(count):
+        args = [
+            sys.executable, "-m", "workers.cli", "worker", "--queues", queues,
+            "--pool", pool, "--concurrency", str(concurrency),
+            "--hostname", f"bench-{tag}-{i}@%h",
+        ]  # fmt: skip
+        workers.append(WorkerProc(args, env, workdir / f"worker-{tag}-{i}.log"))
+    wait_ready(workers)
+    return workers
+
+
+def start_bare_workers(
+    count: int,
+    redis_url: str,
+    workdir: Path,
+    *,
+    pool: str = "threads",
+    concurrency: int = 16,
+    prefetch: int = 4,
+    loglevel: str = "INFO",
+) -> list[WorkerProc]:
+    from bench import bare_celery
+
+    env = {
+        **os.environ,
+        "BENCH_REDIS_URL": redis_url,
+        "BENCH_PREFETCH_MULTIPLIER": str(prefetch),
+        "BENCH_CONCURRENCY": str(concurrency),
+    }
+    workers = []
+    for i in range(count):
+        args = [
+            sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker",
+            "--queues", bare_celery.QUEUE, "--pool", pool, "--concurrency", str(concurrency),
+            "--loglevel", loglevel, "--without-mingle", "--without-gossip", "-E",
+            "--hostname", f"bench-bare-{i}@%h",
+        ]  # fmt: skip
+        workers.append(WorkerProc(args, env, workdir / f"worker-bare-{i}.log"))
+    wait_ready(workers)
+    return workers
+
+
+def worker_cpu_seconds(workers: Sequence[WorkerProc]) -> float:
+    """User + system CPU of the worker processes and their pool children so far."""
+    total = 0.0
+    for worker in workers:
+        main = worker.process()
+        for proc in [main, *main.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def stop_all(workers: Sequence[WorkerProc]) -> None:
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            if worker.proc.poll() is None:
+                os.killpg(worker.proc.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.stop()
+
+
+def effective_settings(env: dict[str, str]) -> Settings:
+    """The settings a worker started with ``env`` sees (prefetch, mover interval, ...)."""
+    keep = {k: v for k, v in env.items() if k.startswith("POSTBACK_RELAY_") or k == "REDIS_URL"}
+    with _patched_environ(keep):
+        return Settings()
+
+
+@contextlib.contextmanager
+def _patched_environ(values: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        for key in [k for k in os.environ if k.startswith("POSTBACK_RELAY_")]:
+            del os.environ[key]
+        os.environ.update(values)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def log_warning_count(workers: Sequence[WorkerProc], needle: str) -> int:
+    return sum(w.log().count(needle) for w in workers)
+
+
+# --- the bare Celery baseline --------------------------------------------------------------
+
+
+def bare_enqueue(
+    client: redis.Redis, task: str, arg_lists: Sequence[tuple[Any, ...]], batch: int = 500
+) -> None:
+    """Publish ``task(*args)`` messages the fast way (the same wire form and the same one round
+    trip per batch as produce_many), so the baseline is not held back by .delay()."""
+    from bench import bare_celery
+    from workers.wire import TaskMessageEncoder
+
+    encoder = TaskMessageEncoder(bare_celery.app)
+    for start in range(0, len(arg_lists), batch):
+        with client.pipeline(transaction=False) as pipe:
+            for args in arg_lists[start : start + batch]:
+                pipe.lpush(
+                    bare_celery.QUEUE,
+                    encoder.encode(task, bare_celery.QUEUE, args, argsrepr="(...)"),
+                )
+            pipe.execute()
+
+
+@dataclass
+class Timed:
+    count: int
+    seconds: float
+    done: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return rate(self.count, self.seconds)
+
+
+def wait_for_count(
+    get: Callable[[], int], target: int, timeout: float, poll: float = 0.02
+) -> tuple[bool, float, int]:
+    """Poll ``get`` until it reaches ``target``; (reached, monotonic time it did, last value)."""
+    deadline = time.monotonic() + timeout
+    value = get()
+    while value < target and time.monotonic() < deadline:
+        time.sleep(poll)
+        value = get()
+    return value >= target, time.monotonic(), value
+
+
+def measure_bare(
+    info: RedisInfo,
+    workdir: Path,
+    count: int,
+    *,
+    workers: int,
+    pool: str,
+    concurrency: int,
+    prefetch: int = 4,
+    http_url: str | None = None,
+    timeout: float = 120.0,
+) -> Timed:
+    """Bare Celery pipeline: enqueue ``count`` messages -> all processed. The task is the no-op
+    (the event as its argument), or with ``http_url`` one pooled GET to that URL."""
+    from bench import bare_celery
+
+    procs = start_bare_workers(
+        workers, info.url, workdir, pool=pool, concurrency=concurrency, prefetch=prefetch
+    )
+
+    def arg_lists(n: int) -> list[tuple[Any, ...]]:
+        events = make_events(n, "bare-" + new_run_id())
+        if http_url is None:
+            return [(event,) for event in events]
+        return [(f"{http_url}/bare?id={e['event_id']}", e) for e in events]
+
+    task = bare_celery.TASK if http_url is None else bare_celery.HTTP_TASK
+    done_count = lambda: int(info.client.get(bare_celery.DONE_KEY) or 0)  # noqa: E731
+    try:
+        warm = 2 * workers * concurrency
+        info.client.set(bare_celery.DONE_KEY, 0)
+        bare_enqueue(info.client, task, arg_lists(warm))
+        wait_for_count(done_count, warm, 30)
+        messages = arg_lists(count)
+        info.client.set(bare_celery.DONE_KEY, 0)
+        cpu, redis_cpu = worker_cpu_seconds(procs), redis_cpu_seconds(info.client)
+        started = time.monotonic()
+        bare_enqueue(info.client, task, messages)
+        done, ended, got = wait_for_count(done_count, count, timeout)
+        return Timed(
+            got,
+            ended - started,
+            done,
+            {
+                "cpu_ms": (worker_cpu_seconds(procs) - cpu) * 1000 / max(1, got),
+                "redis_cpu_ms": (redis_cpu_seconds(info.client) - redis_cpu) * 1000 / max(1, got),
+            },
+        )
+    finally:
+        stop_all(procs)
+        info.client.delete(bare_celery.QUEUE)
+
+
+@contextlib.contextmanager
+def workspace(keep: bool = False) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="postback-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"  (logs kept in {path})")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"{CORES} cores ({model}), Python {platform.python_version()}, load average {load}"
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def max_in_any_window(times: Sequence[float], width: float = 1.0) -> tuple[int, float]:
+    """The most timestamps in any window [t, t + width) starting at one of them, and its t."""
+    ordered = sorted(times)
+    best, best_at, end = 0, ordered[0] if ordered else 0.0, 0
+    for start, t in enumerate(ordered):
+        while end < len(ordered) and ordered[end] < t + width:
+            end += 1
+        if end - start > best:
+            best, best_at = end - start, t
+    return best, best_at

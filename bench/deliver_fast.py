@@ -1,0 +1,212 @@
+"""End-to-end deliveries/s against a partner that answers at once, vs a bare Celery pipeline.
+
+postback-relay: W ``postback-relay worker`` processes (threads pool by default) on the
+templated queue; the clock runs from the first produce_many() call until the receiver (its own
+process) has counted all N requests. Baseline: W workers of bench/bare_celery.py (a no-op task
+that only increments a Redis counter) with the same pool, concurrency, prefetch, acks_late,
+events and log level; its N messages are published in the same wire form, one round trip per
+500, and the clock stops when the counter reaches N. Target: >= 0.8x the bare Celery figure.
+
+A second, informative reference (not the target's baseline) runs the same bare workers with a
+task that makes one pooled ``requests`` GET to the same receiver: the least any delivery
+costs, which tells postback-relay's own overhead apart from the price of an HTTP request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import (
+    CORES,
+    Receiver,
+    RedisInfo,
+    Timed,
+    WorkerProc,
+    add_common_args,
+    effective_settings,
+    header,
+    log_warning_count,
+    machine,
+    make_events,
+    make_producer,
+    measure_bare,
+    new_run_id,
+    produce_all,
+    redis_cpu_seconds,
+    redis_server,
+    relay_env,
+    row,
+    run_main,
+    start_relay_workers,
+    stop_all,
+    templated_toml,
+    verdict,
+    wait_for_count,
+    worker_cpu_seconds,
+    workspace,
+    write_destinations,
+)
+
+from producers.produce import Producer
+
+TARGET_RATIO = 0.8
+POOL_FULL = "Connection pool is full"
+
+
+def measure_relay(
+    info: RedisInfo,
+    receiver: Receiver,
+    producer: Producer,
+    workers: list[WorkerProc],
+    warm: int,
+    count: int,
+) -> Timed:
+    produce_all(producer, make_events(warm, "warm-" + new_run_id()))
+    wait_for_count(receiver.count, warm, 30)
+    receiver.reset()
+    events = make_events(count, new_run_id())
+    cpu, redis_cpu = worker_cpu_seconds(workers), redis_cpu_seconds(info.client)
+    started = time.monotonic()
+    produce_all(producer, events)
+    enqueued = time.monotonic() - started
+    done, ended, got = wait_for_count(receiver.count, count, timeout=max(60.0, count / 50))
+    stats = receiver.stats()
+    span = (stats["last"] - stats["first"]) if stats["count"] > 1 else float("nan")
+    return Timed(
+        got,
+        ended - started,
+        done,
+        {
+            "enqueue_s": enqueued,
+            "receive_span_s": span,
+            "cpu_ms": (worker_cpu_seconds(workers) - cpu) * 1000 / max(1, got),
+            "redis_cpu_ms": (redis_cpu_seconds(info.client) - redis_cpu) * 1000 / max(1, got),
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deliveries", type=int, default=5_000)
+    parser.add_argument("--workers", type=int, default=CORES, help="worker processes")
+    parser.add_argument("--pool", choices=["threads", "prefork", "solo"], default="threads")
+    parser.add_argument("--concurrency", type=int, default=16, help="per worker process")
+    parser.add_argument(
+        "--no-http-reference", action="store_true", help="skip the bare Celery + GET reference"
+    )
+    add_common_args(parser)
+    args = parser.parse_args()
+
+    with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
+        receiver = Receiver(workdir)
+        try:
+            path = write_destinations(workdir, templated_toml(receiver.url))
+            env = relay_env(info.url, path)
+            settings = effective_settings(env)
+            header(
+                "deliver_fast: produce -> worker -> partner answering at once",
+                machine=machine(),
+                redis=info.describe(),
+                workers=f"{args.workers} process(es), pool={args.pool}, "
+                f"concurrency={args.concurrency} each, prefetch multiplier="
+                f"{settings.worker_prefetch_multiplier}, log level={settings.log_level}",
+                deliveries=f"{args.deliveries:,} (1 templated destination, GET, 200 at once)",
+            )
+            producer = make_producer(info.url, path)
+            workers = start_relay_workers(
+                args.workers, env, workdir, pool=args.pool, concurrency=args.concurrency
+            )
+            try:
+                relay = measure_relay(
+                    info,
+                    receiver,
+                    producer,
+                    workers,
+                    2 * args.workers * args.concurrency,
+                    args.deliveries,
+                )
+                pool_full = log_warning_count(workers, POOL_FULL)
+            finally:
+                stop_all(workers)
+
+            bare = measure_bare(
+                info,
+                workdir,
+                args.deliveries,
+                workers=args.workers,
+                pool=args.pool,
+                concurrency=args.concurrency,
+                prefetch=settings.worker_prefetch_multiplier,
+            )
+            http_ref = None
+            if not args.no_http_reference:
+                http_ref = measure_bare(
+                    info,
+                    workdir,
+                    args.deliveries,
+                    workers=args.workers,
+                    pool=args.pool,
+                    concurrency=args.concurrency,
+                    prefetch=settings.worker_prefetch_multiplier,
+                    http_url=receiver.url,
+                )
+        finally:
+            receiver.stop()
+
+        row(
+            "postback-relay deliveries/s",
+            f"{relay.per_second:,.0f} /s",
+            f"{relay.count:,} received in {relay.seconds:.2f} s"
+            + ("" if relay.done else " - INCOMPLETE")
+            + f"; enqueue took {relay.extra['enqueue_s']:.2f} s; first->last receipt "
+            f"{relay.extra['receive_span_s']:.2f} s",
+        )
+        row(
+            "baseline: bare Celery no-op tasks/s",
+            f"{bare.per_second:,.0f} /s",
+            f"{bare.count:,} in {bare.seconds:.2f} s" + ("" if bare.done else " - INCOMPLETE"),
+        )
+        if http_ref is not None:
+            row(
+                "reference: bare Celery + one requests GET/s",
+                f"{http_ref.per_second:,.0f} /s",
+                f"{http_ref.count:,} in {http_ref.seconds:.2f} s"
+                + ("" if http_ref.done else " - INCOMPLETE"),
+            )
+        ratio = relay.per_second / bare.per_second
+        row("postback-relay / bare Celery no-op", f"{ratio:.2f}x")
+        if http_ref is not None:
+            row(
+                "postback-relay / bare Celery + GET",
+                f"{relay.per_second / http_ref.per_second:.2f}x",
+            )
+        row(
+            "worker CPU per message (user+sys)",
+            f"relay {relay.extra['cpu_ms']:.2f} ms, no-op {bare.extra['cpu_ms']:.2f} ms"
+            + ("" if http_ref is None else f", GET {http_ref.extra['cpu_ms']:.2f} ms"),
+            "less sensitive than rates to other load on the machine; "
+            f"CPU ratio no-op/relay {bare.extra['cpu_ms'] / relay.extra['cpu_ms']:.2f}",
+        )
+        row(
+            "redis-server CPU per message",
+            f"relay {relay.extra['redis_cpu_ms']:.2f} ms, no-op {bare.extra['redis_cpu_ms']:.2f} ms"
+            + ("" if http_ref is None else f", GET {http_ref.extra['redis_cpu_ms']:.2f} ms"),
+        )
+        row(
+            "machine time per message (cores / rate)",
+            f"relay {CORES * 1000 / relay.per_second:.2f} ms, "
+            f"no-op {CORES * 1000 / bare.per_second:.2f} ms"
+            + ("" if http_ref is None else f", GET {CORES * 1000 / http_ref.per_second:.2f} ms"),
+        )
+        if pool_full:
+            row("urllib3 'Connection pool is full' warnings", f"{pool_full:,}")
+        verdict(
+            f">= {TARGET_RATIO:g}x the bare Celery figure",
+            relay.done and ratio >= TARGET_RATIO,
+            f"{ratio:.2f}x",
+        )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,173 @@
+"""Deliveries/s from ONE worker process when the partner answers after 100 ms, per pool.
+
+For each configuration (default: threads x64, threads x128, prefork x8, and threads x128 with
+the concurrency given through POSTBACK_RELAY_WORKER_CONCURRENCY instead of --concurrency) one
+``postback-relay worker`` process is started, a backlog larger than the ideal rate can drain is
+produced, and the steady rate is measured over a fixed window (after a warm-up window) from
+the receiver's own count. The baseline is the ideal bound: concurrency / partner latency.
+Target: >= 500 deliveries/s per worker process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import (
+    Receiver,
+    RedisInfo,
+    add_common_args,
+    header,
+    log_warning_count,
+    machine,
+    make_events,
+    make_producer,
+    new_run_id,
+    produce_all,
+    redis_server,
+    relay_env,
+    row,
+    run_main,
+    start_relay_workers,
+    stop_all,
+    templated_toml,
+    verdict,
+    workspace,
+    write_destinations,
+)
+
+TARGET = 500.0
+POOL_FULL = "Connection pool is full"
+
+
+@dataclass
+class Config:
+    pool: str
+    concurrency: int
+    via_env: bool = False
+
+    @property
+    def label(self) -> str:
+        how = " (POSTBACK_RELAY_WORKER_CONCURRENCY)" if self.via_env else ""
+        return f"{self.pool} x{self.concurrency}{how}"
+
+
+@dataclass
+class Outcome:
+    config: Config
+    rate: float
+    ideal: float
+    rss_mb: float
+    pool_full: int
+    processes: int
+
+
+def parse_configs(text: str) -> list[Config]:
+    configs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        configs.append(Config(parts[0], int(parts[1]), len(parts) > 2 and parts[2] == "env"))
+    return configs
+
+
+def run_config(
+    config: Config, info: RedisInfo, receiver: Receiver, path: Path, args: argparse.Namespace
+) -> Outcome:
+    workdir = path.parent
+    extra = {"POSTBACK_RELAY_WORKER_CONCURRENCY": str(config.concurrency)} if config.via_env else {}
+    env = relay_env(info.url, path, **extra)
+    ideal = config.concurrency / args.latency
+    info.client.flushdb()
+    receiver.reset()
+    producer = make_producer(info.url, path)
+    tag = f"{config.pool}{config.concurrency}{'env' if config.via_env else ''}"
+    workers = start_relay_workers(
+        1, env, workdir, pool=config.pool, concurrency=config.concurrency, tag=tag
+    )
+    try:
+        # Enough that the queue never runs dry at the ideal rate during warm-up + window.
+        backlog = int(ideal * (args.warmup + args.window) * 1.3) + config.concurrency
+        produce_all(producer, make_events(backlog, new_run_id()))
+        time.sleep(args.warmup)
+        first_count, first_at = receiver.count(), time.monotonic()
+        time.sleep(args.window)
+        last_count, last_at = receiver.count(), time.monotonic()
+        rss = workers[0].pss_bytes() / 2**20
+        processes = 1 + len(workers[0].process().children(recursive=True))
+        pool_full = log_warning_count(workers, POOL_FULL)
+    finally:
+        stop_all(workers)
+    receiver.reset()
+    return Outcome(
+        config, (last_count - first_count) / (last_at - first_at), ideal, rss, pool_full, processes
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--configs",
+        default="threads:64,threads:128,prefork:8,threads:128:env",
+        help="pool:concurrency[:env],... (env: set POSTBACK_RELAY_WORKER_CONCURRENCY too)",
+    )
+    parser.add_argument("--latency", type=float, default=0.1, help="partner answer delay (s)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
+    parser.add_argument("--window", type=float, default=4.0, help="seconds measured")
+    add_common_args(parser)
+    args = parser.parse_args()
+    configs = parse_configs(args.configs)
+
+    with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
+        receiver = Receiver(workdir, delay=args.latency)
+        try:
+            path = write_destinations(workdir, templated_toml(receiver.url))
+            header(
+                f"deliver_slow: one worker process, partner answers after "
+                f"{args.latency * 1000:.0f} ms",
+                machine=machine(),
+                redis=info.describe(),
+                measure=f"steady rate over {args.window:g} s after {args.warmup:g} s of warm-up, "
+                "with a backlog the ideal rate cannot drain",
+            )
+            outcomes = [run_config(c, info, receiver, path, args) for c in configs]
+        finally:
+            receiver.stop()
+
+        for o in outcomes:
+            row(
+                o.config.label,
+                f"{o.rate:,.0f} /s",
+                f"baseline (ideal concurrency/latency) {o.ideal:,.0f} /s = "
+                f"{o.rate / o.ideal:.0%} of it; {o.processes} process(es), PSS {o.rss_mb:,.0f} MB"
+                + (f"; {o.pool_full:,} 'Connection pool is full' warnings" if o.pool_full else ""),
+            )
+        best = max(outcomes, key=lambda o: o.rate)
+        prefork = [o for o in outcomes if o.config.pool == "prefork"]
+        threads = [o for o in outcomes if o.config.pool == "threads"]
+        print(f"  choose: {best.config.label}")
+        if threads and prefork:
+            t, p = max(threads, key=lambda o: o.rate), max(prefork, key=lambda o: o.rate)
+            per_child = max(0.0, p.rss_mb - t.rss_mb) / p.config.concurrency
+            children = TARGET * args.latency
+            print(
+                "  why: a delivery mostly waits for the partner, so a process needs as many "
+                "requests in flight as rate x latency "
+                f"({TARGET:.0f}/s x {args.latency * 1000:.0f} ms = {children:.0f}). "
+                f"Threads give that in one process ({t.config.label}: {t.rss_mb:,.0f} MB PSS); "
+                f"prefork needs a child per request in flight, ~{per_child:.0f} MB each "
+                f"({p.config.label}: {p.rss_mb:,.0f} MB), so ~{children:.0f} children "
+                f"(~{children * per_child / 1024:.1f} GB). With threads the ceiling is then "
+                "the CPU spent per delivery under one GIL, not the pool: more threads than "
+                "rate x latency do not help."
+            )
+        verdict(
+            f">= {TARGET:.0f} deliveries/s per worker process",
+            best.rate >= TARGET,
+            f"best {best.rate:,.0f} /s ({best.config.label})",
+        )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run every benchmark once with its defaults; everything printed also goes to
+# bench/results/latest.txt, with the machine described at the top. Each script judges its own
+# target (MET / MISSED) and exits 0; a non-zero exit means the harness itself broke.
+# Usage: bench/run_all.sh [script ...]   (default: all, in the order below)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p bench/results
+OUT=bench/results/latest.txt
+SCRIPTS=("$@")
+if [ ${#SCRIPTS[@]} -eq 0 ]; then
+  SCRIPTS=(produce deliver_fast deliver_slow latency rate_limit xmp memory)
+fi
+
+{
+  echo "postback-relay benchmarks, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+    "($(git status --porcelain -- . ':(exclude)bench' 2>/dev/null | wc -l) changed path(s) outside bench/)"
+  echo "machine: nproc=$(nproc), cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')," \
+    "$(awk '/MemTotal/ {printf "%.0f GB RAM", $2 / 1048576}' /proc/meminfo)"
+  echo "python: $("$PY" -V 2>&1), redis-server: $("$PY" -c 'from workers.embedded_redis import redis_server_binary; print(redis_server_binary())' 2>/dev/null)"
+  echo "REDIS_URL: ${REDIS_URL:-unset (embedded redis-server per script)}"
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  for script in "${SCRIPTS[@]}"; do
+    started=$(date +%s)
+    "$PY" "bench/$script.py"
+    code=$?
+    echo "  ($script.py: $(($(date +%s) - started)) s, exit $code)"
+  done
+} 2>&1 | tee "$OUT"
