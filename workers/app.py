@@ -124,14 +124,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     def xmp_flush(destination: str) -> str:
         dest = app.destinations.get(destination)
         assert isinstance(dest, XmpDestination)
-        report = app.runtime.xmp_flusher.flush(dest)
-        if report.skipped_locked:
-            return "skipped: another flush is running"
-        summary = (
-            f"{report.sent} of {report.records} record(s) sent in {report.requests} request(s); "
-            f"{len(report.dead_lettered)} dead-lettered"
-            + (f"; {report.failed}" if report.failed else "")
-        )
+        summary = app.runtime.xmp_flusher.flush(dest).summary()
         log.info("xmp.flush", destination=destination, summary=summary)
         return summary
 
@@ -147,11 +140,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
                 RECONCILE_TASK, queue, (source,), argsrepr=f"({source!r},)"
             )
             app.runtime.pipeline.requeuer.delays.schedule(queue, wire, time.time() + wait)
-        summary = (
-            f"{report.state}: rows {report.rows_read}, postbacks {report.postbacks}, "
-            f"redelivered {report.redelivered}, skipped {report.skipped_already_redelivered}"
-            + (f"; {report.detail}" if report.detail else "")
-        )
+        summary = report.summary()
         log.info("reconcile.run", source=source, summary=summary)
         return summary
 

@@ -387,10 +387,7 @@ def xmp_flush(destination: str | None, dry_run: bool) -> None:
             continue
         report = flusher.flush(dest)
         click.echo(
-            f"{dest.name}: sent {report.sent} of {report.records} record(s) in "
-            f"{report.requests} request(s); dead-lettered {len(report.dead_lettered)}; "
-            f"batch ids {', '.join(report.batch_ids) or '-'}"
-            + (f"; {report.failed}" if report.failed else "")
+            f"{dest.name}: {report.summary()}; batch ids {', '.join(report.batch_ids) or '-'}"
         )
 
 

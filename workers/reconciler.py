@@ -93,6 +93,13 @@ class RunReport:
     retry_after: float | None = None
     delivery_ids: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        return (
+            f"{self.state}: rows {self.rows_read}, postbacks {self.postbacks}, "
+            f"redelivered {self.redelivered}, skipped {self.skipped_already_redelivered}"
+            + (f"; {self.detail}" if self.detail else "")
+        )
+
 
 @dataclass
 class _Postback:

@@ -263,6 +263,14 @@ class FlushReport:
     failed: str | None = None  # why the rest stays dirty
     skipped_locked: bool = False
 
+    def summary(self) -> str:
+        if self.skipped_locked:
+            return "skipped: another flush is running"
+        return (
+            f"sent {self.sent} of {self.records} record(s) in {self.requests} request(s); "
+            f"dead-lettered {len(self.dead_lettered)}" + (f"; {self.failed}" if self.failed else "")
+        )
+
 
 class _Stop(Exception):
     """The destination refused us as a whole (401): stop this flush."""
