@@ -5,8 +5,10 @@ second round trip; if Redis dies between the two, the message is in neither plac
 ledger closes that gap from our side. produce() records each delivery with its message (in
 the same Lua call that enqueues it); every start, retry or deferral moves its deadline on by
 the lease; finishing (delivered, dead-lettered, skipped, aggregated) removes it. A sweep
-publishes again whatever passed its deadline without progress. Duplicates are possible (a
-message slower than the lease), loss is not; every copy carries the same idempotency key.
+publishes again whatever passed its deadline without progress, once its queue has drained (a
+delivery behind a backlog is waiting, not lost). Duplicates are possible (a message a dead
+worker had prefetched comes back from kombu too), loss is not; every copy carries the same
+idempotency key.
 """
 
 from __future__ import annotations
@@ -21,13 +23,22 @@ from config.keys import RedisKeys
 _SWEEP_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local published = 0
+local drained = {}  -- per queue: was it empty when this sweep began?
 for _, id in ipairs(due) do
   local value = redis.call('HGET', KEYS[2], id)
   if value then
     local cut = string.find(value, '\\n', 1, true)
-    redis.call('LPUSH', string.sub(value, 1, cut - 1), string.sub(value, cut + 1))
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    published = published + 1
+    local queue = string.sub(value, 1, cut - 1)
+    -- A delivery can only be stalled, not merely waiting, once its queue has drained: while a
+    -- backlog remains, leave it for a later sweep instead of sending a duplicate.
+    if drained[queue] == nil then
+      drained[queue] = redis.call('LLEN', queue) == 0
+    end
+    if drained[queue] then
+      redis.call('LPUSH', queue, string.sub(value, cut + 1))
+      redis.call('ZADD', KEYS[1], ARGV[2], id)
+      published = published + 1
+    end
   else
     redis.call('ZREM', KEYS[1], id)
   end

@@ -103,16 +103,45 @@ def test_concurrent_sweeps_publish_each_stalled_delivery_once(
             pipe.hset(KEYS.ledger_messages(), f"d{i}", f"{QUEUE}\nmsg-{i}")
         pipe.execute()
     totals: list[int] = []
+    consumed: list[bytes] = []
+    done = threading.Event()
 
     def sweeper() -> None:
-        ledger = DeliveryLedger(redis.Redis.from_url(redis_url), KEYS, lease_seconds=600)
-        totals.append(sum(ledger.sweep(now=10.0, limit=50) for _ in range(60)))
+        client = redis.Redis.from_url(redis_url)
+        ledger = DeliveryLedger(client, KEYS, lease_seconds=600)
+        published, deadline = 0, time.monotonic() + 20
+        while client.zcount(KEYS.ledger(), "-inf", 10.0) and time.monotonic() < deadline:
+            published += ledger.sweep(now=10.0, limit=50)
+        totals.append(published)
 
+    def consumer() -> None:  # a worker draining the queue, so sweeps find it empty again
+        client = redis.Redis.from_url(redis_url)
+        while not done.is_set() or client.llen(QUEUE):
+            item = client.rpop(QUEUE)
+            if item is not None:
+                consumed.append(item)  # type: ignore[arg-type]
+
+    drain = threading.Thread(target=consumer)
+    drain.start()
     threads = [threading.Thread(target=sweeper) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    published = [m.decode() for m in redis_client.lrange(QUEUE, 0, -1)]
+    done.set()
+    drain.join()
+    published = [m.decode() for m in consumed]
     assert sum(totals) == 2000
     assert sorted(published) == sorted(f"msg-{i}" for i in range(2000))
+
+
+def test_a_delivery_waiting_behind_a_backlog_is_not_published_twice(
+    redis_client: redis.Redis,
+) -> None:
+    ledger = DeliveryLedger(redis_client, KEYS, lease_seconds=30)
+    redis_client.lpush(QUEUE, "still-queued-message")
+    redis_client.zadd(KEYS.ledger(), {"waiting": 1.0})
+    redis_client.hset(KEYS.ledger_messages(), "waiting", f"{QUEUE}\nstill-queued-message")
+    assert ledger.sweep(now=100.0) == 0  # its queue has not drained: waiting, not lost
+    redis_client.delete(QUEUE)
+    assert ledger.sweep(now=100.0) == 1
