@@ -7,6 +7,7 @@ then stops every process it started.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import secrets
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -77,10 +79,22 @@ def sample_event(rng: random.Random) -> dict[str, Any]:
     return event
 
 
-def _flaky_responder(request: ReceivedRequest, seen: int) -> Answer:
-    if request.path == "/flaky" and seen % 4 == 3:
-        return Answer(503, '{"error":"try later"}')
-    return Answer()
+class _FlakyPartner:
+    """/flaky answers 503 to the first two attempts of one delivery in four, then 200: the
+    demo shows retries succeeding, never running out (the demo's retry budget is 4)."""
+
+    def __init__(self) -> None:
+        self.failures: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, request: ReceivedRequest, seen: int) -> Answer:
+        key = request.headers.get("X-Idempotency-Key", "")
+        if request.path == "/flaky" and int(hashlib.sha1(key.encode()).hexdigest(), 16) % 4 == 0:  # noqa: S324
+            with self.lock:
+                self.failures[key] += 1
+                if self.failures[key] <= 2:
+                    return Answer(503, '{"error":"try later"}')
+        return Answer()
 
 
 class _Processes:
@@ -223,7 +237,7 @@ def run_demo(
         if redis_url is None:
             return 1
         receiver = stack.enter_context(PostbackReceiver())
-        receiver.responder = _flaky_responder
+        receiver.responder = _FlakyPartner()
         dest_file = data_dir / "destinations.toml"
         dest_file.write_text(DESTINATIONS_TEMPLATE.read_text().replace("@BASE@", receiver.url))
         os.environ["DEMO_ANALYTICS_TOKEN"] = secrets.token_urlsafe(16)
