@@ -57,15 +57,21 @@ class AttemptLog:
             if isinstance(outcome, Delivered) and outcome.attribution is not None
             else "",
         }
-        pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
-        if self.max_age_seconds:
-            # Stream ids are milliseconds: everything before this id is older than the limit.
-            oldest = int((summary.at.timestamp() - self.max_age_seconds) * 1000)
-            pipe.xtrim(self.keys.attempts(), minid=f"{max(oldest, 0)}-0", approximate=True)
+        self._append(pipe, fields, summary.at.timestamp())
 
     def record_fields(self, fields: dict[Any, Any]) -> None:
         """A record that is not one delivery's attempt (an XMP batch): same stream, same names."""
-        self.redis.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._append(pipe, fields, float(fields["attempt_timestamp"]))
+            pipe.execute()
+
+    def _append(self, pipe: Any, fields: dict[Any, Any], at: float) -> None:
+        """Every record goes through here, so both retention bounds apply to all of them."""
+        pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
+        if self.max_age_seconds:
+            # Stream ids are milliseconds: everything before this id is older than the limit.
+            oldest = int((at - self.max_age_seconds) * 1000)
+            pipe.xtrim(self.keys.attempts(), minid=f"{max(oldest, 0)}-0", approximate=True)
 
     def iter_records(self, since: datetime | None = None) -> Iterator[dict[str, str]]:
         start = f"{int(since.timestamp() * 1000)}-0" if since else "-"
