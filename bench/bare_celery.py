@@ -6,6 +6,10 @@ as the postback-relay workers it is compared with, so the difference between the
 is what postback-relay does per delivery (validation, the pipeline's Redis round trips, the
 HTTP request, logging), not Celery's own cost.
 
+With ``BENCH_RELAY_TUNING=1`` the same app runs on postback-relay's kombu transport and with its
+task-event batching (workers/transport.py, workers/events.py): a second reference that shows
+how much of the difference is Celery's own per-message cost that postback-relay trims.
+
 ``BENCH_REDIS_URL`` names the broker in a worker process; the benchmark process calls
 ``configure(url)`` instead (there is deliberately no default, so a stray default Redis is never
 written to). The task increments ``DONE_KEY`` once per message; the benchmark polls that
@@ -48,6 +52,13 @@ app.conf.update(
     task_send_sent_event=False,
     enable_utc=True,
 )
+
+if os.environ.get("BENCH_RELAY_TUNING") == "1":
+    from workers.app import TRANSPORT
+    from workers.events import EventBatching
+
+    app.conf.broker_transport = TRANSPORT
+    app.steps["consumer"].add(EventBatching)
 
 _client = redis.Redis.from_url(BROKER)
 

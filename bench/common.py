@@ -41,6 +41,7 @@ from workers.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
 
 BENCH_DIR = ROOT / "bench"
 CORES = os.cpu_count() or 1
+POOLS = ["threads", "gevent", "prefork", "solo"]
 IDFA_NS = uuid.UUID("4b8a8c1e-2f7e-4a55-9d3c-0d1f6f1e2a10")
 
 
@@ -347,15 +348,17 @@ def start_relay_workers(
     workdir: Path,
     *,
     queues: str = "templated",
-    pool: str = "threads",
-    concurrency: int = 16,
+    pool: str | None = "threads",
+    concurrency: int | None = 16,
     tag: str = "relay",
 ) -> list[WorkerProc]:
+    """``pool``/``concurrency`` None: not on the command line (POSTBACK_RELAY_WORKER_* decide)."""
+    options = [] if pool is None else ["--pool", pool]
+    options += [] if concurrency is None else ["--concurrency", str(concurrency)]
     workers = []
     for i in range(count):
         args = [
-            sys.executable, "-m", "workers.cli", "worker", "--queues", queues,
-            "--pool", pool, "--concurrency", str(concurrency),
+            sys.executable, "-m", "workers.cli", "worker", "--queues", queues, *options,
             "--hostname", f"bench-{tag}-{i}@%h",
         ]  # fmt: skip
         workers.append(WorkerProc(args, env, workdir / f"worker-{tag}-{i}.log"))
@@ -372,7 +375,9 @@ def start_bare_workers(
     concurrency: int = 16,
     prefetch: int = 4,
     loglevel: str = "INFO",
+    tuned: bool = False,
 ) -> list[WorkerProc]:
+    """Bare Celery workers; ``tuned``: on postback-relay's transport and event batching."""
     from bench import bare_celery
 
     env = {
@@ -380,6 +385,7 @@ def start_bare_workers(
         "BENCH_REDIS_URL": redis_url,
         "BENCH_PREFETCH_MULTIPLIER": str(prefetch),
         "BENCH_CONCURRENCY": str(concurrency),
+        "BENCH_RELAY_TUNING": "1" if tuned else "0",
     }
     workers = []
     for i in range(count):
@@ -501,13 +507,20 @@ def measure_bare(
     prefetch: int = 4,
     http_url: str | None = None,
     timeout: float = 120.0,
+    tuned: bool = False,
 ) -> Timed:
     """Bare Celery pipeline: enqueue ``count`` messages -> all processed. The task is the no-op
     (the event as its argument), or with ``http_url`` one pooled GET to that URL."""
     from bench import bare_celery
 
     procs = start_bare_workers(
-        workers, info.url, workdir, pool=pool, concurrency=concurrency, prefetch=prefetch
+        workers,
+        info.url,
+        workdir,
+        pool=pool,
+        concurrency=concurrency,
+        prefetch=prefetch,
+        tuned=tuned,
     )
 
     def arg_lists(n: int) -> list[tuple[Any, ...]]:

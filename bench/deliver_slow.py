@@ -1,11 +1,16 @@
 """Deliveries/s from ONE worker process when the partner answers after 100 ms, per pool.
 
-For each configuration (default: threads x64, threads x128, prefork x8, and threads x128 with
-the concurrency given through POSTBACK_RELAY_WORKER_CONCURRENCY instead of --concurrency) one
+For each configuration (default: threads x64, threads x128, gevent x64, gevent x128, prefork x8,
+and gevent x128 with the pool and concurrency given through POSTBACK_RELAY_WORKER_POOL and
+POSTBACK_RELAY_WORKER_CONCURRENCY instead of options, as compose and the Procfile do) one
 ``postback-relay worker`` process is started, a backlog larger than the ideal rate can drain is
 produced, and the steady rate is measured over a fixed window (after a warm-up window) from
 the receiver's own count. The baseline is the ideal bound: concurrency / partner latency.
 Target: >= 500 deliveries/s per worker process.
+
+A reference for the best configuration: bare Celery (bench/bare_celery.py) with the same pool
+and concurrency in one process, whose task makes one pooled ``requests`` GET to the same slow
+receiver: what a Celery worker that does nothing but the HTTP request reaches on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from common import (
     machine,
     make_events,
     make_producer,
+    measure_bare,
     new_run_id,
     produce_all,
     redis_server,
@@ -34,6 +40,7 @@ from common import (
     stop_all,
     templated_toml,
     verdict,
+    worker_cpu_seconds,
     workspace,
     write_destinations,
 )
@@ -50,7 +57,7 @@ class Config:
 
     @property
     def label(self) -> str:
-        how = " (POSTBACK_RELAY_WORKER_CONCURRENCY)" if self.via_env else ""
+        how = " (from POSTBACK_RELAY_WORKER_*)" if self.via_env else ""
         return f"{self.pool} x{self.concurrency}{how}"
 
 
@@ -62,6 +69,7 @@ class Outcome:
     rss_mb: float
     pool_full: int
     processes: int
+    cpu_ms: float  # worker CPU (user+sys, pool children included) per delivery in the window
 
 
 def parse_configs(text: str) -> list[Config]:
@@ -76,7 +84,14 @@ def run_config(
     config: Config, info: RedisInfo, receiver: Receiver, path: Path, args: argparse.Namespace
 ) -> Outcome:
     workdir = path.parent
-    extra = {"POSTBACK_RELAY_WORKER_CONCURRENCY": str(config.concurrency)} if config.via_env else {}
+    extra = (
+        {
+            "POSTBACK_RELAY_WORKER_POOL": config.pool,
+            "POSTBACK_RELAY_WORKER_CONCURRENCY": str(config.concurrency),
+        }
+        if config.via_env
+        else {}
+    )
     env = relay_env(info.url, path, **extra)
     ideal = config.concurrency / args.latency
     info.client.flushdb()
@@ -84,7 +99,12 @@ def run_config(
     producer = make_producer(info.url, path)
     tag = f"{config.pool}{config.concurrency}{'env' if config.via_env else ''}"
     workers = start_relay_workers(
-        1, env, workdir, pool=config.pool, concurrency=config.concurrency, tag=tag
+        1,
+        env,
+        workdir,
+        pool=None if config.via_env else config.pool,
+        concurrency=None if config.via_env else config.concurrency,
+        tag=tag,
     )
     try:
         # Enough that the queue never runs dry at the ideal rate during warm-up + window.
@@ -92,16 +112,25 @@ def run_config(
         produce_all(producer, make_events(backlog, new_run_id()))
         time.sleep(args.warmup)
         first_count, first_at = receiver.count(), time.monotonic()
+        first_cpu = worker_cpu_seconds(workers)
         time.sleep(args.window)
         last_count, last_at = receiver.count(), time.monotonic()
+        cpu = worker_cpu_seconds(workers) - first_cpu
         rss = workers[0].pss_bytes() / 2**20
         processes = 1 + len(workers[0].process().children(recursive=True))
         pool_full = log_warning_count(workers, POOL_FULL)
     finally:
         stop_all(workers)
     receiver.reset()
+    delivered = last_count - first_count
     return Outcome(
-        config, (last_count - first_count) / (last_at - first_at), ideal, rss, pool_full, processes
+        config,
+        delivered / (last_at - first_at),
+        ideal,
+        rss,
+        pool_full,
+        processes,
+        cpu * 1000 / max(1, delivered),
     )
 
 
@@ -109,8 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--configs",
-        default="threads:64,threads:128,prefork:8,threads:128:env",
-        help="pool:concurrency[:env],... (env: set POSTBACK_RELAY_WORKER_CONCURRENCY too)",
+        default="threads:64,threads:128,gevent:64,gevent:128,prefork:8,gevent:128:env",
+        help="pool:concurrency[:env],... (env: pool and concurrency from the environment)",
     )
     parser.add_argument("--latency", type=float, default=0.1, help="partner answer delay (s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
@@ -140,28 +169,35 @@ def main() -> None:
                 o.config.label,
                 f"{o.rate:,.0f} /s",
                 f"baseline (ideal concurrency/latency) {o.ideal:,.0f} /s = "
-                f"{o.rate / o.ideal:.0%} of it; {o.processes} process(es), PSS {o.rss_mb:,.0f} MB"
+                f"{o.rate / o.ideal:.0%} of it; worker CPU {o.cpu_ms:.2f} ms per delivery; "
+                f"{o.processes} process(es), PSS {o.rss_mb:,.0f} MB"
                 + (f"; {o.pool_full:,} 'Connection pool is full' warnings" if o.pool_full else ""),
             )
         best = max(outcomes, key=lambda o: o.rate)
-        prefork = [o for o in outcomes if o.config.pool == "prefork"]
-        threads = [o for o in outcomes if o.config.pool == "threads"]
+        bare = measure_bare(
+            info,
+            workdir,
+            max(1_000, int(best.rate * args.window * 2)),
+            workers=1,
+            pool=best.config.pool,
+            concurrency=best.config.concurrency,
+            http_url=receiver.url,
+        )
+        row(
+            f"reference: bare Celery + GET, {best.config.pool} x{best.config.concurrency}",
+            f"{bare.per_second:,.0f} /s",
+            f"{bare.count:,} in {bare.seconds:.2f} s; worker CPU {bare.extra['cpu_ms']:.2f} ms "
+            "per task; one process, the same slow receiver",
+        )
         print(f"  choose: {best.config.label}")
-        if threads and prefork:
-            t, p = max(threads, key=lambda o: o.rate), max(prefork, key=lambda o: o.rate)
-            per_child = max(0.0, p.rss_mb - t.rss_mb) / p.config.concurrency
-            children = TARGET * args.latency
-            print(
-                "  why: a delivery mostly waits for the partner, so a process needs as many "
-                "requests in flight as rate x latency "
-                f"({TARGET:.0f}/s x {args.latency * 1000:.0f} ms = {children:.0f}). "
-                f"Threads give that in one process ({t.config.label}: {t.rss_mb:,.0f} MB PSS); "
-                f"prefork needs a child per request in flight, ~{per_child:.0f} MB each "
-                f"({p.config.label}: {p.rss_mb:,.0f} MB), so ~{children:.0f} children "
-                f"(~{children * per_child / 1024:.1f} GB). With threads the ceiling is then "
-                "the CPU spent per delivery under one GIL, not the pool: more threads than "
-                "rate x latency do not help."
-            )
+        print(
+            "  why: a delivery mostly waits for the partner, so a process needs as many requests "
+            f"in flight as rate x latency ({TARGET:.0f}/s x {args.latency * 1000:.0f} ms = "
+            f"{TARGET * args.latency:.0f}). Prefork needs a child process per request in "
+            "flight; threads and gevent hold them in one process, where the ceiling is the "
+            f"CPU per delivery under one GIL: {best.config.label} spends {best.cpu_ms:.2f} ms, "
+            f"so at most ~{1000 / best.cpu_ms:,.0f}/s per process on this machine."
+        )
         verdict(
             f">= {TARGET:.0f} deliveries/s per worker process",
             best.rate >= TARGET,

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from common import (
     CORES,
+    POOLS,
     Receiver,
     RedisInfo,
     add_common_args,
@@ -162,7 +163,7 @@ def bare_run(info: RedisInfo, workdir: Path, rate: float, args: argparse.Namespa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=CORES)
-    parser.add_argument("--pool", choices=["threads", "prefork", "solo"], default="threads")
+    parser.add_argument("--pool", choices=POOLS, default="threads")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--probe", type=int, default=1_500, help="events in the capacity probe")
     parser.add_argument("--load", type=float, default=0.5, help="fraction of the capacity")

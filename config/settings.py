@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="pr", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
 
     # Worker process model. Threads suit I/O-bound HTTP delivery; see README "Performance".
-    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_pool: Literal["threads", "gevent", "prefork", "solo"] = "threads"
     worker_concurrency: int = Field(default=16, ge=1, le=512)
     worker_prefetch_multiplier: int = Field(default=4, ge=1, le=128)
 

@@ -60,6 +60,19 @@ def write_destinations(tmp_path: Path) -> Callable[[str], Path]:
 
 
 @pytest.fixture
+def net_destination(receiver: PostbackReceiver, write_destinations: Callable[[str], Path]) -> Path:
+    """One templated destination, "net", receiving installs at the receiver's /pb."""
+    return write_destinations(f"""
+[[destination]]
+name = "net"
+kind = "templated"
+url = "{receiver.url}/pb?idfa=(idfa)"
+[[destination.routes]]
+type = "install"
+""")
+
+
+@pytest.fixture
 def make_producer(
     redis_url: str, redis_client: redis.Redis
 ) -> Callable[[Path, dict[str, str] | None], Producer]:

@@ -21,6 +21,7 @@ from config.destinations import (
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
 from workers.delay import DelaySet
+from workers.events import EventBatching
 from workers.ledger import DeliveryLedger
 from workers.runtime import WorkerRuntime, redis_client
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         _register_delivery_task(app, kind)
     _register_periodic_tasks(app)
     app.steps["worker"].add(DelayMover)
+    app.steps["consumer"].add(EventBatching)
     return app
 
 

@@ -48,7 +48,9 @@ def check_config() -> None:
     default=None,
     help="Comma-separated destination kinds to consume (default: every kind).",
 )
-@click.option("--pool", "-P", type=click.Choice(["threads", "prefork", "solo"]), default=None)
+@click.option(
+    "--pool", "-P", type=click.Choice(["threads", "gevent", "prefork", "solo"]), default=None
+)
 @click.option("--concurrency", "-c", type=int, default=None)
 @click.option("--hostname", "-n", default=None, help="Worker node name (celery -n).")
 def worker(
@@ -65,6 +67,13 @@ def worker(
         update={k: v for k, v in overrides.items() if v is not None}
     )
     settings = ctx.settings
+    if settings.worker_pool == "gevent" and not _gevent_patched():
+        # gevent must patch the standard library before anything imports it: start over, in
+        # this same process, through the module that patches first.
+        argv = ["worker", "--pool", "gevent", "-c", str(settings.worker_concurrency)]
+        argv += (["--queues", queues] if queues else []) + (["-n", hostname] if hostname else [])
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
     app = ctx.start_app()
     kinds = queues.split(",") if queues else list(ALL_KINDS)
     unknown = set(kinds) - set(ALL_KINDS)
@@ -89,6 +98,14 @@ def worker(
     if hostname:
         argv += ["--hostname", hostname]
     app.worker_main(argv)
+
+
+def _gevent_patched() -> bool:
+    if "gevent" not in sys.modules:
+        return False
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
 
 
 @main.command()

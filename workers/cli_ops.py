@@ -326,8 +326,8 @@ def x_check(destination: str, event_file: Any) -> None:
     from schemas.errors import InvalidEvent
     from schemas.event import ConversionEvent
     from workers.adapters.x_mact import XMactAdapter
+    from workers.http import http_session
     from workers.outcomes import Skipped
-    from workers.runtime import http_session
 
     ctx = context()
     dest = ctx.destinations.by_name.get(destination)

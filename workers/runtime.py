@@ -8,9 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-import requests
 import structlog
-from requests.adapters import HTTPAdapter
 
 from config.destinations import Destinations
 from config.keys import RedisKeys
@@ -20,6 +18,7 @@ from workers.adapters.base import mask_secrets
 from workers.attempts import AttemptLog
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.delay import DelaySet
+from workers.http import http_session
 from workers.ledger import DeliveryLedger
 from workers.metrics import MetricsRecorder
 from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
@@ -29,19 +28,6 @@ from workers.wire import TaskMessageEncoder
 from workers.xmp import XmpAggregator, XmpFlusher
 
 log = structlog.get_logger("postback_relay.worker")
-
-
-def http_session(settings: Settings) -> requests.Session:
-    """One pooled session per process: keep-alive to each partner, sized to the thread count."""
-    session = requests.Session()
-    adapter = HTTPAdapter(
-        pool_connections=32, pool_maxsize=max(10, settings.worker_concurrency), max_retries=0
-    )
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = settings.http_user_agent
-    session.max_redirects = 5
-    return session
 
 
 def redis_client(settings: Settings) -> redis.Redis:

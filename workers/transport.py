@@ -7,10 +7,18 @@
    through a connection it has already collected (AttributeError), and the worker exits. Here
    that restore is skipped: the messages stay in kombu's unacked hash and are restored once the
    visibility timeout passes, as after any crash.
+
+It also makes one thing cheaper: kombu builds a new ``redis.Redis`` client object for every
+publish, ack and unacked-index write (``conn_or_acquire``), and redis-py's client constructor
+is not cheap (it builds its response-callback table each time). That was ~10 % of a worker's
+CPU per delivery. A channel here builds one client over its connection pool and reuses it; a
+redis-py client holds no connection of its own, so sharing it between threads is safe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -42,6 +50,18 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    _shared_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        shared = self._shared_client
+        if shared is None or shared.connection_pool is not self.pool:
+            # A new pool (after a reconnect) gets a new client; the old one goes with it.
+            shared = self._shared_client = self._create_client()  # type: ignore[attr-defined]
+        yield shared
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

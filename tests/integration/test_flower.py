@@ -26,24 +26,10 @@ IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
 
 
 @pytest.fixture
-def destinations_file(
-    receiver: PostbackReceiver, write_destinations: Callable[[str], Path]
-) -> Path:
-    return write_destinations(f"""
-[[destination]]
-name = "net"
-kind = "templated"
-url = "{receiver.url}/pb?idfa=(idfa)"
-[[destination.routes]]
-type = "install"
-""")
-
-
-@pytest.fixture
-def flower(redis_url: str, destinations_file: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def flower(redis_url: str, net_destination: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     port = free_port()
     env = {**os.environ, "POSTBACK_RELAY_REDIS_URL": redis_url,
-           "POSTBACK_RELAY_DESTINATIONS_FILE": str(destinations_file),
+           "POSTBACK_RELAY_DESTINATIONS_FILE": str(net_destination),
            "POSTBACK_RELAY_FLOWER_USER": "ops", "POSTBACK_RELAY_FLOWER_PASSWORD": "s3cret-flower"}  # fmt: skip
     with (tmp_path / "flower.log").open("wb") as out:
         proc = subprocess.Popen(
@@ -70,12 +56,12 @@ def _get(flower: dict[str, Any], path: str, timeout: float = 60) -> Any:
 
 def test_flower_lists_the_worker_its_queue_and_readable_tasks_without_personal_data(
     flower: dict[str, Any],
-    destinations_file: Path,
+    net_destination: Path,
     start_worker: Callable[..., WorkerProcess],
     make_producer: Callable[[Path, dict[str, str] | None], Producer],
     receiver: PostbackReceiver,
 ) -> None:
-    start_worker(destinations_file, "--queues", "templated", "--hostname", "flowertest@%h")
+    start_worker(net_destination, "--queues", "templated", "--hostname", "flowertest@%h")
     deadline = time.monotonic() + 60
     workers: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -87,7 +73,7 @@ def test_flower_lists_the_worker_its_queue_and_readable_tasks_without_personal_d
     name = next(n for n in workers if n.startswith("flowertest@"))
     assert [q["name"] for q in workers[name]["active_queues"]] == ["postback.templated"]
 
-    (delivery_id,) = make_producer(destinations_file, None).produce(
+    (delivery_id,) = make_producer(net_destination, None).produce(
         {"event_id": "f1", "app_id": "id1", "platform": "ios", "event_name": "install",
          "event_time": "2026-11-22T10:00:00Z", "idfa": IDFA, "ip": "203.0.113.7"}
     ).accepted  # fmt: skip
@@ -113,11 +99,11 @@ def test_flower_refuses_requests_without_credentials(flower: dict[str, Any]) -> 
 
 
 def test_flower_will_not_start_open_without_credentials(
-    redis_url: str, destinations_file: Path
+    redis_url: str, net_destination: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_RELAY_FLOWER")}
     env.update(POSTBACK_RELAY_REDIS_URL=redis_url,
-               POSTBACK_RELAY_DESTINATIONS_FILE=str(destinations_file))  # fmt: skip
+               POSTBACK_RELAY_DESTINATIONS_FILE=str(net_destination))  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "workers.cli", "flower", "--address", "0.0.0.0"],
         env=env, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,

@@ -1,0 +1,72 @@
+"""The worker's HTTP session reads proxy and CA settings from the environment once, at start-up."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from config.settings import Settings
+from workers.http import StartupEnvSession, http_session
+from workers.sandbox.receiver import PostbackReceiver
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+              "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "REQUEST_METHOD")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_proxy_from_the_environment_carries_the_request(
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", receiver.url)
+    session = http_session(Settings())
+    # partner.invalid cannot resolve: the request can only arrive through the proxy.
+    response = session.get("http://partner.invalid/pb?idfa=1", timeout=5)
+    assert response.status_code == 200
+    (got,) = receiver.wait_for(1, timeout=5)
+    assert got.raw_target == "http://partner.invalid/pb?idfa=1"  # absolute form: a proxy request
+    assert got.headers["Host"] == "partner.invalid"
+
+
+def test_no_proxy_hosts_are_reached_directly(
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens: would fail
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+    session = http_session(Settings())
+    assert session.proxies_for(receiver.url + "/pb") == {}
+    assert session.proxies_for("http://partner.example/pb") == {"http": "http://127.0.0.1:9"}
+    assert session.get(receiver.url + "/pb?x=1", timeout=5).status_code == 200
+    (got,) = receiver.wait_for(1, timeout=5)
+    assert got.raw_target == "/pb?x=1"
+
+
+def test_the_environment_is_read_when_the_session_is_built_not_per_request(
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+) -> None:
+    session = StartupEnvSession()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # set after start-up: not used
+    assert session.get(receiver.url + "/pb", timeout=5).status_code == 200
+    with pytest.raises(requests.ConnectionError):
+        StartupEnvSession().get(receiver.url + "/pb", timeout=5)  # a new process would use it
+
+
+def test_ca_bundle_variables_set_verification(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert StartupEnvSession().verify is True
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/curl.pem")
+    assert StartupEnvSession().verify == "/etc/ssl/curl.pem"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/requests.pem")
+    assert StartupEnvSession().verify == "/etc/ssl/requests.pem"  # requests' precedence
+
+
+def test_an_explicit_proxies_argument_wins(
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    session = StartupEnvSession()
+    assert session.get(receiver.url + "/pb", proxies={}, timeout=5).status_code == 200
