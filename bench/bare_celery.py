@@ -54,10 +54,10 @@ app.conf.update(
 )
 
 if os.environ.get("BENCH_RELAY_TUNING") == "1":
-    from workers.app import TRANSPORT
+    # Not workers.app: importing it would hand Celery's logging set-up to structlog.
     from workers.events import EventBatching
 
-    app.conf.broker_transport = TRANSPORT
+    app.conf.broker_transport = "workers.transport:Transport"
     app.steps["consumer"].add(EventBatching)
 
 _client = redis.Redis.from_url(BROKER)

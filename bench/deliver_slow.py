@@ -161,6 +161,16 @@ def main() -> None:
                 "with a backlog the ideal rate cannot drain",
             )
             outcomes = [run_config(c, info, receiver, path, args) for c in configs]
+            best = max(outcomes, key=lambda o: o.rate)
+            bare = measure_bare(
+                info,
+                workdir,
+                max(1_000, int(best.rate * args.window * 2)),
+                workers=1,
+                pool=best.config.pool,
+                concurrency=best.config.concurrency,
+                http_url=receiver.url,
+            )
         finally:
             receiver.stop()
 
@@ -173,16 +183,6 @@ def main() -> None:
                 f"{o.processes} process(es), PSS {o.rss_mb:,.0f} MB"
                 + (f"; {o.pool_full:,} 'Connection pool is full' warnings" if o.pool_full else ""),
             )
-        best = max(outcomes, key=lambda o: o.rate)
-        bare = measure_bare(
-            info,
-            workdir,
-            max(1_000, int(best.rate * args.window * 2)),
-            workers=1,
-            pool=best.config.pool,
-            concurrency=best.config.concurrency,
-            http_url=receiver.url,
-        )
         row(
             f"reference: bare Celery + GET, {best.config.pool} x{best.config.concurrency}",
             f"{bare.per_second:,.0f} /s",

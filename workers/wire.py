@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 
 from config.keys import queue_for, task_name_for
 from schemas.envelope import DeliveryEnvelope
@@ -23,6 +24,8 @@ from schemas.envelope import DeliveryEnvelope
 class TaskMessageEncoder:
     def __init__(self, app: Celery) -> None:
         self._amqp = app.amqp
+        # The "origin" header (who sent the task); Celery would work it out for every message.
+        self._origin = anon_nodename()
 
     def encode_envelope(self, envelope: DeliveryEnvelope, task_id: str) -> str:
         """The delivery task message for ``envelope``, addressed to its kind's queue.
@@ -53,7 +56,7 @@ class TaskMessageEncoder:
         task_id = task_id or str(uuid.uuid4())
         # Celery builds the protocol-2 headers and the embed part; the args are already JSON.
         headers, properties, body, _ = self._amqp.create_task_message(
-            task_id, task_name, (), {}, argsrepr=argsrepr, kwargsrepr="{}"
+            task_id, task_name, (), {}, argsrepr=argsrepr, kwargsrepr="{}", origin=self._origin
         )
         _, kwargs, embed = body
         raw = f"[{args_json},{json.dumps(kwargs)},{json.dumps(embed)}]".encode()
