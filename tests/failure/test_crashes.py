@@ -551,7 +551,7 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_not_looped(
         if req.path == "/pb/killer":
             arrivals.append(time.time())
             arrived.release()
-            release.wait(30)
+            release.wait(120)  # held until the test ends (finally: release.set())
         return Answer(200)
 
     receiver.responder = hold_the_killer
