@@ -324,6 +324,15 @@ class WorkerProc:
 
 
 def wait_ready(workers: Sequence[WorkerProc], timeout: float = 60.0) -> None:
+    """Wait for every worker's "ready."; if one never gets there, stop them all (none leaks)."""
+    try:
+        _wait_ready(workers, timeout)
+    except BaseException:
+        stop_all(workers)
+        raise
+
+
+def _wait_ready(workers: Sequence[WorkerProc], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(w.is_ready() for w in workers):
