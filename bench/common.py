@@ -35,13 +35,13 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 
 from config.destinations import load_destinations  # noqa: E402
-from config.settings import Settings  # noqa: E402
+from config.settings import WORKER_POOLS, Settings  # noqa: E402
 from producers.produce import Producer  # noqa: E402
 from workers.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
 
 BENCH_DIR = ROOT / "bench"
 CORES = os.cpu_count() or 1
-POOLS = ["threads", "gevent", "prefork", "solo"]
+POOLS = list(WORKER_POOLS)
 IDFA_NS = uuid.UUID("4b8a8c1e-2f7e-4a55-9d3c-0d1f6f1e2a10")
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "POSTBACK_RELAY_"
+
+
+WorkerPool = Literal["threads", "gevent", "prefork", "solo"]
+WORKER_POOLS: tuple[str, ...] = get_args(WorkerPool)
 
 
 class Settings(BaseSettings):
@@ -40,7 +44,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="pr", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
 
     # Worker process model. Threads suit I/O-bound HTTP delivery; see README "Performance".
-    worker_pool: Literal["threads", "gevent", "prefork", "solo"] = "threads"
+    worker_pool: WorkerPool = "threads"
     worker_concurrency: int = Field(default=16, ge=1, le=512)
     worker_prefetch_multiplier: int = Field(default=4, ge=1, le=128)
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from config.keys import queue_for
+from config.settings import WORKER_POOLS
 from workers.cli_ops import register as register_operator_commands
 from workers.cli_support import context
 
@@ -48,9 +49,7 @@ def check_config() -> None:
     default=None,
     help="Comma-separated destination kinds to consume (default: every kind).",
 )
-@click.option(
-    "--pool", "-P", type=click.Choice(["threads", "gevent", "prefork", "solo"]), default=None
-)
+@click.option("--pool", "-P", type=click.Choice(WORKER_POOLS), default=None)
 @click.option("--concurrency", "-c", type=int, default=None)
 @click.option("--hostname", "-n", default=None, help="Worker node name (celery -n).")
 def worker(
