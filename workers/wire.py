@@ -1,16 +1,21 @@
 """Celery task messages in the exact form kombu's Redis transport puts on a list.
 
 produce() and the delay-set mover write these with one Lua call (dedupe + enqueue atomically,
-in one round trip for a whole batch), which kombu's publish API cannot do. The body is built by
-Celery's own ``create_task_message`` and serialised by kombu, so the protocol stays theirs; only
-the envelope kombu's Redis channel wraps around it is assembled here (see
-``kombu.transport.virtual.base.Channel.prepare_message`` / ``basic_publish``).
+in one round trip for a whole batch), which kombu's publish API cannot do. The headers and
+body tail come from Celery's own ``create_task_message`` and the JSON from kombu's layout, so
+the protocol stays theirs; only the envelope kombu's Redis channel wraps around it is assembled
+here (see ``kombu.transport.virtual.base.Channel.prepare_message`` / ``basic_publish``).
+
+Celery's message for a task differs from one call to the next only in the task id, the argsrepr,
+the body and kombu's delivery tag, so each task name's message is laid out once, as JSON text
+with four slots, and every message after that is the slots filled in (produce_many's hot path).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from typing import Any
 
@@ -20,18 +25,69 @@ from celery.utils.nodenames import anon_nodename
 from config.keys import queue_for, task_name_for
 from schemas.envelope import DeliveryEnvelope
 
+_SLOTS = ("task_id", "argsrepr", "body", "delivery_tag")
+_SLOT = re.compile(r'"\\u0000(' + "|".join(_SLOTS) + r')\\u0000"')
+
+
+class _MessageLayout:
+    """One task's wire message as JSON text with slots; ``fill`` puts the values in."""
+
+    def __init__(self, amqp: Any, task_name: str, queue: str, origin: str) -> None:
+        mark = {slot: f"\x00{slot}\x00" for slot in _SLOTS}
+        headers, properties, body, _ = amqp.create_task_message(
+            mark["task_id"], task_name, (), {}, argsrepr=mark["argsrepr"], kwargsrepr="{}",
+            origin=origin,
+        )  # fmt: skip
+        _, kwargs, embed = body
+        # The body is [args, kwargs, embed]; args come per message, the rest is fixed.
+        self.body_tail = f",{json.dumps(kwargs)},{json.dumps(embed)}]".encode()
+        message = {
+            "body": mark["body"],
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": 2,
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": mark["delivery_tag"],
+                "delivery_info": {"exchange": "", "routing_key": queue},
+            },
+        }
+        pieces = _SLOT.split(json.dumps(message, separators=(",", ":")))
+        self.literals = pieces[0::2]
+        self.slots = pieces[1::2]
+        if sorted(set(self.slots)) != sorted(_SLOTS) or "\\u0000" in "".join(self.literals):
+            # A Celery whose message carries the task id somewhere new must not be half-filled.
+            raise RuntimeError(f"unexpected Celery task message layout: {self.slots}")
+
+    def fill(self, task_id: str, argsrepr: str, args_json: str) -> str:
+        raw = b"[" + args_json.encode() + self.body_tail
+        values = {
+            "task_id": json.dumps(task_id),
+            "argsrepr": json.dumps(argsrepr),
+            "body": '"' + base64.b64encode(raw).decode("ascii") + '"',
+            "delivery_tag": '"' + str(uuid.uuid4()) + '"',
+        }
+        out = [self.literals[0]]
+        for slot, literal in zip(self.slots, self.literals[1:], strict=True):
+            out += (values[slot], literal)
+        return "".join(out)
+
 
 class TaskMessageEncoder:
     def __init__(self, app: Celery) -> None:
         self._amqp = app.amqp
         # The "origin" header (who sent the task); Celery would work it out for every message.
         self._origin = anon_nodename()
+        self._layouts: dict[tuple[str, str], _MessageLayout] = {}
 
     def encode_envelope(self, envelope: DeliveryEnvelope, task_id: str) -> str:
         """The delivery task message for ``envelope``, addressed to its kind's queue.
 
         The envelope is serialised once, by pydantic, straight into Celery's body
-        ``[args, kwargs, embed]`` (produce_many's hot path: no dict round trip)."""
+        ``[args, kwargs, embed]`` (no dict round trip)."""
         return self._wire(
             task_name_for(envelope.kind),
             queue_for(envelope.kind),
@@ -53,28 +109,11 @@ class TaskMessageEncoder:
     def _wire(
         self, task_name: str, queue: str, args_json: str, argsrepr: str, task_id: str | None
     ) -> str:
-        task_id = task_id or str(uuid.uuid4())
-        # Celery builds the protocol-2 headers and the embed part; the args are already JSON.
-        headers, properties, body, _ = self._amqp.create_task_message(
-            task_id, task_name, (), {}, argsrepr=argsrepr, kwargsrepr="{}", origin=self._origin
-        )
-        _, kwargs, embed = body
-        raw = f"[{args_json},{json.dumps(kwargs)},{json.dumps(embed)}]".encode()
-        message = {
-            "body": base64.b64encode(raw).decode("ascii"),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": headers,
-            "properties": {
-                **properties,
-                "delivery_mode": 2,
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-                "delivery_info": {"exchange": "", "routing_key": queue},
-            },
-        }
-        return json.dumps(message, separators=(",", ":"))
+        layout = self._layouts.get((task_name, queue))
+        if layout is None:
+            layout = _MessageLayout(self._amqp, task_name, queue, self._origin)
+            self._layouts[(task_name, queue)] = layout
+        return layout.fill(task_id or str(uuid.uuid4()), argsrepr, args_json)
 
 
 def decode_task_args(wire: str) -> tuple[dict[str, Any], list[Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from config.keys import RedisKeys, queue_for, task_name_for
 from producers.produce import Producer, set_default_producer
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
-from workers.wire import decode_task_args
+from workers.wire import TaskMessageEncoder, decode_task_args
 
 QUEUE = queue_for("templated")
 KEYS = RedisKeys("pr")
@@ -203,6 +204,43 @@ def test_wire_message_has_the_shape_celery_itself_publishes(
     assert ours["content-type"] == theirs["content-type"] == "application/json"
     assert ours["headers"]["argsrepr"].startswith("{'delivery_id'")
     assert "6D92078A" not in ours["headers"]["argsrepr"]
+
+
+def test_messages_laid_out_once_differ_only_in_their_own_values() -> None:
+    """The cached layout fills in the task id (three places), argsrepr, body and delivery tag;
+    each message reads back with exactly its own values, quotes and non-ASCII included."""
+    encoder = TaskMessageEncoder(Celery("layout", set_as_current=False))
+    first = json.loads(encoder.encode("t.name", "q1", ({"a": 1},), "{'x': \"ü\"}", "id-1"))
+    second = json.loads(encoder.encode("t.name", "q1", (["b"],), "plain", "id-2"))
+    other_queue = json.loads(encoder.encode("t.name", "q2", ([],), "r"))
+
+    for message, task_id, args, argsrepr in (
+        (first, "id-1", [{"a": 1}], "{'x': \"ü\"}"),
+        (second, "id-2", [["b"]], "plain"),
+    ):
+        headers, decoded_args = decode_task_args(json.dumps(message))
+        assert headers["id"] == headers["root_id"] == task_id
+        assert message["properties"]["correlation_id"] == task_id
+        assert headers["argsrepr"] == argsrepr
+        assert decoded_args == args
+        assert json.loads(base64.b64decode(message["body"]))[1:] == [
+            {},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
+    assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+    assert other_queue["properties"]["delivery_info"]["routing_key"] == "q2"
+    assert len(other_queue["headers"]["id"]) == 36  # a fresh uuid when none is given
+
+    def strip(message: dict[str, Any]) -> dict[str, Any]:
+        message = json.loads(json.dumps(message))
+        for key in ("id", "root_id", "argsrepr"):
+            message["headers"].pop(key)
+        for key in ("correlation_id", "delivery_tag"):
+            message["properties"].pop(key)
+        message.pop("body")
+        return message
+
+    assert strip(first) == strip(second)
 
 
 def test_module_level_produce_builds_its_producer_from_the_environment(
