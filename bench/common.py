@@ -35,13 +35,14 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 
 from config.destinations import load_destinations  # noqa: E402
-from config.settings import WORKER_POOLS, Settings  # noqa: E402
+from config.settings import DEFAULT_CONCURRENCY, WORKER_POOLS, Settings  # noqa: E402
 from producers.produce import Producer  # noqa: E402
 from workers.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
 
 BENCH_DIR = ROOT / "bench"
 CORES = os.cpu_count() or 1
 POOLS = list(WORKER_POOLS)
+DEFAULT_POOL: str = Settings.model_fields["worker_pool"].default
 IDFA_NS = uuid.UUID("4b8a8c1e-2f7e-4a55-9d3c-0d1f6f1e2a10")
 
 
@@ -106,6 +107,21 @@ class RedisInfo:
             f"{self.source} redis {info.get('redis_version')} at {self.url} "
             f"(appendonly={aof_on}, appendfsync={aof})"
         )
+
+
+def add_pool_args(parser: argparse.ArgumentParser, *, pool: bool = True) -> None:
+    """--pool and --concurrency, defaulting to what ``postback-relay worker`` runs by default;
+    read them back with ``pool_args``."""
+    if pool:
+        parser.add_argument("--pool", choices=POOLS, default=DEFAULT_POOL)
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="per worker process (default: the pool's)"
+    )
+
+
+def pool_args(args: argparse.Namespace) -> tuple[str, int]:
+    pool = getattr(args, "pool", DEFAULT_POOL)
+    return pool, args.concurrency or DEFAULT_CONCURRENCY[pool]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -357,8 +373,8 @@ def start_relay_workers(
     workdir: Path,
     *,
     queues: str = "templated",
-    pool: str | None = "threads",
-    concurrency: int | None = 16,
+    pool: str | None = None,
+    concurrency: int | None = None,
     tag: str = "relay",
 ) -> list[WorkerProc]:
     """``pool``/``concurrency`` None: not on the command line (POSTBACK_RELAY_WORKER_* decide)."""
@@ -380,8 +396,8 @@ def start_bare_workers(
     redis_url: str,
     workdir: Path,
     *,
-    pool: str = "threads",
-    concurrency: int = 16,
+    pool: str = DEFAULT_POOL,
+    concurrency: int = DEFAULT_CONCURRENCY[DEFAULT_POOL],
     prefetch: int = 4,
     loglevel: str = "INFO",
     tuned: bool = False,

@@ -22,12 +22,12 @@ from typing import Any
 
 from common import (
     CORES,
-    POOLS,
     Receiver,
     RedisInfo,
     Timed,
     WorkerProc,
     add_common_args,
+    add_pool_args,
     effective_settings,
     header,
     log_warning_count,
@@ -36,6 +36,7 @@ from common import (
     make_producer,
     measure_bare,
     new_run_id,
+    pool_args,
     produce_all,
     redis_cpu_seconds,
     redis_server,
@@ -94,13 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deliveries", type=int, default=5_000)
     parser.add_argument("--workers", type=int, default=CORES, help="worker processes")
-    parser.add_argument("--pool", choices=POOLS, default="threads")
-    parser.add_argument("--concurrency", type=int, default=16, help="per worker process")
+    add_pool_args(parser)
     parser.add_argument(
         "--no-http-reference", action="store_true", help="skip the bare Celery + GET reference"
     )
     add_common_args(parser)
     args = parser.parse_args()
+    args.pool, args.concurrency = pool_args(args)
 
     with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
         receiver = Receiver(workdir)

@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from common import (
     CORES,
-    POOLS,
     Receiver,
     RedisInfo,
     add_common_args,
+    add_pool_args,
     bare_enqueue,
     effective_settings,
     header,
@@ -35,6 +35,7 @@ from common import (
     make_producer,
     new_run_id,
     percentile,
+    pool_args,
     produce_all,
     redis_server,
     relay_env,
@@ -163,13 +164,13 @@ def bare_run(info: RedisInfo, workdir: Path, rate: float, args: argparse.Namespa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=CORES)
-    parser.add_argument("--pool", choices=POOLS, default="threads")
-    parser.add_argument("--concurrency", type=int, default=16)
+    add_pool_args(parser)
     parser.add_argument("--probe", type=int, default=1_500, help="events in the capacity probe")
     parser.add_argument("--load", type=float, default=0.5, help="fraction of the capacity")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady load duration")
     add_common_args(parser)
     args = parser.parse_args()
+    args.pool, args.concurrency = pool_args(args)
 
     with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
         receiver = Receiver(workdir, targets=True)

@@ -26,12 +26,14 @@ from common import (
     Receiver,
     WorkerProc,
     add_common_args,
+    add_pool_args,
     bare_enqueue,
     header,
     machine,
     make_events,
     make_producer,
     new_run_id,
+    pool_args,
     produce_all,
     redis_server,
     relay_env,
@@ -83,12 +85,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deliveries", type=int, default=20_000)
     parser.add_argument("--sample-every", type=int, default=None, help="default N/10")
-    parser.add_argument("--concurrency", type=int, default=16)
+    add_pool_args(parser)
     parser.add_argument(
         "--bare-baseline", action="store_true", help="also run a bare Celery worker alongside"
     )
     add_common_args(parser)
     args = parser.parse_args()
+    args.pool, args.concurrency = pool_args(args)
     total = args.deliveries
     step = args.sample_every or max(1_000, total // 10)
 
@@ -102,15 +105,17 @@ def main() -> None:
                 "memory: worker RSS over many deliveries",
                 machine=machine(),
                 redis=info.describe(),
-                worker=f"1 process, threads, concurrency {args.concurrency}",
+                worker=f"1 process, {args.pool}, concurrency {args.concurrency}",
                 deliveries=f"{total:,}, sampled every {step:,}",
             )
             producer = make_producer(info.url, path)
             relay_w = start_relay_workers(
-                1, relay_env(info.url, path), workdir, concurrency=args.concurrency
+                1, relay_env(info.url, path), workdir, pool=args.pool, concurrency=args.concurrency
             )
             bare_w = (
-                start_bare_workers(1, info.url, workdir, concurrency=args.concurrency)
+                start_bare_workers(
+                    1, info.url, workdir, pool=args.pool, concurrency=args.concurrency
+                )
                 if args.bare_baseline
                 else []
             )

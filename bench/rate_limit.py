@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 from common import (
     Receiver,
     add_common_args,
+    add_pool_args,
     effective_settings,
     header,
     machine,
@@ -25,6 +26,7 @@ from common import (
     make_producer,
     max_in_any_window,
     new_run_id,
+    pool_args,
     produce_all,
     redis_server,
     relay_env,
@@ -88,9 +90,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=3_000)
     parser.add_argument("--baseline", type=int, default=2_000, help="events, unlimited")
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
+    add_pool_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
+    args.pool, args.concurrency = pool_args(args)
     keys = RedisKeys()
 
     with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
@@ -104,14 +107,16 @@ def main() -> None:
                 f'"{args.limit}/second"',
                 machine=machine(),
                 redis=info.describe(),
-                workers=f"{args.workers} x threads, concurrency {args.concurrency}; "
+                workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}; "
                 f"delay_mover_interval={settings.delay_mover_interval:g} s, "
                 f"short_delay_seconds={settings.short_delay_seconds:g}",
                 events=f"{args.events:,} produced at once (ideal run: "
                 f"{args.events / args.limit:.1f} s)",
             )
             producer = make_producer(info.url, path)
-            workers = start_relay_workers(args.workers, env, workdir, concurrency=args.concurrency)
+            workers = start_relay_workers(
+                args.workers, env, workdir, pool=args.pool, concurrency=args.concurrency
+            )
             try:
                 free = make_events(args.baseline, "free-" + new_run_id(), app_id=FREE_APP)
                 started = time.monotonic()

@@ -32,11 +32,13 @@ from common import (
     IDFA_NS,
     RedisInfo,
     add_common_args,
+    add_pool_args,
     header,
     machine,
     make_producer,
     measure_bare,
     new_run_id,
+    pool_args,
     produce_all,
     redis_server,
     relay_env,
@@ -135,9 +137,10 @@ def main() -> None:
     parser.add_argument("--worker-events", type=int, default=4_000)
     parser.add_argument("--record-keys", type=int, default=300, help="distinct XMP records")
     parser.add_argument("--workers", type=int, default=CORES)
-    parser.add_argument("--concurrency", type=int, default=16)
+    add_pool_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
+    args.pool, args.concurrency = pool_args(args)
     keys = RedisKeys()
 
     with (
@@ -152,7 +155,7 @@ def main() -> None:
             machine=machine(),
             redis=info.describe(),
             events=f"installs + purchases over ~{args.record_keys} record keys (one day)",
-            workers=f"{args.workers} x threads, concurrency {args.concurrency}, --queues xmp",
+            workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}, --queues xmp",
         )
         os.environ["XMP_TOKEN"] = TOKEN  # the in-process producer resolves the credential
         producer = make_producer(info.url, path)
@@ -162,7 +165,13 @@ def main() -> None:
         add_rate, floor_rate = loop_figures(info, dest, keys, args.loop_events, args.record_keys)
 
         workers = start_relay_workers(
-            args.workers, env, workdir, queues="xmp", concurrency=args.concurrency, tag="xmp"
+            args.workers,
+            env,
+            workdir,
+            queues="xmp",
+            pool=args.pool,
+            concurrency=args.concurrency,
+            tag="xmp",
         )
         try:
             warm = xmp_events(2 * args.workers * args.concurrency, "warm-" + new_run_id(), 10)
@@ -180,7 +189,7 @@ def main() -> None:
             stop_all(workers)
 
         bare = measure_bare(
-            info, workdir, args.worker_events, workers=args.workers, pool="threads",
+            info, workdir, args.worker_events, workers=args.workers, pool=args.pool,
             concurrency=args.concurrency,
         )  # fmt: skip
 

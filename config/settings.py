@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -11,8 +12,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "POSTBACK_RELAY_"
 
 
-WorkerPool = Literal["threads", "gevent", "prefork", "solo"]
+WorkerPool = Literal["gevent", "threads", "prefork", "solo"]
 WORKER_POOLS: tuple[str, ...] = get_args(WorkerPool)
+# Requests in flight per worker process when no concurrency is set. A greenlet costs a few KB,
+# a thread about a megabyte of stack, a prefork child a whole process (one per core).
+DEFAULT_CONCURRENCY: dict[str, int] = {
+    "gevent": 64,
+    "threads": 16,
+    "prefork": os.cpu_count() or 1,
+    "solo": 1,
+}
 
 
 class Settings(BaseSettings):
@@ -43,9 +52,11 @@ class Settings(BaseSettings):
     # Redis key prefix for everything that is not the Celery broker's own keys.
     key_prefix: str = Field(default="pr", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
 
-    # Worker process model. Threads suit I/O-bound HTTP delivery; see README "Performance".
-    worker_pool: WorkerPool = "threads"
-    worker_concurrency: int = Field(default=16, ge=1, le=512)
+    # Worker process model. A delivery mostly waits on the partner: gevent holds many in one
+    # process for the least CPU per delivery; see README "Performance" for the figures.
+    worker_pool: WorkerPool = "gevent"
+    # None: the pool's own default (DEFAULT_CONCURRENCY); see ``concurrency``.
+    worker_concurrency: int | None = Field(default=None, ge=1, le=512)
     worker_prefetch_multiplier: int = Field(default=4, ge=1, le=128)
 
     # Timeouts nest (ARCHITECTURE rule 3): HTTP < soft limit < hard limit < visibility timeout.
@@ -100,3 +111,8 @@ class Settings(BaseSettings):
         if (self.flower_user is None) != (self.flower_password is None):
             raise ValueError("flower_user and flower_password must be set together")
         return self
+
+    @property
+    def concurrency(self) -> int:
+        """Requests a worker process runs at once: the setting, or its pool's default."""
+        return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]

@@ -41,6 +41,12 @@ class PostbackRelay(Celery):
     runtime: WorkerRuntime
 
 
+def unacked_mutex_expire(visibility_timeout: int) -> int:
+    """Half the visibility timeout, at most kombu's 300 s: a lock left by a dead worker never
+    holds messages back for much longer than the timeout they already wait."""
+    return max(1, min(300, visibility_timeout // 2))
+
+
 def create_app(settings: Settings, destinations: Destinations | None = None) -> PostbackRelay:
     """Build the app from settings; the destinations file is validated here, at start-up."""
     if destinations is None:
@@ -65,6 +71,11 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # they come back soon after the visibility timeout.
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # The restore runs under a Redis lock that expires after this. A worker killed
+            # while holding it (likely with gevent, whose loop restores on every idle poll)
+            # would otherwise block every restore for kombu's 5 minutes; overlapping restores
+            # are safe (each is a WATCHed transaction), a stuck lock is not.
+            "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout),
         },
         broker_heartbeat=0,
         task_ignore_result=True,

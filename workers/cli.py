@@ -69,7 +69,7 @@ def worker(
     if settings.worker_pool == "gevent" and not _gevent_patched():
         # gevent must patch the standard library before anything imports it: start over, in
         # this same process, through the module that patches first.
-        argv = ["worker", "--pool", "gevent", "-c", str(settings.worker_concurrency)]
+        argv = ["worker", "--pool", "gevent", "-c", str(settings.concurrency)]
         argv += (["--queues", queues] if queues else []) + (["-n", hostname] if hostname else [])
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
@@ -87,7 +87,7 @@ def worker(
         "--pool",
         settings.worker_pool,
         "--concurrency",
-        str(settings.worker_concurrency),
+        str(settings.concurrency),
         "--loglevel",
         settings.log_level,
         "--without-mingle",

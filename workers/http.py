@@ -56,7 +56,7 @@ def http_session(settings: Settings) -> StartupEnvSession:
     """One pooled session per process: keep-alive to each partner, sized to the concurrency."""
     session = StartupEnvSession()
     adapter = HTTPAdapter(
-        pool_connections=32, pool_maxsize=max(10, settings.worker_concurrency), max_retries=0
+        pool_connections=32, pool_maxsize=max(10, settings.concurrency), max_retries=0
     )
     session.mount("http://", adapter)
     session.mount("https://", adapter)

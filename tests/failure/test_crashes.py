@@ -5,12 +5,11 @@ asserts counts: which delivery ids reached the partner with a 2xx, how many dupl
 in the dead-letter store.
 
 A note on kombu's visibility-timeout restore, which several tests rely on: kombu 5.7's Redis
-transport scans for unacked messages older than ``visibility_timeout`` once when a consumer
-starts polling, and afterwards only every ``unacked_restore_interval * unacked_restore_throttle``
-seconds (10 * 10 = 100 s by default; the app does not set them). So the messages a dead worker
-held come back when a worker (re)starts at least one visibility timeout after they were taken,
-which is what a supervisor restarting the crashed worker does; the tests start the replacement
-worker after that point, then wait for the restore with a generous bound.
+transport scans for unacked messages older than ``visibility_timeout`` when a consumer starts
+polling, and afterwards every ``unacked_restore_interval * unacked_restore_throttle`` seconds
+(the app sets 10 * 1) or, with gevent, on idle polls. So the messages a dead worker held come
+back once they are older than the visibility timeout and a worker is polling; the tests start
+the replacement worker after that point, then wait for the restore with a generous bound.
 """
 
 from __future__ import annotations
@@ -102,7 +101,9 @@ def tail(*workers: WorkerProcess, chars: int = 2500) -> str:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("pool", ["gevent", "threads"])
 def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
+    pool: str,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -123,10 +124,9 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     accepted = {d for r in results for d in r.accepted}
     assert len(accepted) == 2000
 
-    doomed = start_worker(path, env=CRASH_ENV)
-    survivor = start_worker(
-        path, "--queues", "templated", "--concurrency", "4", "--hostname", "w2@%h", env=CRASH_ENV
-    )
+    options = ["--queues", "templated", "--pool", pool, "--concurrency", "4"]
+    doomed = start_worker(path, *options, env=CRASH_ENV)
+    survivor = start_worker(path, *options, "--hostname", "w2@%h", env=CRASH_ENV)
     assert wait_until(lambda: len(receiver.received()) >= 400, 60), tail(doomed, survivor)
     doomed.signal(signal.SIGKILL)
     killed_at = time.time()
@@ -138,7 +138,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.llen(QUEUE) == 0, 60), tail(survivor)
     sleep_until(killed_at + VISIBILITY + 1)
     stranded = accepted - set(ok_keys(receiver))
-    replacement = start_worker(path, env=CRASH_ENV)
+    replacement = start_worker(path, *options, env=CRASH_ENV)
 
     assert all_delivered(receiver, accepted, timeout=60), (
         f"{len(accepted - set(ok_keys(receiver)))} never delivered\n" + tail(survivor, replacement)

@@ -33,7 +33,11 @@ def test_defaults() -> None:
     settings = Settings()
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.destinations_file == Path("config/destinations.toml")
-    assert settings.worker_pool == "threads"
+    assert settings.worker_pool == "gevent"
+    assert settings.worker_concurrency is None
+    assert settings.concurrency == 64  # the gevent pool's default
+    assert settings.model_copy(update={"worker_pool": "threads"}).concurrency == 16
+    assert settings.model_copy(update={"worker_concurrency": 5}).concurrency == 5
     assert settings.flower_user is None
     assert settings.flower_password is None
 
@@ -60,7 +64,7 @@ def test_reads_prefixed_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unprefixed_names_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_CONCURRENCY", "99")
-    assert Settings().worker_concurrency == 16
+    assert Settings().worker_concurrency is None
 
 
 def test_invalid_env_value_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from kombu import Connection
 
-from workers.app import TRANSPORT
+from config.settings import Settings
+from workers.app import TRANSPORT, create_app
 
 
 @pytest.fixture
@@ -54,3 +56,32 @@ def test_messages_still_go_round_trip_with_acks(connection: Connection) -> None:
     finally:
         queue.clear()
         queue.close()
+
+
+@pytest.mark.parametrize(("visibility", "expected"), [(10, 5), (3600, 300)])
+def test_a_restore_lock_left_by_a_dead_worker_expires_within_half_the_visibility_timeout(
+    visibility: int, expected: int, redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """kombu restores a dead worker's messages under a Redis lock (5 minutes by default). A
+    worker killed while holding it, likely with gevent, whose loop restores on every idle poll,
+    would hold every restore back that long; the app's lock expires after half the timeout."""
+    destinations = tmp_path / "destinations.toml"
+    destinations.write_text("")
+    settings = Settings(
+        redis_url=redis_url,
+        destinations_file=destinations,
+        visibility_timeout=visibility,
+        task_soft_time_limit=6,
+        task_time_limit=8,
+        http_connect_timeout=1,
+        http_read_timeout=2,
+    )
+    app = create_app(settings)
+    with app.connection_for_write() as conn:
+        qos = conn.default_channel.qos
+        assert qos.unacked_mutex_expire == expected
+        # What the worker leaves behind when it dies inside kombu's restore: the lock, taken as
+        # kombu takes it and never released.
+        lock = redis_client.lock(qos.unacked_mutex_key, timeout=qos.unacked_mutex_expire)
+        assert lock.acquire(blocking=False)
+        assert 0 < redis_client.ttl(qos.unacked_mutex_key) <= expected
