@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--configs",
-        default="threads:64,threads:128,gevent:64,gevent:128,prefork:8,gevent:128:env",
+        default="gevent:64,gevent:128,threads:64,threads:128,prefork:8,gevent:64:env",
         help="pool:concurrency[:env],... (env: pool and concurrency from the environment)",
     )
     parser.add_argument("--latency", type=float, default=0.1, help="partner answer delay (s)")

@@ -83,7 +83,7 @@ class Series:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--deliveries", type=int, default=20_000)
+    parser.add_argument("--deliveries", type=int, default=100_000)
     parser.add_argument("--sample-every", type=int, default=None, help="default N/10")
     add_pool_args(parser)
     parser.add_argument(
