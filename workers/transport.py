@@ -8,7 +8,8 @@
    that restore is skipped: the messages stay in kombu's unacked hash and are restored once the
    visibility timeout passes, as after any crash.
 
-It also makes one thing cheaper: kombu builds a new ``redis.Redis`` client object for every
+It also stops sooner on SIGTERM with the gevent pool (``Transport.drain_events``), and makes one
+thing cheaper: kombu builds a new ``redis.Redis`` client object for every
 publish, ack and unacked-index write (``conn_or_acquire``), and redis-py's client constructor
 is not cheap (it builds its response-callback table each time). That was ~10 % of a worker's
 CPU per delivery. A channel here builds one client over its connection pool and reuses it; a
@@ -75,3 +76,11 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        """Celery's blocking loop (the gevent pool's) waits in here for up to 2 s of empty polls
+        before it looks for a requested shutdown again; one BRPOP wait (1 s) is enough, so a
+        SIGTERM is acted on within about a second instead of three."""
+        if timeout is not None:
+            timeout = min(timeout, self.brpop_timeout)
+        super().drain_events(connection, timeout=timeout, **kwargs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -85,3 +87,27 @@ def test_a_restore_lock_left_by_a_dead_worker_expires_within_half_the_visibility
         lock = redis_client.lock(qos.unacked_mutex_key, timeout=qos.unacked_mutex_expire)
         assert lock.acquire(blocking=False)
         assert 0 < redis_client.ttl(qos.unacked_mutex_key) <= expected
+
+
+def test_the_blocking_loop_waits_one_brpop_at_a_time_so_a_shutdown_is_seen_sooner(
+    connection: Connection,
+) -> None:
+    """Celery's gevent loop calls drain_events(timeout=2.0) and checks for SIGTERM in between."""
+    queue = connection.SimpleQueue("transport-drain-test")
+    try:
+        queue.consumer.consume()
+        transport = connection.transport
+        waits: list[float | None] = []
+        real_get = transport.cycle.get
+
+        def get(callback: Any, timeout: float | None = None) -> Any:
+            waits.append(timeout)
+            return real_get(callback, timeout=timeout)
+
+        transport.cycle.get = get
+        with pytest.raises(socket.timeout):
+            connection.drain_events(timeout=2.0)
+        assert waits, "drain_events never polled"
+        assert all(w == transport.brpop_timeout == 1 for w in waits)
+    finally:
+        queue.close()
