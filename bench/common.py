@@ -109,19 +109,17 @@ class RedisInfo:
         )
 
 
-def add_pool_args(parser: argparse.ArgumentParser, *, pool: bool = True) -> None:
+def add_pool_args(parser: argparse.ArgumentParser) -> None:
     """--pool and --concurrency, defaulting to what ``postback-relay worker`` runs by default;
     read them back with ``pool_args``."""
-    if pool:
-        parser.add_argument("--pool", choices=POOLS, default=DEFAULT_POOL)
+    parser.add_argument("--pool", choices=POOLS, default=DEFAULT_POOL)
     parser.add_argument(
         "--concurrency", type=int, default=None, help="per worker process (default: the pool's)"
     )
 
 
 def pool_args(args: argparse.Namespace) -> tuple[str, int]:
-    pool = getattr(args, "pool", DEFAULT_POOL)
-    return pool, args.concurrency or DEFAULT_CONCURRENCY[pool]
+    return args.pool, args.concurrency or DEFAULT_CONCURRENCY[args.pool]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
