@@ -81,7 +81,7 @@ _session_lock = threading.Lock()
 
 
 def _http() -> requests.Session:
-    """One pooled session per process, sized like postback-relay's (workers/runtime.py)."""
+    """One pooled session per process, sized like postback-relay's (workers/http.py)."""
     global _session  # noqa: PLW0603
     with _session_lock:
         if _session is None:

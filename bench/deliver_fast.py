@@ -1,6 +1,6 @@
 """End-to-end deliveries/s against a partner that answers at once, vs a bare Celery pipeline.
 
-postback-relay: W ``postback-relay worker`` processes (threads pool by default) on the
+postback-relay: W ``postback-relay worker`` processes (the worker's default pool) on the
 templated queue; the clock runs from the first produce_many() call until the receiver (its own
 process) has counted all N requests. Baseline: W workers of bench/bare_celery.py (a no-op task
 that only increments a Redis counter) with the same pool, concurrency, prefetch, acks_late,

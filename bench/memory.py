@@ -1,6 +1,6 @@
 """Worker memory over many deliveries: RSS samples, the slope, and the peak.
 
-One ``postback-relay worker`` process (threads pool) delivers N postbacks to a receiver that
+One ``postback-relay worker`` process (the default pool) delivers N postbacks to a receiver that
 answers at once; its RSS is sampled every --sample-every deliveries and its peak is the
 kernel's own VmHWM. The queue is topped up as it drains (never more than a few thousand
 messages waiting), so queue size does not grow with N.

@@ -60,7 +60,7 @@ def worker(
 
     ctx = context()
     # Options win over the environment, and the process is built from what will really run
-    # (the HTTP pool is sized to the thread count).
+    # (the HTTP pool is sized to the concurrency).
     overrides = {"worker_pool": pool, "worker_concurrency": concurrency}
     ctx.settings = ctx.settings.model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
