@@ -126,6 +126,30 @@ def dlq_show(delivery_id: str) -> None:
     click.echo(entry.model_dump_json(indent=2))
 
 
+@dlq.command("export")
+@_with_filters
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "json"]),
+    default="jsonl",
+    show_default=True,
+    help='jsonl: one whole entry per line; json: {"data": [...]}.',
+)
+def dlq_export(destination: str | None, since: str | None, reason: str | None, fmt: str) -> None:
+    """Every matching entry, whole (envelope, attempts, raw poison item), oldest first."""
+    store = _store(context())
+    start = parse_since(since)
+    entries = store.iter_entries(
+        since=start.timestamp() if start else 0.0, destination=destination, reason=reason
+    )
+    if fmt == "jsonl":
+        for entry in entries:
+            click.echo(entry.model_dump_json())
+        return
+    click.echo(json.dumps({"data": [entry.model_dump(mode="json") for entry in entries]}))
+
+
 @dlq.command("replay")
 @click.argument("ids", nargs=-1)
 @_with_filters

@@ -283,8 +283,7 @@ class DeliveryPipeline:
         if envelope.attempt >= envelope.max_attempts:
             return self._dead_letter(
                 envelope,
-                f"attempts exhausted ({envelope.attempt} of {envelope.max_attempts}): "
-                f"{outcome.reason}",
+                f"attempts exhausted ({retries_counted(envelope)}): {outcome.reason}",
                 outcome.status,
                 outcome.body_excerpt,
             )
@@ -315,3 +314,12 @@ class DeliveryPipeline:
         self.dead_letters.add_envelope(envelope, reason, status, body_excerpt)
         log.error("delivery.dead_lettered", reason=reason, status=status)
         return PipelineResult("dead_lettered", reason)
+
+
+def retries_counted(envelope: DeliveryEnvelope) -> str:
+    """Counted as the destinations file counts them: ``retry.max_attempts`` (and a route's
+    ``max_delivery_attempts``) are retries after the first send."""
+    allowed = envelope.max_attempts - 1
+    if allowed == 0:
+        return "first send; no retries allowed"
+    return f"first send + {envelope.attempt - 1} of {allowed} retries"

@@ -316,6 +316,18 @@ def test_dlq_list_show_dry_run_and_replay_all(
     assert len(envelope["history"]) == 1
     assert envelope["history"][0]["status"] == 400
     assert envelope["history"][0]["outcome"] == "PermanentFailure"
+    # The export keeps whole entries (list --json leaves the envelope out).
+    exported = run_cli(env, "dlq", "export", "--destination", "beta")
+    assert exported.returncode == 0, exported.stderr
+    whole = [json.loads(line) for line in exported.stdout.splitlines() if line.strip()]
+    assert {row["delivery_id"] for row in whole} == set(setup.beta)
+    assert {row["envelope"]["event"]["event_id"] for row in whole} == {
+        f"b-{i}" for i in range(len(setup.beta))
+    }
+    assert all(row["envelope"]["history"][0]["status"] == 400 for row in whole)
+    as_document = run_cli(env, "dlq", "export", "--format", "json", "--reason", "http 400")
+    assert as_document.returncode == 0, as_document.stderr
+    assert {row["delivery_id"] for row in json.loads(as_document.stdout)["data"]} == set(setup.ids)
     missing = run_cli(env, "dlq", "show", "no-such-delivery")
     assert missing.returncode == 1
     assert "not in the dead-letter store" in missing.stderr

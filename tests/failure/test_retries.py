@@ -211,7 +211,8 @@ def test_flaky_destination_recovers_without_delaying_a_healthy_one(
         assert [r.status for r in per_key_a[k]] == [500] * (1 + FLAKY_MAX_ATTEMPTS)
     for e in entries:
         assert e.reason.startswith(
-            f"attempts exhausted ({1 + FLAKY_MAX_ATTEMPTS} of {1 + FLAKY_MAX_ATTEMPTS})"
+            f"attempts exhausted (first send + {FLAKY_MAX_ATTEMPTS} of {FLAKY_MAX_ATTEMPTS} "
+            "retries)"
         )
     # A kept failing after B was done, so retries ran into failures too: some deliveries
     # needed more than one retry.
@@ -623,7 +624,9 @@ def test_attempts_never_exceed_the_policy_when_everything_fails(
     assert per_key == dict.fromkeys(ids, 3)
     assert {e.delivery_id for e in entries} == ids
     for entry in entries:
-        assert entry.reason.startswith("attempts exhausted (3 of 3)"), entry.reason
+        assert entry.reason.startswith("attempts exhausted (first send + 2 of 2 retries)"), (
+            entry.reason
+        )
         assert entry.status == 503
         assert "down for maintenance" in entry.body_excerpt
         assert entry.envelope is not None

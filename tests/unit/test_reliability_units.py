@@ -23,6 +23,7 @@ from workers.adapters.templated import TemplatedAdapter
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.delay import DelaySet
 from workers.outcomes import Delivered, PermanentFailure, RetryLater
+from workers.pipeline import retries_counted
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 
 KEYS = RedisKeys("pr")
@@ -465,3 +466,12 @@ def test_rate_limiter_denies_the_sixth_hit_within_a_second(
     # After the window has moved on, hits are granted again.
     time.sleep(wait + 0.05)
     assert limiter.acquire("net", item) is None
+
+
+def test_exhausted_reasons_count_retries_as_the_destinations_file_does() -> None:
+    # retry.max_attempts = 2 means two retries after the first send: three attempts in all.
+    three = envelope("e1", attempts=3)
+    assert retries_counted(three) == "first send + 2 of 2 retries"
+    assert retries_counted(envelope("e2", attempts=1)) == "first send; no retries allowed"
+    dead = entry("e3", reason=f"attempts exhausted ({retries_counted(three)}): HTTP 503")
+    assert dead.reason_category == "attempts exhausted"
