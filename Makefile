@@ -1,4 +1,4 @@
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-fast lint bench
 
 install:
 	python3 -m venv .venv && .venv/bin/pip install -e ".[dev]"
@@ -8,6 +8,10 @@ demo:
 
 test:
 	.venv/bin/python -m pytest
+
+# The inner loop: everything but the tests that start real processes (about a minute).
+test-fast:
+	.venv/bin/python -m pytest -m "not integration"
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
