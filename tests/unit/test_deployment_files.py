@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import yaml
 
-from config.destinations import load_destinations
 from config.settings import Settings
 from workers.app import ALL_KINDS
 
@@ -82,18 +81,6 @@ def test_no_secret_value_is_written_in_compose() -> None:
     for line in text.splitlines():
         if re.search(r"(KEY|TOKEN|PASSWORD|SECRET)\w*:", line):
             assert "${" in line, f"secret inline: {line.strip()}"
-
-
-def test_the_mounted_example_destinations_file_is_valid(tmp_path: Path) -> None:
-    example = ROOT / "config" / "destinations.example.toml"
-    token = tmp_path / "analytics_token"
-    token.write_text("t0ken-value\n")
-    text = example.read_text().replace("/run/secrets/analytics_token", str(token))
-    copy = tmp_path / "destinations.toml"
-    copy.write_text(text)
-    destinations = load_destinations(copy, {"ADNETWORK_API_KEY": "k3y-value"})
-    assert [d.name for d in destinations] == ["adnetwork-installs", "analytics-purchases"]
-    assert destinations.get("analytics-purchases").secret("token") == "t0ken-value"
 
 
 def test_dockerfile_installs_every_package() -> None:

@@ -1,0 +1,82 @@
+"""The example destinations file passes `postback-relay check-config` as shipped, and so does
+every section it keeps commented out, once uncommented."""
+
+from __future__ import annotations
+
+import base64
+import re
+import tomllib
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from config.destinations import load_destinations
+from workers.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "destinations.example.toml"
+README = ROOT / "README.md"
+
+# Dummy values for every secret the example and the README name. X's partner key must be base64.
+SECRETS = {
+    "ADNETWORK_API_KEY": "adnetwork-k3y",
+    "ANALYTICS_TOKEN": "analytics-t0ken",
+    "X_CONSUMER_KEY": "x-consumer-key",
+    "X_CONSUMER_SECRET": "x-consumer-secret",
+    "X_ACCESS_TOKEN": "x-access-token",
+    "X_ACCESS_TOKEN_SECRET": "x-access-token-secret",
+    "X_PARTNER_KEY": base64.b64encode(b"x-partner-key").decode(),
+    "XMP_TOKEN": "xmp-t0ken",
+    "APPMETRICA_TOKEN": "appmetrica-t0ken",
+}
+ACTIVE = ["adnetwork-installs", "analytics-purchases"]
+COMMENTED_OUT = ["x-mact", "xmp", "redeliver"]
+
+# A commented-out TOML line in the example's optional sections: "# " then a table header or a
+# key assignment. Prose lines never start that way.
+_COMMENTED_TOML = re.compile(r"^# (?=\[|[a-z_]+ = )", re.MULTILINE)
+
+
+def check_config(path: Path) -> tuple[int, str]:
+    env = {"POSTBACK_RELAY_DESTINATIONS_FILE": str(path), **SECRETS}
+    result = CliRunner().invoke(main, ["check-config"], env=env)
+    return result.exit_code, result.output
+
+
+def uncommented_example() -> str:
+    """The example with its optional sections (after the first '# ---' rule) switched on."""
+    text = EXAMPLE.read_text()
+    head, rule, optional = text.partition("\n# ---")
+    assert rule, "the example's optional sections start with a '# ---' rule"
+    return head + rule + _COMMENTED_TOML.sub("", optional)
+
+
+def test_the_example_destinations_file_passes_check_config() -> None:
+    code, output = check_config(EXAMPLE)
+    assert code == 0, output
+    for name in ACTIVE:
+        assert re.search(rf"^\s+{re.escape(name)}\s", output, re.MULTILINE), output
+    for name in COMMENTED_OUT:
+        assert not re.search(rf"^\s+{re.escape(name)}\s", output, re.MULTILINE), output
+
+
+def test_the_examples_commented_out_sections_pass_check_config_once_uncommented(
+    tmp_path: Path,
+) -> None:
+    copy = tmp_path / "destinations.toml"
+    copy.write_text(uncommented_example())
+    code, output = check_config(copy)
+    assert code == 0, output
+    for name in ACTIVE + COMMENTED_OUT:
+        assert re.search(rf"^\s+{re.escape(name)}\s", output, re.MULTILINE), output
+    destinations = load_destinations(copy, SECRETS)
+    assert list(destinations.reconcile) == ["main-app"]
+    assert destinations.reconcile["main-app"].token_value() == SECRETS["APPMETRICA_TOKEN"]
+    assert destinations.get("x-mact").secret("partner_key") == SECRETS["X_PARTNER_KEY"]
+
+
+def test_the_example_needs_no_secret_file() -> None:
+    """Credentials by environment variable, so the example runs without writing under /run."""
+    for table in tomllib.loads(uncommented_example()).get("destination", []):
+        for name, ref in table.get("credentials", {}).items():
+            assert set(ref) == {"env"}, f"{table['name']}: credentials.{name}: {ref}"
