@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from config.keys import queue_for
-from tests.helpers import ROOT, cli_env, run_cli, wait_until
+from tests.helpers import ROOT, cli_env, net_destination_toml, run_cli, wait_until
 from workers.app import ALL_KINDS
 from workers.embedded_redis import free_port
 from workers.sandbox.receiver import PostbackReceiver
@@ -85,14 +85,7 @@ def one_host(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     marker = uuid.uuid4().hex
     with PostbackReceiver() as receiver:
         destinations = tmp / "destinations.toml"
-        destinations.write_text(f"""
-[[destination]]
-name = "net"
-kind = "templated"
-url = "{receiver.url}/pb?idfa=(idfa)"
-[[destination.routes]]
-type = "install"
-""")
+        destinations.write_text(net_destination_toml(receiver.url))
         web_port, metrics_port = free_port(), free_port()
         env = cli_env(
             redis_url, destinations,
