@@ -18,6 +18,7 @@ import redis
 from config.destinations import Destinations, load_destinations
 from config.settings import Settings
 from producers.produce import Producer
+from tests.helpers import net_destination_toml
 from workers.embedded_redis import EmbeddedRedis, redis_answers
 from workers.sandbox.receiver import PostbackReceiver
 
@@ -62,14 +63,7 @@ def write_destinations(tmp_path: Path) -> Callable[[str], Path]:
 @pytest.fixture
 def net_destination(receiver: PostbackReceiver, write_destinations: Callable[[str], Path]) -> Path:
     """One templated destination, "net", receiving installs at the receiver's /pb."""
-    return write_destinations(f"""
-[[destination]]
-name = "net"
-kind = "templated"
-url = "{receiver.url}/pb?idfa=(idfa)"
-[[destination.routes]]
-type = "install"
-""")
+    return write_destinations(net_destination_toml(receiver.url))
 
 
 @pytest.fixture

@@ -25,6 +25,18 @@ def wait_until(
     return bool(predicate())
 
 
+def net_destination_toml(receiver_url: str) -> str:
+    """One templated destination, "net", receiving installs at the receiver's /pb."""
+    return f"""
+[[destination]]
+name = "net"
+kind = "templated"
+url = "{receiver_url}/pb?idfa=(idfa)"
+[[destination.routes]]
+type = "install"
+"""
+
+
 def cli_env(redis_url: str, destinations_file: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

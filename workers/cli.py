@@ -51,13 +51,26 @@ def check_config() -> None:
 )
 @click.option("--pool", "-P", type=click.Choice(WORKER_POOLS), default=None)
 @click.option("--concurrency", "-c", type=int, default=None)
-@click.option("--hostname", "-n", default=None, help="Worker node name (celery -n).")
+@click.option(
+    "--hostname",
+    "-n",
+    default=None,
+    help="Worker node name, as celery -n (%h expands to the host). "
+    "Default: KINDS-PID@%h, e.g. templated-4242@%h.",
+)
 def worker(
     queues: str | None, pool: str | None, concurrency: int | None, hostname: str | None
 ) -> None:
     """Run a delivery worker (a Celery worker on the destination queues)."""
     from workers.app import ALL_KINDS
 
+    kinds = queues.split(",") if queues else list(ALL_KINDS)
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown:
+        raise click.BadParameter(
+            f"unknown kind(s) {sorted(unknown)}; known: {', '.join(ALL_KINDS)}"
+        )
+    hostname = hostname or default_node_name(kinds if queues else None)
     ctx = context()
     # Options win over the environment, and the process is built from what will really run
     # (the HTTP pool is sized to the concurrency).
@@ -69,17 +82,11 @@ def worker(
     if settings.worker_pool == "gevent" and not _gevent_patched():
         # gevent must patch the standard library before anything imports it: start over, in
         # this same process, through the module that patches first.
-        argv = ["worker", "--pool", "gevent", "-c", str(settings.concurrency)]
-        argv += (["--queues", queues] if queues else []) + (["-n", hostname] if hostname else [])
+        argv = ["worker", "--pool", "gevent", "-c", str(settings.concurrency), "-n", hostname]
+        argv += ["--queues", queues] if queues else []
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
     app = ctx.start_app()
-    kinds = queues.split(",") if queues else list(ALL_KINDS)
-    unknown = set(kinds) - set(ALL_KINDS)
-    if unknown:
-        raise click.BadParameter(
-            f"unknown kind(s) {sorted(unknown)}; known: {', '.join(ALL_KINDS)}"
-        )
     argv = [
         "worker",
         "--queues",
@@ -90,13 +97,23 @@ def worker(
         str(settings.concurrency),
         "--loglevel",
         settings.log_level,
+        "--hostname",
+        hostname,
         "--without-mingle",
         "--without-gossip",
         "-E",
     ]
-    if hostname:
-        argv += ["--hostname", hostname]
     app.worker_main(argv)
+
+
+def default_node_name(kinds: list[str] | None) -> str:
+    """What the worker serves and its PID, on this host: `templated-4242@%h`, `x_mact+xmp-4243@%h`,
+    `all-4244@%h`. Celery's own default, `celery@%h`, is the same for every worker on a host
+    (a Procfile, one VM), and Celery's replies, Flower and `health` merge workers that share a
+    name. The PID makes two workers on the same queues differ without any coordination, and
+    stays the same through the gevent re-exec (execv keeps it). Commas would split the name in
+    `celery inspect -d`, hence `+`."""
+    return f"{'+'.join(kinds) if kinds else 'all'}-{os.getpid()}@%h"
 
 
 def _gevent_patched() -> bool:

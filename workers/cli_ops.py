@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -486,7 +487,24 @@ def _kinds_in_use(ctx: CliContext) -> list[str]:
     return sorted(kinds)
 
 
-def _health_problems(ctx: CliContext, checks: set[str], kinds: list[str]) -> list[str]:
+def consumers_by_queue(replies: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Queue -> the node name of each worker consuming it, from a broadcast's replies.
+
+    Each reply is one worker, so each is counted. `inspect().active_queues()` merges replies by
+    node name (last one wins), so workers that share a name (Celery's default, celery@host, on a
+    host that runs several) hid each other's queues and health reported them unconsumed."""
+    consumers: dict[str, list[str]] = {}
+    for reply in replies:
+        for name, queues in reply.items():
+            for queue in queues if isinstance(queues, list) else []:  # not an error reply
+                consumers.setdefault(queue["name"], []).append(name)
+    return consumers
+
+
+def _health_problems(
+    ctx: CliContext, checks: set[str], kinds: list[str]
+) -> tuple[list[str], list[str]]:
+    """(what was found, what is wrong)."""
     import redis as redis_lib
 
     from config.keys import queue_for
@@ -494,17 +512,26 @@ def _health_problems(ctx: CliContext, checks: set[str], kinds: list[str]) -> lis
     try:
         ctx.redis.ping()
     except redis_lib.RedisError as exc:
-        return [f"redis: unreachable at {ctx.settings.redis_url.split('@')[-1]} ({exc})"]
+        return [], [f"redis: unreachable at {ctx.settings.redis_url.split('@')[-1]} ({exc})"]
+    notes: list[str] = []
     problems = []
     if "consumers" in checks:
         app = ctx.start_app()
-        replies = app.control.inspect(timeout=2.0).active_queues() or {}
-        consumed = {q["name"] for queues in replies.values() for q in queues}
-        problems += [
-            f"consumers: no worker consumes {queue_for(kind)}"
-            for kind in kinds
-            if queue_for(kind) not in consumed
-        ]
+        replies = app.control.broadcast("active_queues", reply=True, timeout=2.0)
+        consumers = consumers_by_queue(replies)
+        for kind in kinds:
+            queue = queue_for(kind)
+            if consumers.get(queue):
+                notes.append(f"consumers: {queue}: {', '.join(sorted(consumers[queue]))}")
+            else:
+                problems.append(f"consumers: no worker consumes {queue}")
+        names = Counter(name for reply in replies for name in reply)
+        for name, count in sorted(names.items()):
+            if count > 1:
+                notes.append(
+                    f"WARN consumers: {count} workers answer as {name}; give each its own "
+                    "name (worker -n) or Flower and celery inspect show them as one"
+                )
     if "dead-letters" in checks:
         count = _store(ctx).count()
         if count > ctx.settings.health_max_dead_letters:
@@ -518,7 +545,7 @@ def _health_problems(ctx: CliContext, checks: set[str], kinds: list[str]) -> lis
             until = pauses.paused_until(dest.name)
             if until is not None:
                 problems.append(f"paused: {dest.name} for {until - time.time():.0f}s more")
-    return problems
+    return notes, problems
 
 
 @click.command()
@@ -532,11 +559,14 @@ def _health_problems(ctx: CliContext, checks: set[str], kinds: list[str]) -> lis
 )  # fmt: skip
 def health(checks: tuple[str, ...], queues: tuple[str, ...]) -> None:
     """Exit 1, saying why, when Redis is unreachable, a queue has no consumer, the dead-letter
-    store is over its threshold or a destination is paused. A docker-compose healthcheck."""
+    store is over its threshold or a destination is paused. A docker-compose healthcheck.
+    Also prints the workers consuming each queue."""
     ctx = context()
-    problems = _health_problems(
+    notes, problems = _health_problems(
         ctx, set(checks or HEALTH_CHECKS), list(queues) or _kinds_in_use(ctx)
     )
+    for note in notes:
+        click.echo(note)
     for problem in problems:
         click.echo(f"FAIL {problem}")
     if problems:
@@ -548,7 +578,6 @@ def health(checks: tuple[str, ...], queues: tuple[str, ...]) -> None:
 def status() -> None:
     """One screen for on-call: per destination its queue, delay set, in-flight messages,
     the last hour's delivered/failed attempts, dead letters and pauses."""
-    from collections import Counter
     from datetime import UTC, datetime, timedelta
 
     from config.keys import queue_for

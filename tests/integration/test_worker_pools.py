@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import redis
 
 from producers.produce import Producer
 from tests.conftest import WorkerProcess
+from tests.helpers import cli_env, run_cli
 from workers.sandbox.receiver import PostbackReceiver
 
 pytestmark = pytest.mark.integration
@@ -88,13 +90,31 @@ def test_every_delivery_arrives_and_task_events_go_out_in_batches(
     assert publishes <= N // 2, f"{publishes} publishes for {3 * N} task events"
 
 
-def test_the_gevent_worker_patches_before_it_imports(
-    net_destination: Path, start_worker: Callable[..., WorkerProcess]
+def test_gevent_workers_patch_first_keep_their_node_name_and_health_counts_each(
+    redis_url: str, net_destination: Path, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    worker = start_worker(
-        net_destination, "--queues", "templated", "--pool", "gevent", "--concurrency", "4"
-    )
-    # Same PID, re-executed through the module that patches first.
-    cmdline = Path(f"/proc/{worker.proc.pid}/cmdline").read_bytes().split(b"\0")
-    assert b"workers.gevent_worker" in cmdline
-    assert "MonkeyPatchWarning" not in worker.log()
+    # Two workers under one node name, as every worker on a host was before names were unique
+    # (and as an explicit -n still allows): health must count both, not the last reply.
+    workers = [
+        start_worker(net_destination, "--queues", kind, "--pool", "gevent", "--concurrency", "4",
+                     "-n", "twin@%h", ready=False)
+        for kind in ("templated", "xmp")
+    ]  # fmt: skip
+    host = socket.gethostname()
+    for worker in workers:
+        worker.wait_ready()
+        # Same PID, re-executed through the module that patches first, with the name given.
+        cmdline = Path(f"/proc/{worker.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"workers.gevent_worker" in cmdline
+        assert cmdline[cmdline.index(b"-n") + 1] == b"twin@%h"
+        assert "MonkeyPatchWarning" not in worker.log()
+        assert f"twin@{host} ready." in worker.log()
+
+    result = run_cli(
+        cli_env(redis_url, net_destination),
+        "health", "--check", "consumers", "--queue", "templated", "--queue", "xmp",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"consumers: postback.templated: twin@{host}\n" in result.stdout
+    assert f"consumers: postback.xmp: twin@{host}\n" in result.stdout
+    assert f"WARN consumers: 2 workers answer as twin@{host};" in result.stdout

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from honcho.environ import parse_procfile
 
 from config.settings import Settings
 from workers.app import ALL_KINDS
@@ -23,12 +25,8 @@ def compose() -> dict[str, Any]:
 
 
 def procfile() -> dict[str, str]:
-    entries = {}
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.strip():
-            name, command = line.split(":", 1)
-            entries[name.strip()] = command.strip()
-    return entries
+    """The Procfile as honcho (and foreman) read it."""
+    return dict(parse_procfile((ROOT / "Procfile").read_text()).processes)
 
 
 def test_one_worker_per_destination_queue_in_both_files(compose: dict[str, Any]) -> None:
@@ -39,8 +37,24 @@ def test_one_worker_per_destination_queue_in_both_files(compose: dict[str, Any])
         expected = ["postback-relay", "worker", "--queues", kind]
         assert shlex.split(services[name]["command"]) == expected
         assert shlex.split(procs[name]) == expected
-    assert set(procs) == {n for n in services if n != "redis"}
-    assert shlex.split(procs["beat"]) == shlex.split(services["beat"]["command"])
+    # The Procfile's `web` is compose's `flower`; every other process has the same name.
+    assert set(procs) - {"web"} == {n for n in services if n not in {"redis", "flower"}}
+    for name in ("beat", "metrics"):
+        assert shlex.split(procs[name]) == shlex.split(services[name]["command"])
+
+
+def test_procfile_web_is_flower_on_the_platform_port() -> None:
+    # Heroku-like platforms route HTTP only to `web`, on $PORT; Flower keeps its basic auth
+    # (the flower command refuses 0.0.0.0 without credentials).
+    assert shlex.split(procfile()["web"]) == [
+        "postback-relay", "flower", "--address", "0.0.0.0", "--port", "${PORT:-5555}"
+    ]  # fmt: skip
+
+
+def test_metrics_process_serves_on_the_default_port(compose: dict[str, Any]) -> None:
+    port = Settings().metrics_port
+    assert shlex.split(compose["services"]["metrics"]["command"]) == ["postback-relay", "metrics"]
+    assert compose["services"]["metrics"]["ports"] == [f"{port}:{port}"]
 
 
 def test_redis_persists_and_never_evicts(compose: dict[str, Any]) -> None:
@@ -98,3 +112,75 @@ def test_each_worker_has_a_healthcheck_for_its_own_queue(compose: dict[str, Any]
         assert test[test.index("--queue") + 1] == kind
         assert "consumers" in test
         assert "redis" in test
+
+
+def _bind_sources(compose: dict[str, Any]) -> dict[str, str]:
+    """Host path -> where it is used, for every bind mount and file-backed secret or config."""
+    sources = {}
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            if isinstance(volume, dict):
+                source = volume.get("source", "") if volume.get("type") == "bind" else ""
+            else:
+                source = volume.split(":", 1)[0]
+            if source.startswith((".", "/", "~")):  # otherwise a named volume
+                sources[source] = f"services.{name}.volumes"
+    for section in ("secrets", "configs"):
+        for name, entry in (compose.get(section) or {}).items():
+            if "file" in entry:
+                sources[entry["file"]] = f"{section}.{name}.file"
+    return sources
+
+
+def test_every_file_the_compose_file_mounts_is_in_the_repo_or_documented_as_yours(
+    compose: dict[str, Any],
+) -> None:
+    # A bind mount of a missing file makes Docker create a directory there, the process fails to
+    # read it and `restart: unless-stopped` loops. A file the user must create is named in a
+    # comment of the compose file or in the README.
+    comments = "\n".join(
+        line for line in (ROOT / "docker-compose.yml").read_text().splitlines()
+        if line.lstrip().startswith("#")
+    )  # fmt: skip
+    readme = (ROOT / "README.md").read_text()
+    sources = _bind_sources(compose)
+    assert sources, "the compose file mounts the destinations file"
+    for source, used_in in sources.items():
+        documented = source in comments or source in readme
+        assert (ROOT / source).is_file() or documented, f"{used_in}: {source} is not in the repo"
+
+
+def _credential_refs(node: Any) -> list[dict[str, str]]:
+    """Every { env = ... } / { file = ... } credential reference in a destinations file."""
+    if isinstance(node, dict):
+        if set(node) in ({"env"}, {"file"}):
+            return [node]
+        return [ref for value in node.values() for ref in _credential_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _credential_refs(value)]
+    return []
+
+
+def test_every_credential_of_the_mounted_destinations_file_reaches_each_relay_service(
+    compose: dict[str, Any],
+) -> None:
+    for name, service in compose["services"].items():
+        if name == "redis":
+            continue
+        env = service["environment"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        destinations = mounts[env["POSTBACK_RELAY_DESTINATIONS_FILE"]]
+        refs = _credential_refs(tomllib.loads((ROOT / destinations).read_text()))
+        assert refs, "the example file declares credentials"
+        secrets = {
+            s if isinstance(s, str) else s.get("target", s["source"]) for s in service["secrets"]
+        }
+        for ref in refs:
+            if "env" in ref:
+                assert ref["env"] in env, f"{name}: {ref['env']} is not passed"
+                assert env[ref["env"]].startswith(f"${{{ref['env']}:?"), "required, from the host"
+            else:
+                path = Path(ref["file"])
+                assert path.parent == Path("/run/secrets"), f"{name}: {path} is not a secret"
+                assert path.name in secrets, f"{name}: no compose secret {path.name}"
+                assert "environment" in compose["secrets"][path.name]
