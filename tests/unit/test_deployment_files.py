@@ -173,7 +173,8 @@ def test_every_credential_of_the_mounted_destinations_file_reaches_each_relay_se
         refs = _credential_refs(tomllib.loads((ROOT / destinations).read_text()))
         assert refs, "the example file declares credentials"
         secrets = {
-            s if isinstance(s, str) else s.get("target", s["source"]) for s in service["secrets"]
+            s if isinstance(s, str) else s.get("target", s["source"])
+            for s in service.get("secrets", [])
         }
         for ref in refs:
             if "env" in ref:
@@ -183,4 +184,4 @@ def test_every_credential_of_the_mounted_destinations_file_reaches_each_relay_se
                 path = Path(ref["file"])
                 assert path.parent == Path("/run/secrets"), f"{name}: {path} is not a secret"
                 assert path.name in secrets, f"{name}: no compose secret {path.name}"
-                assert "environment" in compose["secrets"][path.name]
+                assert "environment" in compose.get("secrets", {})[path.name]
