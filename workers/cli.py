@@ -8,14 +8,20 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from config.keys import queue_for
 from config.settings import WORKER_POOLS
 from workers.cli_ops import register as register_operator_commands
-from workers.cli_support import context
+from workers.cli_support import EXIT_CONFIG, context
+
+if TYPE_CHECKING:
+    from config.destinations import SecretUse
+
+# Besides the workers of a secret's kind, the commands that send with it (and so read it).
+SENDING_COMMANDS = {"x_mact": ("x-check",), "xmp": ("xmp flush",)}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +32,10 @@ def main() -> None:
 
 @main.command("check-config")
 def check_config() -> None:
-    """Validate settings and the destinations file, then list the destinations."""
+    """Validate settings and the destinations file, list the destinations, and read every
+    secret, saying which processes need it (exit 2 when one cannot be read)."""
+    from config.destinations import ConfigError
+
     ctx = context()
     destinations = ctx.destinations
     click.echo(f"{destinations.source}: {len(destinations)} destination(s) OK")
@@ -40,6 +49,34 @@ def check_config() -> None:
             f"  {dest.name:<24} kind={dest.kind:<10} rate_limit={dest.rate_limit or '-'}"
             f"  retries={dest.retry.max_attempts}  routes: {routes or '(none active)'}"
         )
+    uses = destinations.secret_uses()
+    if not uses:
+        return
+    click.echo(
+        "secrets, read only by the processes that send with them (a worker without --queues "
+        "needs every one; producers, beat, Flower and the read-only commands need none):"
+    )
+    problems = []
+    for use in uses:
+        try:
+            use.read(os.environ)
+            state = "ok"
+        except ConfigError as exc:
+            problems.append(f"{destinations.source}: {exc}")
+            state = "MISSING"
+        click.echo(
+            f"  {use.owner:<32} {use.field:<28} {use.ref.describe():<36} {state:<7}  "
+            f"needed by: {', '.join(_needed_by(use))}"
+        )
+    for problem in problems:
+        click.echo(f"Error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_CONFIG)
+
+
+def _needed_by(use: SecretUse) -> list[str]:
+    commands = ("reconcile",) if use.section == "reconcile" else SENDING_COMMANDS.get(use.kind, ())
+    return [f"worker --queues {use.kind}", *commands]
 
 
 @main.command()
@@ -73,13 +110,13 @@ def worker(
         argv += (["--queues", queues] if queues else []) + (["-n", hostname] if hostname else [])
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
-    app = ctx.start_app()
     kinds = queues.split(",") if queues else list(ALL_KINDS)
     unknown = set(kinds) - set(ALL_KINDS)
     if unknown:
         raise click.BadParameter(
             f"unknown kind(s) {sorted(unknown)}; known: {', '.join(ALL_KINDS)}"
         )
+    app = ctx.start_app(ctx.sending(kinds=kinds))
     argv = [
         "worker",
         "--queues",

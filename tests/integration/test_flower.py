@@ -58,7 +58,7 @@ def test_flower_lists_the_worker_its_queue_and_readable_tasks_without_personal_d
     flower: dict[str, Any],
     net_destination: Path,
     start_worker: Callable[..., WorkerProcess],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     receiver: PostbackReceiver,
 ) -> None:
     start_worker(net_destination, "--queues", "templated", "--hostname", "flowertest@%h")
@@ -73,7 +73,7 @@ def test_flower_lists_the_worker_its_queue_and_readable_tasks_without_personal_d
     name = next(n for n in workers if n.startswith("flowertest@"))
     assert [q["name"] for q in workers[name]["active_queues"]] == ["postback.templated"]
 
-    (delivery_id,) = make_producer(net_destination, None).produce(
+    (delivery_id,) = make_producer(net_destination).produce(
         {"event_id": "f1", "app_id": "id1", "platform": "ios", "event_name": "install",
          "event_time": "2026-11-22T10:00:00Z", "idfa": IDFA, "ip": "203.0.113.7"}
     ).accepted  # fmt: skip

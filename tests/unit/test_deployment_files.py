@@ -91,7 +91,9 @@ def test_the_mounted_example_destinations_file_is_valid(tmp_path: Path) -> None:
     text = example.read_text().replace("/run/secrets/analytics_token", str(token))
     copy = tmp_path / "destinations.toml"
     copy.write_text(text)
-    destinations = load_destinations(copy, {"ADNETWORK_API_KEY": "k3y-value"})
+    destinations = load_destinations(copy).with_secrets(
+        {"ADNETWORK_API_KEY": "k3y-value"}, kinds=["templated"]
+    )
     assert [d.name for d in destinations] == ["adnetwork-installs", "analytics-purchases"]
     assert destinations.get("analytics-purchases").secret("token") == "t0ken-value"
 

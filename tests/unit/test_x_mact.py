@@ -32,6 +32,7 @@ from requests.structures import CaseInsensitiveDict
 
 from config.destinations import (
     DEFAULT_X_CONVERSIONS,
+    KINDS,
     X_CREDENTIALS,
     ConfigError,
     Destinations,
@@ -96,7 +97,8 @@ type = "event"
 def x_destinations(
     base_url: str | None = None, extra: str = "", environ: dict[str, str] | None = None
 ) -> Destinations:
-    return parse_destinations(tomllib.loads(x_toml(base_url, extra)), environ or ENV)
+    data = tomllib.loads(x_toml(base_url, extra))
+    return parse_destinations(data).with_secrets(environ or ENV, kinds=KINDS)
 
 
 def x_adapter(
@@ -664,7 +666,7 @@ url = "https://pb.example.com/e?n=(event-name)"
 type = "event"
 """
     )
-    dests = parse_destinations(tomllib.loads(text), ENV)
+    dests = parse_destinations(tomllib.loads(text))
     assert routed_names(dests, android_event(event_name="af_unknown_thing")) == ["net"]
     assert routed_names(dests, android_event(event_name="af_purchase")) == ["x", "net"]
     assert routed_names(dests, ios_event()) == ["x"]
@@ -707,9 +709,10 @@ def test_without_default_conversion_types_only_the_configured_map_applies() -> N
 
 
 def load_file(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Destinations:
+    """The file as a worker sees it at start-up: validated, then its secrets read."""
     path = tmp_path / "destinations.toml"
     path.write_text(text)
-    return load_destinations(path, ENV if environ is None else environ)
+    return load_destinations(path).with_secrets(ENV if environ is None else environ, kinds=KINDS)
 
 
 def test_defaults(tmp_path: Path) -> None:
