@@ -53,8 +53,8 @@ def check_config() -> None:
     if not uses:
         return
     click.echo(
-        "secrets, read only by the processes that send with them (a worker without --queues "
-        "needs every one; producers, beat, Flower and the read-only commands need none):"
+        "secrets (each read only by the processes named, a worker without --queues reads all; "
+        "producers, beat and Flower read none):"
     )
     problems = []
     for use in uses:
@@ -63,9 +63,9 @@ def check_config() -> None:
             state = "ok"
         except ConfigError as exc:
             problems.append(f"{destinations.source}: {exc}")
-            state = "MISSING"
+            state = "FAIL"
         click.echo(
-            f"  {use.owner:<32} {use.field:<28} {use.ref.describe():<36} {state:<7}  "
+            f"  {state:<7}  {use.owner} {use.field} ({use.ref.describe()}), "
             f"needed by: {', '.join(_needed_by(use))}"
         )
     for problem in problems:
