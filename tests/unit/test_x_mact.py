@@ -28,6 +28,7 @@ import pytest
 import redis
 import requests
 from celery import Celery
+from click.testing import CliRunner
 from requests.structures import CaseInsensitiveDict
 
 from config.destinations import (
@@ -46,6 +47,7 @@ from schemas.event import ConversionEvent
 from workers.adapters.base import OutgoingRequest
 from workers.adapters.x_mact import XMactAdapter, price_micro
 from workers.attempts import AttemptLog
+from workers.cli import main
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
 from workers.ledger import DeliveryLedger
@@ -820,6 +822,40 @@ def test_check_config_command_exits_2_naming_destination_and_field(tmp_path: Pat
     assert done.returncode == 2, done.stdout + done.stderr
     assert "destination 'x'" in done.stderr
     assert "view_through_window" in done.stderr
+
+
+def test_x_check_reads_the_secrets_of_its_destination_only(
+    tmp_path: Path, sandbox: SandboxX
+) -> None:
+    path = tmp_path / "destinations.toml"
+    other = """
+[[destination]]
+name = "net"
+kind = "templated"
+url = "https://net.example/pb?key={credential:key}"
+credentials = { key = { env = "NET_KEY_NOT_SET" } }
+routes = [{ type = "install" }]
+"""
+    path.write_text(x_toml(sandbox.url) + other)
+    env = {"POSTBACK_RELAY_DESTINATIONS_FILE": str(path), "NET_KEY_NOT_SET": None}
+    run = CliRunner().invoke
+    args = ["x-check", "-d", "x"]
+
+    checked = run(main, args, input=json.dumps(ios_event()), env={**env, **ENV})
+    assert checked.exit_code == 0, checked.output
+    (request,) = sandbox.requests
+    assert (request.method, request.path, request.status) == (
+        "GET",
+        "/12/conversion_attribution",
+        200,
+    )
+    assert CS not in checked.output
+
+    refused = run(main, args, input=json.dumps(ios_event()), env={**env, **ENV, "X_CS": None})
+    assert refused.exit_code == 2
+    assert "destination 'x': credentials.consumer_secret" in refused.output
+    assert "X_CS" in refused.output
+    assert len(sandbox.requests) == 1
 
 
 # --- classify ------------------------------------------------------------------------------------
