@@ -20,6 +20,7 @@ from config.destinations import (
 from config.keys import queue_for
 from config.settings import Settings
 from schemas.event import ConversionEvent
+from tests.helpers import INSTALL, one_of_each_kind
 from workers.cli import main
 from workers.cli_support import CliContext
 from workers.logging import redactor
@@ -35,54 +36,6 @@ X_ENV = {
 APPMETRICA_TOKEN = "am-token-9f8e7d"
 ALL_SECRETS = {"PARTNER_API_KEY": PARTNER_KEY, "APPMETRICA_TOKEN": APPMETRICA_TOKEN, **X_ENV}
 
-DESTINATIONS = """
-[[destination]]
-name = "partner"
-kind = "templated"
-url = "https://partner.example/pb?idfa=(idfa)&key={credential:api_key}"
-credentials = { api_key = { env = "PARTNER_API_KEY" } }
-[[destination.routes]]
-type = "install"
-
-[[destination]]
-name = "x"
-kind = "x_mact"
-[destination.credentials]
-consumer_key = { env = "X_CONSUMER_KEY" }
-consumer_secret = { env = "X_CONSUMER_SECRET" }
-access_token = { env = "X_ACCESS_TOKEN" }
-access_token_secret = { env = "X_ACCESS_TOKEN_SECRET" }
-partner_key = { env = "X_PARTNER_KEY" }
-[[destination.routes]]
-type = "install"
-
-[[destination]]
-name = "xmp"
-kind = "xmp"
-credentials = { xmp_token = { file = "@XMP_TOKEN_FILE@" } }
-[[destination.routes]]
-type = "event"
-
-[[destination]]
-name = "redeliver"
-kind = "redeliver"
-
-[[reconcile]]
-name = "main"
-application_id = "1111"
-token = { env = "APPMETRICA_TOKEN" }
-redeliver_to = "redeliver"
-"""
-
-INSTALL = {
-    "event_id": "install-1",
-    "app_id": "123456789",
-    "platform": "ios",
-    "event_name": "install",
-    "event_time": "2026-11-22T10:00:00Z",
-    "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
-}
-
 
 @pytest.fixture
 def xmp_token_file(tmp_path: Path) -> Path:
@@ -92,7 +45,7 @@ def xmp_token_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def path(tmp_path: Path, xmp_token_file: Path) -> Path:
     path = tmp_path / "destinations.toml"
-    path.write_text(DESTINATIONS.replace("@XMP_TOKEN_FILE@", str(xmp_token_file)))
+    path.write_text(one_of_each_kind("https://partner.example", xmp_token_file))
     return path
 
 
@@ -118,7 +71,7 @@ def cli(
 def test_loading_reads_no_secret_and_routes(path: Path, no_secrets: None) -> None:
     destinations = load_destinations(path)  # no variable set, no secret file: still loads
     install = ConversionEvent.parse(INSTALL)
-    assert [d.name for d, _ in destinations.routes_for(install)] == ["partner", "x"]
+    assert [d.name for d, _ in destinations.routes_for(install)] == ["x", "partner"]
     assert destinations.secrets_held() == []
 
 
@@ -184,11 +137,11 @@ def test_a_secret_that_cannot_be_read_names_the_destination_and_the_variable(
 def test_secret_uses_say_which_kind_sends_with_each(path: Path, xmp_token_file: Path) -> None:
     uses = load_destinations(path).secret_uses()
     assert [(u.owner, u.field, u.ref.describe(), u.kind) for u in uses] == [
-        ("destination 'partner'", "credentials.api_key", "env PARTNER_API_KEY", "templated"),
         *[
             ("destination 'x'", f"credentials.{name}", f"env X_{name.upper()}", "x_mact")
             for name in X_CREDENTIALS
         ],
+        ("destination 'partner'", "credentials.api_key", "env PARTNER_API_KEY", "templated"),
         ("destination 'xmp'", "credentials.xmp_token", f"file {xmp_token_file}", "xmp"),
         ("reconcile 'main'", "token", "env APPMETRICA_TOKEN", "redeliver"),
     ]
