@@ -8,17 +8,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
+from config.destinations import ConfigError, SecretUse
 from config.keys import queue_for
 from config.settings import WORKER_POOLS
 from workers.cli_ops import register as register_operator_commands
 from workers.cli_support import EXIT_CONFIG, context
-
-if TYPE_CHECKING:
-    from config.destinations import SecretUse
 
 # Besides the workers of a secret's kind, the commands that send with it (and so read it).
 SENDING_COMMANDS = {"x_mact": ("x-check",), "xmp": ("xmp flush",)}
@@ -34,8 +32,6 @@ def main() -> None:
 def check_config() -> None:
     """Validate settings and the destinations file, list the destinations, and read every
     secret, saying which processes need it (exit 2 when one cannot be read)."""
-    from config.destinations import ConfigError
-
     ctx = context()
     destinations = ctx.destinations
     click.echo(f"{destinations.source}: {len(destinations)} destination(s) OK")
