@@ -65,7 +65,7 @@ class CliContext:
                 kinds=kinds, destinations=destinations, reconcile=reconcile
             )
         except ConfigError as exc:
-            click.echo(f"Error: {exc} (this process sends with it; see check-config)", err=True)
+            click.echo(f"Error: {exc} (check-config lists who needs which secret)", err=True)
             sys.exit(EXIT_CONFIG)
         redactor.add(resolved.secrets_held())
         return resolved
