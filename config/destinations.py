@@ -1,20 +1,27 @@
 """The destinations file: every destination, its credentials by reference, limits, retries, routes.
 
 Loaded and validated once when a process starts. Anything wrong (an unknown kind or macro, a bad
-URL, a secret that cannot be read) raises ConfigError naming the destination and the field, so
-the process stops before it accepts or delivers anything.
+URL) raises ConfigError naming the destination and the field, so the process stops before it
+accepts or delivers anything.
+
+Loading reads no secret: producers, beat, Flower and the read-only commands route and report
+with the file alone and never hold a partner's credentials (ARCHITECTURE rule 9). A process that
+sends asks for the secrets of what it sends to with ``Destinations.with_secrets``; a secret that
+cannot be read stops it there, and using a secret that was never read raises SecretsNotResolved.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import random
 import re
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 import limits
 from pydantic import (
@@ -40,6 +47,39 @@ class ConfigError(Exception):
     """The destinations file or settings cannot be used; the message says where and why."""
 
 
+class SecretsNotResolved(RuntimeError):
+    """A credential was used in a process that never read it: a bug, never an empty value."""
+
+
+# The reconciler runs on the queue of the kind it redelivers to (workers/app.py), so the workers
+# of that queue, and the `reconcile` command, are the ones that read an AppMetrica token.
+RECONCILE_KIND = "redeliver"
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretUse:
+    """One credential reference: whose it is, and the kind whose workers send with it."""
+
+    section: Literal["destination", "reconcile"]
+    owner_name: str
+    name: str  # the credential's name: "api_key", or "token" for a reconcile source
+    field: str  # where it is in the file: "credentials.api_key", "token"
+    ref: SecretRef
+    kind: str
+    _read: Callable[[Mapping[str, str]], SecretStr] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def owner(self) -> str:
+        return f"{self.section} {self.owner_name!r}"
+
+    def read(self, environ: Mapping[str, str]) -> SecretStr:
+        """The value; ConfigError naming the owner, the field and the variable or file."""
+        try:
+            return self._read(environ)
+        except ValueError as exc:
+            raise ConfigError(f"{self.owner}: {self.field}: {exc}") from None
+
+
 class SecretRef(BaseModel):
     """A credential by reference: an environment variable or a file (Docker/K8s secrets)."""
 
@@ -53,6 +93,9 @@ class SecretRef(BaseModel):
         if (self.env is None) == (self.file is None):
             raise ValueError('give exactly one of env = "VAR" or file = "/path"')
         return self
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env is not None else f"file {self.file}"
 
     def resolve(self, environ: Mapping[str, str]) -> SecretStr:
         if self.env is not None:
@@ -153,7 +196,8 @@ class DestinationBase(BaseModel):
     routes: list[Route] = Field(min_length=1)
     active: bool = True
 
-    _secrets: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
+    # None until this process reads them (with_secrets); a producer's copy stays None.
+    _secrets: dict[str, SecretStr] | None = PrivateAttr(default=None)
 
     @field_validator("rate_limit")
     @classmethod
@@ -172,25 +216,46 @@ class DestinationBase(BaseModel):
         return limits.parse(self.rate_limit) if self.rate_limit else None
 
     def secret(self, name: str) -> str:
-        return self._secrets[name].get_secret_value()
+        return self._read_secrets()[name].get_secret_value()
 
     def secret_values(self) -> dict[str, str]:
-        return {k: v.get_secret_value() for k, v in self._secrets.items()}
+        return {k: v.get_secret_value() for k, v in self._read_secrets().items()}
 
-    def resolve_secrets(self, environ: Mapping[str, str]) -> None:
-        resolved = {}
-        for cred_name, ref in self.credentials.items():
-            try:
-                resolved[cred_name] = ref.resolve(environ)
-                self.check_secret(cred_name, resolved[cred_name].get_secret_value())
-            except ValueError as exc:
-                raise ConfigError(
-                    f"destination {self.name!r}: credentials.{cred_name}: {exc}"
-                ) from None
-        self._secrets = resolved
+    def secrets_to_mask(self) -> list[str]:
+        """The secrets of this destination this process holds (none if it never read them):
+        what must be masked out of anything it logs or stores."""
+        return [v.get_secret_value() for v in (self._secrets or {}).values()]
+
+    def _read_secrets(self) -> dict[str, SecretStr]:
+        if self._secrets is None:
+            raise SecretsNotResolved(
+                f"destination {self.name!r}: its credentials were not read in this process; "
+                "only the processes that send to it read them (Destinations.with_secrets)"
+            )
+        return self._secrets
+
+    def secret_uses(self) -> list[SecretUse]:
+        uses = []
+        for name, ref in self.credentials.items():
+            read = partial(self._read_secret, name)
+            uses.append(SecretUse("destination", self.name, name, f"credentials.{name}", ref,
+                                  self.kind, read))  # fmt: skip
+        return uses
+
+    def _read_secret(self, name: str, environ: Mapping[str, str]) -> SecretStr:
+        value = self.credentials[name].resolve(environ)
+        self.check_secret(name, value.get_secret_value())
+        return value
+
+    def with_secrets(self, environ: Mapping[str, str]) -> Self:
+        """A copy holding its credentials; ConfigError on the first that cannot be read."""
+        resolved = {use.name: use.read(environ) for use in self.secret_uses()}
+        copy = self.model_copy()
+        copy._secrets = resolved
+        return copy
 
     def check_secret(self, name: str, value: str) -> None:
-        """Kinds with a format for a credential check it here, at start-up; never echo it."""
+        """Kinds with a format for a credential check it here, when it is read; never echo it."""
 
     def route_for(self, event: ConversionEvent) -> Route | None:
         if not self.active:
@@ -448,12 +513,27 @@ class ReconcileSource(BaseModel):
             )
         return self
 
-    def resolve_token(self, environ: Mapping[str, str]) -> None:
-        self._token = self.token.resolve(environ)
+    def secret_uses(self) -> list[SecretUse]:
+        return [SecretUse("reconcile", self.name, "token", "token", self.token, RECONCILE_KIND,
+                          self.token.resolve)]  # fmt: skip
+
+    def with_secrets(self, environ: Mapping[str, str]) -> Self:
+        """A copy holding its token; ConfigError when it cannot be read."""
+        (use,) = self.secret_uses()
+        copy = self.model_copy()
+        copy._token = use.read(environ)
+        return copy
 
     def token_value(self) -> str:
-        assert self._token is not None
+        if self._token is None:
+            raise SecretsNotResolved(
+                f"reconcile {self.name!r}: its token was not read in this process; only the "
+                "processes that run the reconciler read it (Destinations.with_secrets)"
+            )
         return self._token.get_secret_value()
+
+    def secrets_to_mask(self) -> list[str]:
+        return [] if self._token is None else [self._token.get_secret_value()]
 
 
 class Destinations:
@@ -496,6 +576,43 @@ class Destinations:
     def kinds(self) -> set[str]:
         return {d.kind for d in self}
 
+    def secret_uses(self) -> list[SecretUse]:
+        """Every credential reference in the file, with the kind whose workers send with it."""
+        owners: list[DestinationBase | ReconcileSource] = [*self, *self.reconcile.values()]
+        return [use for owner in owners for use in owner.secret_uses()]
+
+    def with_secrets(
+        self,
+        environ: Mapping[str, str] | None = None,
+        *,
+        kinds: Iterable[str] = (),
+        destinations: Iterable[str] = (),
+        reconcile: Iterable[str] = (),
+    ) -> Destinations:
+        """A copy in which what a sending process sends to holds its secrets: destinations of
+        ``kinds`` (and every reconcile source when the redeliver kind is among them, since the
+        reconciler runs there), and those named. The rest stay without: using one of their
+        secrets raises SecretsNotResolved. ConfigError names the destination and the variable
+        or file of the first secret that cannot be read."""
+        environ = os.environ if environ is None else environ
+        kinds, names, sources = set(kinds), set(destinations), set(reconcile)
+        try:
+            dests = [
+                d.with_secrets(environ) if d.kind in kinds or d.name in names else d for d in self
+            ]
+            recs = [
+                r.with_secrets(environ) if RECONCILE_KIND in kinds or r.name in sources else r
+                for r in self.reconcile.values()
+            ]
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+        return Destinations(dests, self.source, recs)
+
+    def secrets_held(self) -> list[str]:
+        """Every secret this process has read: for log redaction and masking."""
+        owners: list[DestinationBase | ReconcileSource] = [*self, *self.reconcile.values()]
+        return [value for owner in owners for value in owner.secrets_to_mask()]
+
     def routes_for(self, event: ConversionEvent) -> list[tuple[DestinationBase, Route]]:
         """Every destination that wants this event, each with the first route that matched."""
         matched = []
@@ -522,9 +639,8 @@ def check_timeouts_nest(destinations: Destinations, max_connect: float, max_read
                 )
 
 
-def parse_destinations(
-    data: Mapping[str, Any], environ: Mapping[str, str], source: str = "destinations"
-) -> Destinations:
+def parse_destinations(data: Mapping[str, Any], source: str = "destinations") -> Destinations:
+    """Validate the file's content; no secret is read (see Destinations.with_secrets)."""
     unknown = set(data) - {"destination", "reconcile"}
     if unknown:
         raise ConfigError(
@@ -552,19 +668,11 @@ def parse_destinations(
         except ValidationError as exc:
             detail = describe_validation_error(exc)
             raise ConfigError(f"{source}: destination {label}: {detail}") from None
-        try:
-            dest.resolve_secrets(environ)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
         parsed.append(dest)
-    return Destinations(
-        parsed, source, _parse_reconcile(data.get("reconcile", []), environ, source)
-    )
+    return Destinations(parsed, source, _parse_reconcile(data.get("reconcile", []), source))
 
 
-def _parse_reconcile(
-    entries: Any, environ: Mapping[str, str], source: str
-) -> list[ReconcileSource]:
+def _parse_reconcile(entries: Any, source: str) -> list[ReconcileSource]:
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: reconcile: must be an array of tables ([[reconcile]])")
     parsed = []
@@ -578,16 +686,13 @@ def _parse_reconcile(
             raise ConfigError(
                 f"{source}: reconcile {label}: {describe_validation_error(exc)}"
             ) from None
-        try:
-            rec.resolve_token(environ)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: reconcile {label}: token: {exc}") from None
         parsed.append(rec)
     return parsed
 
 
-def load_destinations(path: Path, environ: Mapping[str, str] | None = None) -> Destinations:
-    """Read, validate and resolve the destinations file; ConfigError on any problem."""
+def load_destinations(path: Path) -> Destinations:
+    """Read and validate the destinations file, reading no secret; ConfigError on any problem.
+    A process that sends then calls ``with_secrets`` for what it sends to."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -599,4 +704,4 @@ def load_destinations(path: Path, environ: Mapping[str, str] | None = None) -> D
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"destinations file {path}: not valid TOML ({exc})") from None
-    return parse_destinations(data, os.environ if environ is None else environ, str(path))
+    return parse_destinations(data, str(path))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from config.destinations import Destinations, load_destinations
+from config.destinations import load_destinations
 from config.settings import Settings
 from producers.produce import Producer
 from tests.helpers import net_destination_toml
@@ -67,13 +67,12 @@ def net_destination(receiver: PostbackReceiver, write_destinations: Callable[[st
 
 
 @pytest.fixture
-def make_producer(
-    redis_url: str, redis_client: redis.Redis
-) -> Callable[[Path, dict[str, str] | None], Producer]:
-    def make(path: Path, environ: dict[str, str] | None = None) -> Producer:
+def make_producer(redis_url: str, redis_client: redis.Redis) -> Callable[[Path], Producer]:
+    """A producer as a backend service builds it: the file alone, no partner secret."""
+
+    def make(path: Path) -> Producer:
         settings = Settings(redis_url=redis_url, destinations_file=path)
-        destinations: Destinations = load_destinations(path, environ or {})
-        return Producer(settings, destinations, redis_client)
+        return Producer(settings, load_destinations(path), redis_client)
 
     return make
 

@@ -62,3 +62,59 @@ def run_cli(
         cwd=ROOT,
         check=False,
     )
+
+
+def one_of_each_kind(base: str, xmp_token_file: Path) -> str:
+    """A destinations file with a destination of every kind, each with secrets of its own, and a
+    reconcile source: which process reads which of them is what the secret-scope tests check.
+    X comes first so that the file's order cannot decide what a worker asks for."""
+    return f"""
+[[destination]]
+name = "x"
+kind = "x_mact"
+base_url = "{base}"
+[destination.credentials]
+consumer_key = {{ env = "X_CONSUMER_KEY" }}
+consumer_secret = {{ env = "X_CONSUMER_SECRET" }}
+access_token = {{ env = "X_ACCESS_TOKEN" }}
+access_token_secret = {{ env = "X_ACCESS_TOKEN_SECRET" }}
+partner_key = {{ env = "X_PARTNER_KEY" }}
+[[destination.routes]]
+type = "install"
+
+[[destination]]
+name = "partner"
+kind = "templated"
+url = "{base}/pb?idfa=(idfa)&key={{credential:api_key}}"
+headers = {{ X-Api-Key = "{{credential:api_key}}" }}
+credentials = {{ api_key = {{ env = "PARTNER_API_KEY" }} }}
+[[destination.routes]]
+type = "install"
+
+[[destination]]
+name = "xmp"
+kind = "xmp"
+credentials = {{ xmp_token = {{ file = "{xmp_token_file}" }} }}
+[[destination.routes]]
+type = "event"
+
+[[destination]]
+name = "redeliver"
+kind = "redeliver"
+
+[[reconcile]]
+name = "main"
+application_id = "1111"
+token = {{ env = "APPMETRICA_TOKEN" }}
+redeliver_to = "redeliver"
+"""
+
+
+INSTALL = {
+    "event_id": "install-1",
+    "app_id": "123456789",
+    "platform": "ios",
+    "event_name": "install",
+    "event_time": "2026-11-22T10:00:00Z",
+    "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
+}

@@ -12,10 +12,14 @@ from typing import Any
 
 import click
 
+from config.destinations import ConfigError, SecretUse
 from config.keys import queue_for
 from config.settings import WORKER_POOLS
 from workers.cli_ops import register as register_operator_commands
-from workers.cli_support import context
+from workers.cli_support import EXIT_CONFIG, context
+
+# Besides the workers of a secret's kind, the commands that send with it (and so read it).
+SENDING_COMMANDS = {"x_mact": ("x-check",), "xmp": ("xmp flush",)}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +30,8 @@ def main() -> None:
 
 @main.command("check-config")
 def check_config() -> None:
-    """Validate settings and the destinations file, then list the destinations."""
+    """Validate settings and the destinations file, list the destinations, and read every
+    secret, saying which processes need it (exit 2 when one cannot be read)."""
     ctx = context()
     destinations = ctx.destinations
     click.echo(f"{destinations.source}: {len(destinations)} destination(s) OK")
@@ -40,6 +45,34 @@ def check_config() -> None:
             f"  {dest.name:<24} kind={dest.kind:<10} rate_limit={dest.rate_limit or '-'}"
             f"  retries={dest.retry.max_attempts}  routes: {routes or '(none active)'}"
         )
+    uses = destinations.secret_uses()
+    if not uses:
+        return
+    click.echo(
+        "secrets (each read only by the processes named, a worker without --queues reads all; "
+        "producers, beat and Flower read none):"
+    )
+    problems = []
+    for use in uses:
+        try:
+            use.read(os.environ)
+            state = "ok"
+        except ConfigError as exc:
+            problems.append(f"{destinations.source}: {exc}")
+            state = "FAIL"
+        click.echo(
+            f"  {state:<7}  {use.owner} {use.field} ({use.ref.describe()}), "
+            f"needed by: {', '.join(_needed_by(use))}"
+        )
+    for problem in problems:
+        click.echo(f"Error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_CONFIG)
+
+
+def _needed_by(use: SecretUse) -> list[str]:
+    commands = ("reconcile",) if use.section == "reconcile" else SENDING_COMMANDS.get(use.kind, ())
+    return [f"worker --queues {use.kind}", *commands]
 
 
 @main.command()
@@ -86,7 +119,7 @@ def worker(
         argv += ["--queues", queues] if queues else []
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
-    app = ctx.start_app()
+    app = ctx.start_app(ctx.sending(kinds=kinds))
     argv = [
         "worker",
         "--queues",

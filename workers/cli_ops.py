@@ -358,6 +358,7 @@ def x_check(destination: str, event_file: Any) -> None:
     dest = ctx.destinations.by_name.get(destination)
     if dest is None or dest.kind != "x_mact":
         raise click.BadParameter(f"{destination!r} is not an x_mact destination")
+    dest = ctx.sending(destinations=[destination]).get(destination)
     try:
         event = ConversionEvent.parse(json.load(event_file))
     except (InvalidEvent, ValueError) as exc:
@@ -394,12 +395,14 @@ def xmp_flush(destination: str | None, dry_run: bool) -> None:
     from workers.xmp import dumps_exact, iter_payloads
 
     ctx = context()
-    targets = [d for d in ctx.destinations if isinstance(d, XmpDestination)]
+    names = [d.name for d in ctx.destinations if isinstance(d, XmpDestination)]
     if destination is not None:
-        targets = [d for d in targets if d.name == destination]
-        if not targets:
+        if destination not in names:
             raise click.BadParameter(f"{destination!r} is not an xmp destination")
-    runtime = WorkerRuntime(ctx.settings, ctx.destinations, app=ctx.start_app())
+        names = [destination]
+    sending = ctx.sending(destinations=names)
+    targets = [d for d in sending if isinstance(d, XmpDestination) and d.name in names]
+    runtime = WorkerRuntime(ctx.settings, sending, app=ctx.start_app(sending))
     for dest in targets:
         flusher = runtime.xmp_flusher
         if dry_run:
@@ -442,8 +445,9 @@ def reconcile(
         raise click.UsageError(
             f"choose one source with --source or --app; configured: {known or 'none'}"
         )
-    source = sources[0]
-    runtime = WorkerRuntime(ctx.settings, ctx.destinations, app=ctx.start_app())
+    sending = ctx.sending(reconcile=[sources[0].name])
+    source = sending.reconcile[sources[0].name]
+    runtime = WorkerRuntime(ctx.settings, sending, app=ctx.start_app(sending))
     start, end = parse_since(since), parse_since(until)
     polls = 0
     with Status("asking AppMetrica for the export...", console=Console(stderr=True)) as status:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -40,11 +41,34 @@ class CliContext:
 
     @cached_property
     def destinations(self) -> Destinations:
+        """Routing, kinds and templates, without a single secret: all most commands need."""
         try:
             return load_destinations(self.settings.destinations_file)
         except ConfigError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
+
+    def sending(
+        self,
+        *,
+        kinds: Iterable[str] = (),
+        destinations: Iterable[str] = (),
+        reconcile: Iterable[str] = (),
+    ) -> Destinations:
+        """The destinations with the secrets of what this command sends to (see
+        Destinations.with_secrets), registered for log redaction as they are read. A secret
+        that cannot be read stops the command here, naming the destination and the variable."""
+        from workers.logging import redactor
+
+        try:
+            resolved = self.destinations.with_secrets(
+                kinds=kinds, destinations=destinations, reconcile=reconcile
+            )
+        except ConfigError as exc:
+            click.echo(f"Error: {exc} (check-config lists who needs which secret)", err=True)
+            sys.exit(EXIT_CONFIG)
+        redactor.add(resolved.secrets_held())
+        return resolved
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -56,15 +80,17 @@ class CliContext:
     def keys(self) -> RedisKeys:
         return RedisKeys(self.settings.key_prefix)
 
-    def start_app(self) -> Any:
-        """Configure logging (with every secret registered for redaction) and build the app."""
+    def start_app(self, destinations: Destinations | None = None) -> Any:
+        """Configure logging and build the app: with ``destinations`` from sending() in a
+        process that sends, else with the file alone (beat, Flower, health read no secret)."""
         from workers.app import create_app
         from workers.logging import configure_logging
 
-        secrets = [v for d in self.destinations for v in d.secret_values().values()]
-        configure_logging(self.settings, secrets)
+        if destinations is None:
+            destinations = self.destinations
+        configure_logging(self.settings, destinations.secrets_held())
         try:
-            return create_app(self.settings, self.destinations)
+            return create_app(self.settings, destinations)
         except ConfigError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)

@@ -172,7 +172,7 @@ class DeliveryPipeline:
         try:
             request = adapter.build_request(envelope)
         except Exception as exc:
-            detail = mask_secrets(str(exc)[:300], dest.secret_values().values())
+            detail = mask_secrets(str(exc)[:300], dest.secrets_to_mask())
             return self._dead_letter(
                 envelope, f"cannot build the request: {type(exc).__name__}: {detail}"
             )
@@ -245,7 +245,7 @@ class DeliveryPipeline:
                 excerpt = response.raw.read(RESPONSE_READ_BYTES, decode_content=True)
                 text = mask_secrets(
                     excerpt.decode(response.encoding or "utf-8", errors="replace"),
-                    adapter.destination.secret_values().values(),
+                    adapter.destination.secrets_to_mask(),
                 )
                 outcome = adapter.classify(response, text)
         except requests.RequestException as exc:

@@ -123,9 +123,10 @@ class WorkerRuntime:
             envelope: DeliveryEnvelope | None = DeliveryEnvelope.from_task_arg(raw)
         except PoisonMessage:
             envelope = None
-        reason = f"unexpected error: {type(exc).__name__}: {str(exc)[:300]}"
-        for dest in self.destinations:
-            reason = mask_secrets(reason, dest.secret_values().values())
+        reason = mask_secrets(
+            f"unexpected error: {type(exc).__name__}: {str(exc)[:300]}",
+            self.destinations.secrets_held(),
+        )
         entry = DeadLetter(
             delivery_id=envelope.delivery_id if envelope else f"error-{task_id or uuid.uuid4()}",
             destination=envelope.destination if envelope else "?",

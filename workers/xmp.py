@@ -394,7 +394,7 @@ class XmpFlusher:
                 timeout=(dest.timeout.connect, dest.timeout.read),
             )  # fmt: skip
             status = response.status_code
-            text = mask_secrets(response.text[:2048], dest.secret_values().values())
+            text = mask_secrets(response.text[:2048], dest.secrets_to_mask())
         except requests.RequestException as exc:
             self._record(
                 dest, batch, None, body=type(exc).__name__, started=started, batch_id=None, ok=False

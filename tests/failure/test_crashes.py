@@ -117,7 +117,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     # popped but not yet recorded as unacked (kombu's gap) comes back through the ledger.
     producer = Producer(
         Settings(redis_url=redis_url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-        load_destinations(path, {}),
+        load_destinations(path),
         redis_client,
     )
     results = producer.produce_many(install(f"kill-{i}") for i in range(2000))
@@ -263,7 +263,7 @@ def redis_crash_scenario(
     try:
         producer = Producer(
             Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path, {}),
+            load_destinations(path),
             redis.Redis.from_url(url),
         )
         worker = start_worker(path, env=env)
@@ -378,7 +378,7 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
         client = redis.Redis.from_url(url)
         producer = Producer(
             Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path, {}),
+            load_destinations(path),
             client,
         )
         worker = start_worker(path, env=env)
@@ -419,12 +419,12 @@ def produce_poison_then_a_normal_event(
     messages: list[bytes | str],
     receiver: PostbackReceiver,
     path: Path,
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> tuple[WorkerProcess, DeadLetterStore, list[DeadLetter]]:
     """LPUSH the poison, then produce one good event; wait for both to be dealt with."""
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path, env=CRASH_ENV)
     for message in messages:
         redis_client.lpush(QUEUE, message)
@@ -457,7 +457,7 @@ def produce_poison_then_a_normal_event(
 def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> None:
@@ -497,14 +497,14 @@ def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
 def test_queue_items_that_are_not_kombu_messages_raise_an_alarm_and_the_worker_goes_on(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> None:
     """kombu pops an item before it can tell it is not a message: it cannot be kept, but it
     must not stop the worker (workers/transport.py). produce() never writes such items."""
     path = write_destinations(destinations(receiver.url))
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path, env=CRASH_ENV)
     not_kombu = json.dumps({"task": "postback_relay.deliver_templated", "args": [1]})
     garbage = b"\x00\xffthis is {not json"
@@ -528,7 +528,7 @@ def test_queue_items_that_are_not_kombu_messages_raise_an_alarm_and_the_worker_g
 def test_a_message_that_kills_its_worker_is_dead_lettered_not_looped(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> None:
@@ -558,7 +558,7 @@ def test_a_message_that_kills_its_worker_is_dead_lettered_not_looped(
     # A held request's client is SIGKILLed: its late answer meets a closed socket. Expected here.
     receiver.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
     path = write_destinations(destinations(receiver.url, read=4))
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     (killer,) = producer.produce(install("killer")).accepted
     assert killer == delivery_id_for("killer", DESTINATION)
     store = DeadLetterStore(redis_client, RedisKeys("pr"))

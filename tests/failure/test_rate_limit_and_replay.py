@@ -102,7 +102,7 @@ WINDOW_TOLERANCE = 0.10
 def test_rate_limit_holds_across_three_workers_and_spends_no_attempts(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> None:
@@ -118,7 +118,7 @@ retry = {{ max_attempts = 0, schedule = [0.5], jitter = 0 }}
 type = "install"
 """
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     workers = [
         start_worker(
             path,
@@ -239,7 +239,7 @@ events = ["af_purchase"]
 def dead_lettered(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
     redis_url: str,
@@ -250,7 +250,7 @@ def dead_lettered(
         partner = Partner()
         receiver.responder = partner
         path = write_destinations(dlq_destinations(receiver.url, alpha_rate))
-        producer = make_producer(path, None)
+        producer = make_producer(path)
         worker = start_worker(path)
         events = [install(f"a-{i}") for i in range(alpha)]
         events += [purchase(f"b-{i}") for i in range(beta)]
@@ -521,7 +521,7 @@ events = ["af_purchase"]
 def test_attempts_export_uses_appmetrica_names_and_masks_secrets(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
     redis_url: str,
@@ -530,7 +530,7 @@ def test_attempts_export_uses_appmetrica_names_and_masks_secrets(
         Answer(400, '{"error":"unknown event"}') if req.path == "/s/af_purchase" else Answer(200)
     )
     path = write_destinations(secret_destinations(receiver.url))
-    producer = make_producer(path, {"TEST_SECRET_TOKEN": SECRET})
+    producer = make_producer(path)
     worker = start_worker(path, env={"TEST_SECRET_TOKEN": SECRET})
     producer.produce_many([install("x-1"), install("x-2"), purchase("x-3")])
     store = DeadLetterStore(redis_client, KEYS)
@@ -587,7 +587,7 @@ def test_attempts_export_uses_appmetrica_names_and_masks_secrets(
 def test_secret_echoed_back_by_the_partner_is_masked_in_records(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
     redis_url: str,
@@ -597,7 +597,7 @@ def test_secret_echoed_back_by_the_partner_is_masked_in_records(
         400, json.dumps({"error": "unknown app", "request": req.raw_target})
     )
     path = write_destinations(secret_destinations(receiver.url))
-    producer = make_producer(path, {"TEST_SECRET_TOKEN": SECRET})
+    producer = make_producer(path)
     worker = start_worker(path, env={"TEST_SECRET_TOKEN": SECRET})
     (delivery_id,) = producer.produce(install("echo-1")).accepted
     store = DeadLetterStore(redis_client, KEYS)
@@ -670,7 +670,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def test_metrics_endpoint_reports_queue_dead_letters_deliveries_and_latency(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     metrics_server: Callable[[Path], str],
     redis_client: redis.Redis,
@@ -700,7 +700,7 @@ type = "event"
 events = ["never"]
 """
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path)
     delivered, failed, waiting = 6, 3, 4
     producer.produce_many(

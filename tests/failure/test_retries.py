@@ -39,7 +39,7 @@ DELAYED = KEYS.delayed(QUEUE)
 UNACKED = "unacked"
 IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
 
-ProducerFactory = Callable[[Path, dict[str, str] | None], Producer]
+ProducerFactory = Callable[[Path], Producer]
 WorkerFactory = Callable[..., WorkerProcess]
 
 
@@ -135,7 +135,7 @@ def test_flaky_destination_recovers_without_delaying_a_healthy_one(
         destination("flaky-a", f"{receiver.url}/a", retry)
         + destination("healthy-b", f"{receiver.url}/b", retry)
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path, "--queues", "templated", "--concurrency", "4")
 
     a_ids = {delivery_id_for(f"ev-{i}", "flaky-a") for i in range(FLAKY_EVENTS)}
@@ -281,7 +281,7 @@ def test_429_retry_after_pauses_the_destination_across_workers(
             "retry = { max_attempts = 5, schedule = [0.5], jitter = 0, max_age_seconds = 600 }",
         )
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     workers = [
         start_worker(
             path,
@@ -397,7 +397,7 @@ def test_endpoint_slower_than_the_timeout_is_retried_within_the_task_limits(
             "timeout = { connect = 1, read = 1 }",
         )
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(
         path,
         env=nesting_env(
@@ -469,7 +469,7 @@ def test_retry_delay_longer_than_visibility_timeout_is_delivered_once(
             "timeout = { connect = 1, read = 1 }",
         )
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(
         path,
         env=nesting_env(
@@ -545,7 +545,7 @@ def test_permanent_4xx_is_dead_lettered_after_one_request_and_auth_failures_alar
             for code in PERMANENT
         )
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path)
 
     def respond(req: ReceivedRequest, seen: int) -> Answer:
@@ -609,7 +609,7 @@ def test_attempts_never_exceed_the_policy_when_everything_fails(
             "retry = { max_attempts = 2, schedule = [0.3, 0.3], jitter = 0, max_age_seconds = 600 }",
         )
     )
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     worker = start_worker(path)
     receiver.responder = lambda req, seen: Answer(503, '{"error":"down for maintenance"}')
     results = producer.produce_many(install(i, "down") for i in range(EXHAUST_EVENTS))

@@ -24,7 +24,7 @@ QUEUE = "postback.templated"
 def test_sigterm_finishes_in_flight_deliveries_and_returns_the_rest(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
 ) -> None:
@@ -43,7 +43,7 @@ url = "{receiver.url}/pb?e=(event-name)"
 [[destination.routes]]
 type = "install"
 """)
-    producer = make_producer(path, None)
+    producer = make_producer(path)
     accepted = []
     for i in range(20):
         accepted += producer.produce({

@@ -90,12 +90,12 @@ def purchase(**extra: Any) -> dict[str, Any]:
 def setup(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
 ) -> Callable[..., tuple[Producer, WorkerProcess]]:
     def make(**kwargs: Any) -> tuple[Producer, WorkerProcess]:
         path = write_destinations(destinations(receiver.url, **kwargs))
-        producer = make_producer(path, {"TEST_PARTNER_TOKEN": SECRET})
+        producer = make_producer(path)
         worker = start_worker(path, env={"TEST_PARTNER_TOKEN": SECRET})
         return producer, worker
 

@@ -318,7 +318,8 @@ def test_periodic_reconcile_task_polls_by_itself_and_redelivers(
         path, "--queues", "redeliver", "--concurrency", "4", env={"APPMETRICA_TOKEN": TOKEN}
     )
     settings = Settings(redis_url=redis_url, destinations_file=path)
-    app = create_app(settings, load_destinations(path, {"APPMETRICA_TOKEN": TOKEN}))
+    sending = load_destinations(path).with_secrets({"APPMETRICA_TOKEN": TOKEN}, kinds=["redeliver"])
+    app = create_app(settings, sending)
     assert app.conf.beat_schedule["reconcile-main"]["task"] == RECONCILE_TASK
     assert app.conf.beat_schedule["reconcile-main"]["args"] == ("main",)
     try:

@@ -51,7 +51,7 @@ def test_every_delivery_arrives_and_task_events_go_out_in_batches(
     redis_client: redis.Redis,
     receiver: PostbackReceiver,
     start_worker: Callable[..., WorkerProcess],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
 ) -> None:
     events_channel = redis_client.pubsub(ignore_subscribe_messages=True)
     events_channel.psubscribe("*celeryev*")
@@ -60,7 +60,7 @@ def test_every_delivery_arrives_and_task_events_go_out_in_batches(
     )
     banner = {"threads": "concurrency: 8 (thread)", "gevent": "concurrency: 8 (gevent)"}
     assert banner[pool] in worker.log()
-    results = make_producer(net_destination, None).produce_many(installs(pool))
+    results = make_producer(net_destination).produce_many(installs(pool))
     accepted = [delivery_id for result in results for delivery_id in result.accepted]
     assert len(accepted) == N
 

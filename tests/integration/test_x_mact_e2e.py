@@ -141,7 +141,7 @@ def x(
     sandbox: SandboxX,
     redis_url: str,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
 ) -> XSetup:
     path = write_destinations(destinations_toml(sandbox.url))
@@ -160,7 +160,7 @@ def x(
             [str(CLI), *args], env=env, capture_output=True, text=True, timeout=60, check=False
         )
 
-    return XSetup(path, make_producer(path, ENV), start, run_cli)
+    return XSetup(path, make_producer(path), start, run_cli)
 
 
 def records(client: redis.Redis) -> list[dict[str, str]]:

@@ -69,11 +69,11 @@ def sandbox() -> Iterator[SandboxXmp]:
 def xmp_setup(
     sandbox: SandboxXmp,
     write_destinations: Callable[[str], Path],
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
 ) -> tuple[Path, Producer, WorkerProcess]:
     path = write_destinations(destinations_toml(sandbox.url))
-    producer = make_producer(path, {"XMP_TOKEN": TOKEN})
+    producer = make_producer(path)
     worker = start_worker(path, "--queues", "xmp", "--concurrency", "4", env={"XMP_TOKEN": TOKEN})
     return path, producer, worker
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from config.destinations import (
+    KINDS,
     ConfigError,
     Destinations,
     RetryPolicy,
@@ -60,7 +61,9 @@ def write(tmp_path: Path, text: str, name: str = "destinations.toml") -> Path:
 
 
 def load_text(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Destinations:
-    return load_destinations(write(tmp_path, text), {} if environ is None else environ)
+    """The file as a process that sends to every destination sees it: secrets read."""
+    path = write(tmp_path, text)
+    return load_destinations(path).with_secrets({} if environ is None else environ, kinds=KINDS)
 
 
 @pytest.fixture
@@ -128,7 +131,9 @@ def test_environ_argument_is_used_instead_of_process_env(
 ) -> None:
     monkeypatch.setenv("ALPHA_TOKEN", "from-process-env")
     text = TWO_DESTINATIONS.replace("{key_file}", str(key_file))
-    dests = load_destinations(write(tmp_path, text), {"ALPHA_TOKEN": SECRET})
+    dests = load_destinations(write(tmp_path, text)).with_secrets(
+        {"ALPHA_TOKEN": SECRET}, kinds=KINDS
+    )
     assert dests.get("alpha").secret("token") == SECRET
 
 
@@ -137,7 +142,7 @@ def test_process_env_is_used_when_no_environ_given(
 ) -> None:
     monkeypatch.setenv("ALPHA_TOKEN", "from-process-env")
     text = TWO_DESTINATIONS.replace("{key_file}", str(key_file))
-    dests = load_destinations(write(tmp_path, text))
+    dests = load_destinations(write(tmp_path, text)).with_secrets(kinds=KINDS)
     assert dests.get("alpha").secret("token") == "from-process-env"
 
 
@@ -443,7 +448,7 @@ def test_errors_name_destination_field_and_rule(
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as excinfo:
-        load_destinations(path, environ)
+        load_destinations(path).with_secrets(environ, kinds=KINDS)
     message = str(excinfo.value)
     assert str(path) in message
     assert f"destination {label}:" in message
@@ -507,7 +512,7 @@ def test_secret_errors_do_not_echo_other_secrets(tmp_path: Path) -> None:
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = write(tmp_path, "destinations_version = 2\n\n" + dest_toml())
     with pytest.raises(ConfigError) as excinfo:
-        load_destinations(path, {})
+        load_destinations(path)
     message = str(excinfo.value)
     assert str(path) in message
     assert "unknown top-level key" in message
@@ -517,14 +522,14 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 def test_destination_must_be_an_array_of_tables(tmp_path: Path) -> None:
     path = write(tmp_path, '[destination]\nkind = "templated"\n')
     with pytest.raises(ConfigError) as excinfo:
-        load_destinations(path, {})
+        load_destinations(path)
     assert "destination: must be an array of tables" in str(excinfo.value)
 
 
 def test_invalid_toml(tmp_path: Path) -> None:
     path = write(tmp_path, '[[destination]]\nkind = "templated\n')
     with pytest.raises(ConfigError) as excinfo:
-        load_destinations(path, {})
+        load_destinations(path)
     message = str(excinfo.value)
     assert str(path) in message
     assert "not valid TOML" in message
@@ -533,7 +538,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
     with pytest.raises(ConfigError) as excinfo:
-        load_destinations(path, {})
+        load_destinations(path)
     message = str(excinfo.value)
     assert str(path) in message
     assert "cannot be read" in message

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from config.destinations import DEFAULT_X_CONVERSIONS, load_destinations, parse_destinations
+from config.destinations import (
+    DEFAULT_X_CONVERSIONS,
+    KINDS,
+    load_destinations,
+    parse_destinations,
+)
 from config.settings import ENV_PREFIX, Settings
 from workers.cli import main
 
@@ -72,7 +77,7 @@ def test_the_examples_commented_out_sections_pass_check_config_once_uncommented(
     assert code == 0, output
     for name in ACTIVE + COMMENTED_OUT:
         assert re.search(rf"^\s+{re.escape(name)}\s", output, re.MULTILINE), output
-    destinations = load_destinations(copy, SECRETS)
+    destinations = load_destinations(copy).with_secrets(SECRETS, kinds=KINDS)
     assert list(destinations.reconcile) == ["main-app"]
     assert destinations.reconcile["main-app"].token_value() == SECRETS["APPMETRICA_TOKEN"]
     assert destinations.get("x-mact").secret("partner_key") == SECRETS["X_PARTNER_KEY"]
@@ -93,7 +98,9 @@ def test_every_toml_block_in_the_readme_is_a_valid_destinations_file() -> None:
     blocks = readme_toml_blocks()
     assert len(blocks) >= 4  # templated, X, XMP, reconciler
     for block in blocks:
-        destinations = parse_destinations(tomllib.loads(block), SECRETS, "README block")
+        destinations = parse_destinations(tomllib.loads(block), "README block").with_secrets(
+            SECRETS, kinds=KINDS
+        )
         assert len(destinations) >= 1
 
 

@@ -33,11 +33,11 @@ def install(event_id: str) -> dict[str, str]:
 
 
 def test_produce_records_each_delivery_with_its_message(
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     write_destinations: Callable[[str], Path],
     redis_client: redis.Redis,
 ) -> None:
-    producer = make_producer(write_destinations(DESTINATIONS), None)
+    producer = make_producer(write_destinations(DESTINATIONS))
     before = time.time()
     (delivery_id,) = producer.produce(install("e1")).accepted
     deadline = redis_client.zscore(KEYS.ledger(), delivery_id)
@@ -53,11 +53,11 @@ def test_produce_records_each_delivery_with_its_message(
 
 
 def test_sweep_publishes_again_only_what_passed_its_deadline(
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     write_destinations: Callable[[str], Path],
     redis_client: redis.Redis,
 ) -> None:
-    producer = make_producer(write_destinations(DESTINATIONS), None)
+    producer = make_producer(write_destinations(DESTINATIONS))
     stalled, fresh = (producer.produce(install(e)).accepted[0] for e in ("s", "f"))
     redis_client.delete(QUEUE)  # both messages "lost" (e.g. popped just before a crash)
     ledger = DeliveryLedger(redis_client, KEYS, lease_seconds=30)

@@ -67,10 +67,10 @@ def event(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def producer(
-    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    make_producer: Callable[[Path], Producer],
     write_destinations: Callable[[str], Path],
 ) -> Producer:
-    return make_producer(write_destinations(DESTINATIONS), None)
+    return make_producer(write_destinations(DESTINATIONS))
 
 
 def queued_envelopes(client: redis.Redis) -> list[DeliveryEnvelope]:

@@ -65,8 +65,11 @@ poll_seconds = 1
 
 
 def load(text: str, environ: dict[str, str] | None = None) -> Destinations:
+    """The file as a redeliver worker (which runs the reconciler) sees it at start-up."""
     env = {"APPMETRICA_TOKEN": TOKEN} if environ is None else environ
-    return parse_destinations(tomllib.loads(text), env, "test.toml")
+    return parse_destinations(tomllib.loads(text), "test.toml").with_secrets(
+        env, kinds=["redeliver"]
+    )
 
 
 def make_reconciler(

@@ -73,9 +73,8 @@ def adapter() -> TemplatedAdapter:
                     "routes": [{"type": "install"}],
                 }
             ]
-        },
-        {},
-    )
+        }
+    ).with_secrets({}, kinds=["templated"])
     dest = destinations.get("net")
     return TemplatedAdapter(dest)  # type: ignore[arg-type]
 

@@ -28,10 +28,12 @@ import pytest
 import redis
 import requests
 from celery import Celery
+from click.testing import CliRunner
 from requests.structures import CaseInsensitiveDict
 
 from config.destinations import (
     DEFAULT_X_CONVERSIONS,
+    KINDS,
     X_CREDENTIALS,
     ConfigError,
     Destinations,
@@ -45,6 +47,7 @@ from schemas.event import ConversionEvent
 from workers.adapters.base import OutgoingRequest
 from workers.adapters.x_mact import XMactAdapter, price_micro
 from workers.attempts import AttemptLog
+from workers.cli import main
 from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
 from workers.ledger import DeliveryLedger
@@ -96,7 +99,8 @@ type = "event"
 def x_destinations(
     base_url: str | None = None, extra: str = "", environ: dict[str, str] | None = None
 ) -> Destinations:
-    return parse_destinations(tomllib.loads(x_toml(base_url, extra)), environ or ENV)
+    data = tomllib.loads(x_toml(base_url, extra))
+    return parse_destinations(data).with_secrets(environ or ENV, kinds=KINDS)
 
 
 def x_adapter(
@@ -664,7 +668,7 @@ url = "https://pb.example.com/e?n=(event-name)"
 type = "event"
 """
     )
-    dests = parse_destinations(tomllib.loads(text), ENV)
+    dests = parse_destinations(tomllib.loads(text))
     assert routed_names(dests, android_event(event_name="af_unknown_thing")) == ["net"]
     assert routed_names(dests, android_event(event_name="af_purchase")) == ["x", "net"]
     assert routed_names(dests, ios_event()) == ["x"]
@@ -707,9 +711,10 @@ def test_without_default_conversion_types_only_the_configured_map_applies() -> N
 
 
 def load_file(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Destinations:
+    """The file as a worker sees it at start-up: validated, then its secrets read."""
     path = tmp_path / "destinations.toml"
     path.write_text(text)
-    return load_destinations(path, ENV if environ is None else environ)
+    return load_destinations(path).with_secrets(ENV if environ is None else environ, kinds=KINDS)
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -817,6 +822,40 @@ def test_check_config_command_exits_2_naming_destination_and_field(tmp_path: Pat
     assert done.returncode == 2, done.stdout + done.stderr
     assert "destination 'x'" in done.stderr
     assert "view_through_window" in done.stderr
+
+
+def test_x_check_reads_the_secrets_of_its_destination_only(
+    tmp_path: Path, sandbox: SandboxX
+) -> None:
+    path = tmp_path / "destinations.toml"
+    other = """
+[[destination]]
+name = "net"
+kind = "templated"
+url = "https://net.example/pb?key={credential:key}"
+credentials = { key = { env = "NET_KEY_NOT_SET" } }
+routes = [{ type = "install" }]
+"""
+    path.write_text(x_toml(sandbox.url) + other)
+    env = {"POSTBACK_RELAY_DESTINATIONS_FILE": str(path), "NET_KEY_NOT_SET": None}
+    run = CliRunner().invoke
+    args = ["x-check", "-d", "x"]
+
+    checked = run(main, args, input=json.dumps(ios_event()), env={**env, **ENV})
+    assert checked.exit_code == 0, checked.output
+    (request,) = sandbox.requests
+    assert (request.method, request.path, request.status) == (
+        "GET",
+        "/12/conversion_attribution",
+        200,
+    )
+    assert CS not in checked.output
+
+    refused = run(main, args, input=json.dumps(ios_event()), env={**env, **ENV, "X_CS": None})
+    assert refused.exit_code == 2
+    assert "destination 'x': credentials.consumer_secret" in refused.output
+    assert "X_CS" in refused.output
+    assert len(sandbox.requests) == 1
 
 
 # --- classify ------------------------------------------------------------------------------------

@@ -82,7 +82,11 @@ def xmp_dest(
         "retry": {"max_attempts": 2, "schedule": [10, 20], "jitter": 0},
         **fields,
     }
-    dest = parse_destinations({"destination": [entry]}, {"XMP_TOKEN": token}).get("xmp")
+    dest = (
+        parse_destinations({"destination": [entry]})
+        .with_secrets({"XMP_TOKEN": token}, kinds=["xmp"])
+        .get("xmp")
+    )
     assert isinstance(dest, XmpDestination)
     return dest
 
@@ -171,7 +175,7 @@ type = "install"
 type = "event"
 """
     )
-    dest = load_destinations(path, {"XMP_TOKEN": TOKEN}).get("xmp")
+    dest = load_destinations(path).with_secrets({"XMP_TOKEN": TOKEN}, kinds=["xmp"]).get("xmp")
     assert isinstance(dest, XmpDestination)
     assert dest.secret("xmp_token") == TOKEN
     assert dest.utc_offset_hours == 8
@@ -935,9 +939,8 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
 ) -> None:
     dest = xmp_dest()
     destinations = parse_destinations(
-        {"destination": [dest.model_dump(mode="json", exclude_defaults=True)]},
-        {"XMP_TOKEN": TOKEN},
-    )
+        {"destination": [dest.model_dump(mode="json", exclude_defaults=True)]}
+    ).with_secrets({"XMP_TOKEN": TOKEN}, kinds=["xmp"])
     producer = Producer(
         Settings(redis_url=redis_url, destinations_file=tmp_path / "unused.toml"),
         destinations,
