@@ -226,19 +226,27 @@ def test_cli_dry_run_then_reconcile_redelivers_each_never_sent_postback_once(
     assert TOKEN not in dry.stdout + dry.stderr + real.stdout + real.stderr + worker.log()
 
 
+@pytest.fixture
+def reconcile_env(
+    sandbox: SandboxAppMetrica, write_destinations: Callable[[str], Path], redis_url: str
+) -> dict[str, str]:
+    """The environment of a `postback-relay reconcile` run against the sandbox."""
+    path = write_destinations(destinations_toml(sandbox.url))
+    return helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN)
+
+
 def test_cli_since_without_until_polls_one_fixed_window_until_the_export_is_ready(
     sandbox: SandboxAppMetrica,
     scenario: tuple[list[dict[str, Any]], list[str]],
-    write_destinations: Callable[[str], Path],
-    redis_url: str,
+    reconcile_env: dict[str, str],
     redis_client: redis.Redis,
 ) -> None:
     """Each poll used to ask for "now minus settle" again: a new export each time, 202 forever."""
     never, _late = scenario
     sandbox.polls_before_ready = 2  # poll_seconds = 1: the clock moves on between polls
-    path = write_destinations(destinations_toml(sandbox.url))
-    env = helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN)
-    result = helpers.run_cli(env, "reconcile", "--source", "main", "--since", "48h", timeout=40)
+    result = helpers.run_cli(
+        reconcile_env, "reconcile", "--source", "main", "--since", "48h", timeout=40
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
     assert len(sandbox.queries) == 3  # two 202s, then the data
@@ -261,18 +269,12 @@ def test_cli_since_without_until_polls_one_fixed_window_until_the_export_is_read
 
 
 def test_cli_gives_up_with_exit_1_when_the_export_never_comes(
-    sandbox: SandboxAppMetrica,
-    scenario: tuple[list[dict[str, Any]], list[str]],
-    write_destinations: Callable[[str], Path],
-    redis_url: str,
-    redis_client: redis.Redis,
+    sandbox: SandboxAppMetrica, reconcile_env: dict[str, str], redis_client: redis.Redis
 ) -> None:
     sandbox.polls_before_ready = 10**9  # AppMetrica answers 202 forever
-    path = write_destinations(destinations_toml(sandbox.url))
-    env = helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN)
     # Today's code never returns: run_cli's timeout would end the test with TimeoutExpired.
     result = helpers.run_cli(
-        env, "reconcile", "--source", "main", "--since", "48h", "--max-wait", "2.5s", timeout=40
+        reconcile_env, "reconcile", "-s", "main", "--since", "48h", "--max-wait", "2.5s", timeout=40
     )
     assert result.returncode == 1, result.stdout + result.stderr
     asked = sandbox.requests[0]
@@ -293,17 +295,13 @@ def test_cli_gives_up_with_exit_1_when_the_export_never_comes(
 
 
 def test_cli_on_a_terminal_shows_the_wait_with_a_spinner(
-    sandbox: SandboxAppMetrica,
-    write_destinations: Callable[[str], Path],
-    redis_url: str,
+    sandbox: SandboxAppMetrica, reconcile_env: dict[str, str]
 ) -> None:
     sandbox.polls_before_ready = 2
-    path = write_destinations(destinations_toml(sandbox.url))
-    env = helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN, TERM="xterm")
     controller, terminal = pty.openpty()
     with subprocess.Popen(
         [str(CLI), "reconcile", "--source", "main"],
-        env=env,
+        env={**reconcile_env, "TERM": "xterm"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=terminal,
