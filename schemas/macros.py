@@ -3,7 +3,9 @@
 A template is compiled once when the destinations file is loaded, so an unknown macro or a macro
 in the scheme or host stops the process at start-up instead of failing the first delivery.
 Values are percent-encoded with nothing left "safe", so an event value can never add a path
-segment, a query parameter, a fragment, or change the scheme or host.
+segment, a query parameter, a fragment, or change the scheme or host; and a path segment that a
+value makes "." or ".." has its dots sent as %2E, so the partner reads it as data, not as "this
+level" or "up one level".
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from schemas.event import ConversionEvent
 MASK = "***"
 _MACRO = re.compile(r"\(([A-Za-z][A-Za-z0-9_\- .:]{0,63})\)|\{([A-Za-z][A-Za-z0-9_\- .:]{0,63})\}")
 _CREDENTIAL_PREFIX = "credential:"
+# The path of a rendered URL template: the host is literal, so it ends at the first '?' or '#'.
+_URL_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(?P<path>[^?#]*)")
+# A dot segment as RFC 3986 5.2.4 and WHATWG's URL parser resolve it, in any spelling.
+_DOT_SEGMENT = re.compile(r"(?:\.|%2[eE]){1,2}")
 
 
 class TemplateError(ValueError):
@@ -163,21 +169,49 @@ class Template:
         mask_secrets: bool = False,
     ) -> str:
         out: list[str] = []
+        macro_at: list[int] = []  # where each macro's text starts in the output
+        length = 0
         for part in self.parts:
             if isinstance(part, str):
-                out.append(part)
-                continue
-            if part.credential is not None and mask_secrets:
-                out.append(MASK)
-                continue
-            if part.credential is not None:
-                value: str | None = secrets[part.credential]
+                text = part
+            elif part.credential is not None and mask_secrets:
+                text = MASK
             else:
-                assert part.getter is not None
-                value = part.getter(event, context)
-            value = value or ""
-            out.append(quote(value, safe="") if url_encode else value)
-        return "".join(out)
+                if part.credential is not None:
+                    value: str | None = secrets[part.credential]
+                else:
+                    assert part.getter is not None
+                    value = part.getter(event, context)
+                value = value or ""
+                text = quote(value, safe="") if url_encode else value
+            if not isinstance(part, str):
+                macro_at.append(length)
+            out.append(text)
+            length += len(text)
+        rendered = "".join(out)
+        return _escape_dot_segments(rendered, macro_at) if url_encode else rendered
+
+
+def _escape_dot_segments(url: str, macro_at: list[int]) -> str:
+    """Write the dots of a path segment that holds a macro as %2E when it would read "." or "..".
+
+    quote() leaves '.' alone, so a value "..", or "." next to a literal ".", or two macros "."
+    and "." side by side, would make a dot segment that the HTTP client (urllib3) or the
+    partner's server resolves: the request would go to another path. A macro's text never
+    holds a '/', so each macro lies in exactly one segment.
+    """
+    match = _URL_PATH.match(url)
+    if match is None or not macro_at:
+        return url
+    start, end = match.span("path")
+    segments, segment_start = [], start
+    for written in url[start:end].split("/"):
+        segment_end = segment_start + len(written)
+        holds_macro = any(segment_start <= at <= segment_end for at in macro_at)
+        dots = holds_macro and _DOT_SEGMENT.fullmatch(written)
+        segments.append(written.replace(".", "%2E") if dots else written)
+        segment_start = segment_end + 1
+    return url[:start] + "/".join(segments) + url[end:]
 
 
 def compile_template(text: str, credentials: frozenset[str] = frozenset()) -> Template:

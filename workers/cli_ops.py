@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from workers.attempts import AttemptLog
-from workers.cli_support import CliContext, context, parse_since
+from workers.cli_support import CliContext, context, parse_duration, parse_since
 from workers.deadletter import DeadLetter, DeadLetterStore, Replayer
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 
@@ -425,12 +425,25 @@ def xmp_flush(destination: str | None, dry_run: bool) -> None:
 @click.option("--since", default=None, help="90m, 24h, 7d or ISO time (default: checkpoint).")
 @click.option("--until", default=None, help="Default: now minus the settle delay.")
 @click.option("--dry-run", is_flag=True, help="Report what would be redelivered; send nothing.")
+@click.option(
+    "--max-wait",
+    default="300s",
+    show_default=True,
+    callback=lambda _ctx, _param, value: parse_duration(value),
+    help="How long to wait for AppMetrica to prepare the export before giving up (exit 1).",
+)
 def reconcile(
-    name: str | None, app_id: str | None, since: str | None, until: str | None, dry_run: bool
+    name: str | None,
+    app_id: str | None,
+    since: str | None,
+    until: str | None,
+    dry_run: bool,
+    max_wait: float,
 ) -> None:
     """Find postbacks AppMetrica failed to deliver and never delivered later; redeliver once."""
-    from rich.status import Status
+    from rich.progress import SpinnerColumn
 
+    from workers.reconciler import RunReport
     from workers.runtime import WorkerRuntime
 
     ctx = context()
@@ -449,20 +462,40 @@ def reconcile(
     source = sending.reconcile[sources[0].name]
     runtime = WorkerRuntime(ctx.settings, sending, app=ctx.start_app(sending))
     start, end = parse_since(since), parse_since(until)
-    polls = 0
-    with Status("asking AppMetrica for the export...", console=Console(stderr=True)) as status:
-        while True:
-            report = runtime.reconciler.run(source, start, end, dry_run=dry_run, wait_for_lock=60)
-            if report.state not in {"pending", "rate_limited"}:
-                break
-            polls += 1
-            wait = report.retry_after or source.poll_seconds
-            status.update(f"{report.detail} (poll {polls}); asking again in {wait:.0f}s")
-            time.sleep(wait)
-    title = (
-        f"reconcile {source.name}: {report.since:%Y-%m-%d %H:%M:%S} to "
-        f"{report.until:%Y-%m-%d %H:%M:%S} UTC" + (" (dry run)" if dry_run else "")
-    )
+    err = Console(stderr=True)
+    # A spinner and the time waited on a terminal; one plain line per poll in a log or a pipe.
+    spinner = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                       console=err, transient=True, disable=not err.is_terminal)  # fmt: skip
+
+    def show_wait(report: RunReport, polls: int, elapsed: float, wait: float) -> None:
+        again = f"asking again in {wait:.0f}s (waiting {max_wait:g}s at most)"
+        if spinner.disable:
+            click.echo(
+                f"reconcile {source.name}: {report.detail}: {polls} poll(s) in {elapsed:.0f}s, "
+                + again,
+                err=True,
+            )
+        else:  # the spinner's own column shows the time waited
+            spinner.update(task, description=f"{report.detail}: {polls} poll(s), {again}")
+
+    with spinner:
+        task = spinner.add_task("asking AppMetrica for the export...")
+        report = runtime.reconciler.run_until_ready(
+            source, start, end, max_wait=max_wait, dry_run=dry_run, on_wait=show_wait
+        )
+    window = f"{report.since:%Y-%m-%d %H:%M:%S} to {report.until:%Y-%m-%d %H:%M:%S} UTC"
+    if report.state == "timed_out":
+        rerun = (
+            f"--since {report.since:%Y-%m-%dT%H:%M:%SZ} --until {report.until:%Y-%m-%dT%H:%M:%SZ}"
+            if report.explicit
+            else "the same options (the pending window is kept)"
+        )
+        raise click.ClickException(
+            f"no export from AppMetrica for {window} within --max-wait {max_wait:g}s "
+            f"({report.detail}); run reconcile again later with {rerun} to ask for the same "
+            "export"
+        )
+    title = f"reconcile {source.name}: {window}" + (" (dry run)" if dry_run else "")
     table = Table(title=title)
     table.add_column("")
     table.add_column("count", justify="right")

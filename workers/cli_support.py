@@ -100,14 +100,34 @@ def context() -> CliContext:
     return CliContext(load_settings())
 
 
+def _duration(value: str) -> timedelta | None:
+    match = _RELATIVE.match(value.strip())
+    if match is None:
+        return None
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def parse_duration(value: str) -> float:
+    """'300s', '5m', '1h' or plain seconds, as seconds."""
+    duration = _duration(value)
+    if duration is not None:
+        return duration.total_seconds()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise click.BadParameter(f"{value!r}: use a duration like 90s, 5m or 1h")
+    return seconds
+
+
 def parse_since(value: str | None) -> datetime | None:
     """'90m', '24h', '7d' (ago) or an ISO-8601 time; naive times are taken as UTC."""
     if value is None:
         return None
-    match = _RELATIVE.match(value.strip())
-    if match:
-        amount, unit = float(match.group(1)), _UNITS[match.group(2)]
-        return datetime.now(UTC) - timedelta(**{unit: amount})
+    duration = _duration(value)
+    if duration is not None:
+        return datetime.now(UTC) - duration
     try:
         when = datetime.fromisoformat(value.strip())
     except ValueError:

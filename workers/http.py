@@ -6,11 +6,17 @@ bundle variables. In a worker profile that was a third of the CPU of a whole del
 the same variables are read once, when the session is built, and every request uses that
 reading: change a proxy variable and restart the worker, as for every other setting.
 ``~/.netrc`` credentials are not used (a partner's credentials belong in the destinations file).
+
+The URL an adapter builds is the URL sent: requests prepares a URL by undoing the percent-encoding
+of every unreserved character, '.' included, so a path segment written "%2E%2E" (an event value,
+sent as data) would leave as "..", which the partner resolves as "up one level". The session
+keeps such segments encoded, and ``wire_url`` gives adapters the prepared form to log.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +25,30 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from config.settings import Settings
+
+# After urllib3 has removed the dot segments written as such, any "." or ".." path segment left in
+# a prepared URL was written percent-encoded.
+_PREPARED_PATH = re.compile(r"https?://[^/?#]*(?P<path>[^?#]*)", re.IGNORECASE)
+_DECODED_DOT_SEGMENT = re.compile(r"(?<=/)\.{1,2}(?=/|$)")
+
+
+def keep_encoded_dot_segments(prepared_url: str) -> str:
+    """Put back the %2E of the dot segments that requests decoded while preparing a URL."""
+    match = _PREPARED_PATH.match(prepared_url)
+    if match is None or "." not in match["path"]:
+        return prepared_url
+    start, end = match.span("path")
+    path = _DECODED_DOT_SEGMENT.sub(lambda dots: "%2E" * len(dots[0]), match["path"])
+    return prepared_url[:start] + path + prepared_url[end:]
+
+
+def wire_url(url: str) -> str:
+    """``url`` as the session sends it: the request target exactly as the partner receives it,
+    after the scheme and host. The fragment is left out: a client never sends it."""
+    prepared = requests.PreparedRequest()
+    prepared.prepare_url(url, None)
+    assert prepared.url is not None
+    return keep_encoded_dot_segments(prepared.url).partition("#")[0]
 
 
 class StartupEnvSession(requests.Session):
@@ -42,6 +72,12 @@ class StartupEnvSession(requests.Session):
         if urllib.request.proxy_bypass_environment(host, self.env_proxies):  # type: ignore[attr-defined]
             return {}
         return {k: v for k, v in self.env_proxies.items() if k != "no"}
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        prepared = super().prepare_request(request)
+        if prepared.url is not None:
+            prepared.url = keep_encoded_dot_segments(prepared.url)
+        return prepared
 
     def request(
         self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any

@@ -75,12 +75,20 @@ class ExportRow(BaseModel):
         return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
+# AppMetrica has not answered with the export yet: ask again, with the identical request.
+WAITING = frozenset({"pending", "rate_limited"})
+
+
 @dataclass
 class RunReport:
     source: str
     since: datetime
     until: datetime
-    state: str = "done"  # done | pending | rate_limited | unauthorized | failed | locked
+    # An operator's window (--since/--until) neither reads nor moves the checkpoint, and is not
+    # kept as the pending window.
+    explicit: bool = False
+    # done | pending | rate_limited | unauthorized | failed | locked | timed_out
+    state: str = "done"
     detail: str = ""
     rows_read: int = 0
     unparseable: int = 0
@@ -187,16 +195,65 @@ class Reconciler:
         dry_run: bool = False,
         wait_for_lock: float = 0.0,
     ) -> RunReport:
-        explicit = since is not None or until is not None
+        """One request for the export; a 202 or 429 is reported, not waited for."""
+        report = self._report_for(source, since, until)
+        return self._request(source, report, dry_run, wait_for_lock)
+
+    def run_until_ready(
+        self,
+        source: ReconcileSource,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        max_wait: float,
+        dry_run: bool = False,
+        on_wait: Callable[[RunReport, int, float, float], None] = lambda *_: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> RunReport:
+        """A run as an operator starts it: the window is fixed once, then the identical request
+        is polled while AppMetrica prepares the export, for at most ``max_wait`` seconds.
+
+        AppMetrica answers 202 until the export of that exact query is ready, so a window that
+        moved with the clock between polls would never get data. ``on_wait(report, polls,
+        elapsed, wait)`` is called before each wait; past ``max_wait`` the state is timed_out.
+        """
+        window = self._report_for(source, since, until)
+        started = self.clock()
+        polls = 0
+        while True:
+            report = RunReport(source.name, window.since, window.until, window.explicit)
+            self._request(source, report, dry_run, wait_for_lock=60)
+            polls += 1
+            if report.state not in WAITING:
+                return report
+            elapsed = self.clock() - started
+            wait = report.retry_after or source.poll_seconds
+            if elapsed + wait > max_wait:
+                report.state = "timed_out"
+                report.detail = (
+                    f"{polls} poll(s) in {elapsed:.0f}s, the last answer: {report.detail}"
+                )
+                return report
+            on_wait(report, polls, elapsed, wait)
+            sleep(wait)
+
+    def _report_for(
+        self, source: ReconcileSource, since: datetime | None, until: datetime | None
+    ) -> RunReport:
+        """The window of one run: the operator's, completed from the checkpoint's."""
         default_since, default_until = self.window(source)
-        since, until = since or default_since, until or default_until
-        report = RunReport(source.name, since, until)
+        explicit = since is not None or until is not None
+        return RunReport(source.name, since or default_since, until or default_until, explicit)
+
+    def _request(
+        self, source: ReconcileSource, report: RunReport, dry_run: bool, wait_for_lock: float
+    ) -> RunReport:
         lock = self.redis.lock(self.keys.lock(f"reconcile:{source.name}"), timeout=3600)
         if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
             report.state, report.detail = "locked", "another reconcile run holds the lock"
             return report
         try:
-            self._run(source, report, dry_run=dry_run, explicit=explicit)
+            self._run(source, report, dry_run=dry_run)
         finally:
             try:
                 lock.release()
@@ -204,8 +261,7 @@ class Reconciler:
                 log.warning("reconcile.lock_lost", source=source.name)
         return report
 
-    def _run(self, source: ReconcileSource, report: RunReport, *, dry_run: bool,
-             explicit: bool) -> None:  # fmt: skip
+    def _run(self, source: ReconcileSource, report: RunReport, *, dry_run: bool) -> None:
         pending_key = self.keys.reconcile_pending(source.name)
         try:
             response = AppMetricaExport(self.session, source).open(report.since, report.until)
@@ -218,7 +274,7 @@ class Reconciler:
                 report.state, report.detail = "pending", "export is being prepared"
                 # Kept for dry runs too: every poll must repeat the identical request, and a
                 # later real run reusing this window leaves no gap (it starts at the checkpoint).
-                if not explicit:
+                if not report.explicit:
                     window = {"since": report.since.timestamp(), "until": report.until.timestamp()}
                     self.redis.set(pending_key, json.dumps(window), ex=24 * 3600)
                 return
@@ -251,7 +307,7 @@ class Reconciler:
         self._redeliver(source, groups, report, dry_run=dry_run)
         if not dry_run:
             self.redis.delete(pending_key)
-            if not explicit:
+            if not report.explicit:
                 self.redis.set(
                     self.keys.reconcile_checkpoint(source.name), report.until.timestamp()
                 )

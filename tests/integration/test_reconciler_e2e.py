@@ -5,6 +5,8 @@ exported URL, none for a postback that was sent later, nothing twice."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -222,6 +224,106 @@ def test_cli_dry_run_then_reconcile_redelivers_each_never_sent_postback_once(
     time.sleep(1.5)
     assert len(receiver.received()) == 4
     assert TOKEN not in dry.stdout + dry.stderr + real.stdout + real.stderr + worker.log()
+
+
+@pytest.fixture
+def reconcile_env(
+    sandbox: SandboxAppMetrica, write_destinations: Callable[[str], Path], redis_url: str
+) -> dict[str, str]:
+    """The environment of a `postback-relay reconcile` run against the sandbox."""
+    path = write_destinations(destinations_toml(sandbox.url))
+    return helpers.cli_env(redis_url, path, APPMETRICA_TOKEN=TOKEN)
+
+
+def test_cli_since_without_until_polls_one_fixed_window_until_the_export_is_ready(
+    sandbox: SandboxAppMetrica,
+    scenario: tuple[list[dict[str, Any]], list[str]],
+    reconcile_env: dict[str, str],
+    redis_client: redis.Redis,
+) -> None:
+    """Each poll used to ask for "now minus settle" again: a new export each time, 202 forever."""
+    never, _late = scenario
+    sandbox.polls_before_ready = 2  # poll_seconds = 1: the clock moves on between polls
+    result = helpers.run_cli(
+        reconcile_env, "reconcile", "--source", "main", "--since", "48h", timeout=40
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    assert len(sandbox.queries) == 3  # two 202s, then the data
+    assert sandbox.queries[0] == sandbox.queries[1] == sandbox.queries[2]
+    asked = sandbox.requests[0]
+    title = f"reconcile main: {asked['date_since']} to {asked['date_until']} UTC"
+    assert title in " ".join(result.stdout.split())  # the window asked for, whatever the wrap
+    counts = table(result.stdout)
+    assert counts["rows read"] == 10
+    assert counts["redelivered"] == len(never) == redis_client.llen(QUEUE)
+    # Not a terminal: the wait is told in plain lines, one per poll.
+    waits = [line for line in result.stderr.splitlines() if "export is being prepared" in line]
+    assert len(waits) == 2, result.stderr
+    assert waits[0].startswith("reconcile main: export is being prepared: 1 poll(s) in ")
+    assert waits[1].startswith("reconcile main: export is being prepared: 2 poll(s) in ")
+    assert waits[1].endswith(", asking again in 1s (waiting 300s at most)")
+    # the operator's window neither moves the checkpoint nor stays pending
+    assert redis_client.get(KEYS.reconcile_checkpoint("main")) is None
+    assert redis_client.get(KEYS.reconcile_pending("main")) is None
+
+
+def test_cli_gives_up_with_exit_1_when_the_export_never_comes(
+    sandbox: SandboxAppMetrica, reconcile_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    sandbox.polls_before_ready = 10**9  # AppMetrica answers 202 forever
+    # Today's code never returns: run_cli's timeout would end the test with TimeoutExpired.
+    result = helpers.run_cli(
+        reconcile_env, "reconcile", "-s", "main", "--since", "48h", "--max-wait", "2.5s", timeout=40
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    asked = sandbox.requests[0]
+    message = " ".join(result.stderr.split())  # rich/click may wrap it
+    waited = re.search(
+        f"Error: no export from AppMetrica for {asked['date_since']} to {asked['date_until']} "
+        r"UTC within --max-wait 2\.5s \((\d+) poll\(s\) in \d+s, the last answer: export is "
+        r"being prepared\)",
+        message,
+    )
+    assert waited is not None, result.stderr
+    since, until = (asked[k].replace(" ", "T") + "Z" for k in ("date_since", "date_until"))
+    assert f"run reconcile again later with --since {since} --until {until}" in message
+    assert len(sandbox.queries) == int(waited[1]) >= 2  # poll_seconds = 1 within 2.5 s
+    assert len(set(sandbox.queries)) == 1
+    assert table(result.stdout) == {}  # no table of zeros
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_cli_on_a_terminal_shows_the_wait_with_a_spinner(
+    sandbox: SandboxAppMetrica, reconcile_env: dict[str, str]
+) -> None:
+    sandbox.polls_before_ready = 2
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [str(CLI), "reconcile", "--source", "main"],
+        env={**reconcile_env, "TERM": "xterm"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    ) as process:
+        os.close(terminal)
+        shown, deadline = b"", time.monotonic() + 30
+        while time.monotonic() < deadline and (chunk := _read_pty(controller)):
+            shown += chunk
+        assert process.wait(timeout=1) == 0
+    os.close(controller)
+    text = shown.decode(errors="replace")
+    assert "export is being prepared: 2 poll(s), asking again in 1s (waiting 300s at most)" in text
+    assert "0:00:01" in text  # the spinner's elapsed column, counting while it waits
+    assert "reconcile main: export is being prepared" not in text  # no plain lines on a terminal
+
+
+def _read_pty(fd: int) -> bytes:
+    """What the process wrote to its terminal next; b"" once it has closed it."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: every writer has closed the terminal
+        return b""
 
 
 def test_loopback_postback_is_refused_and_dead_lettered_without_allow_private(

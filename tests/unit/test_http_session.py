@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from config.settings import Settings
-from workers.http import StartupEnvSession, http_session
+from workers.http import StartupEnvSession, http_session, wire_url
 from workers.sandbox.receiver import PostbackReceiver
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -70,3 +70,24 @@ def test_an_explicit_proxies_argument_wins(
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     session = StartupEnvSession()
     assert session.get(receiver.url + "/pb", proxies={}, timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("written", "sent"),
+    [
+        ("/pb/%2E%2E/end", "/pb/%2E%2E/end"),
+        ("/pb/%2e/end", "/pb/%2E/end"),
+        ("/pb/.%2E?x=..", "/pb/%2E%2E?x=.."),  # the query has no segments to resolve
+        ("/pb/x/../end", "/pb/end"),  # written as a dot segment: resolved, as requests always did
+        ("/pb/caf\u00e9/a[1]#frag", "/pb/caf%C3%A9/a%5B1%5D"),  # encoded; a fragment is not sent
+    ],
+)
+def test_a_percent_encoded_dot_segment_is_sent_as_written_and_wire_url_says_so(
+    receiver: PostbackReceiver, written: str, sent: str
+) -> None:
+    """requests decodes %2E to '.': the partner would resolve the segment as "up one level"."""
+    response = http_session(Settings()).get(receiver.url + written, timeout=5)
+    assert response.status_code == 200
+    (got,) = receiver.wait_for(1, timeout=5)
+    assert got.raw_target == sent
+    assert wire_url(receiver.url + written) == receiver.url + sent

@@ -6,14 +6,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import pytest
+import redis
+from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from config.destinations import load_destinations
+from config.settings import Settings
+from producers.produce import Producer
 from schemas.event import ConversionEvent
 from schemas.macros import (
     MACROS,
@@ -23,6 +32,8 @@ from schemas.macros import (
     compile_template,
     compile_url_template,
 )
+from workers.runtime import WorkerRuntime
+from workers.sandbox.receiver import PostbackReceiver, ReceivedRequest
 
 IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
 GAID = "38400000-8cf0-11bd-b23e-10b96e40000d"
@@ -657,3 +668,172 @@ def test_only_a_masked_credential_skips_encoding() -> None:
         event, CTX, {"key": "secret-value"}, url_encode=True, mask_secrets=True
     )
     assert masked == "https://a.example/?c=%2A%2A%2A&k=***"
+
+
+# --------------------------------------------------------------------------- dot segments
+
+
+@pytest.mark.parametrize(
+    ("template", "campaign", "media_source", "path"),
+    [
+        ("/pb/tpl/(c)/end", "..", None, "/pb/tpl/%2E%2E/end"),
+        ("/pb/tpl/(c)/end", ".", None, "/pb/tpl/%2E/end"),
+        ("/pb/tpl/(c)/end", "...", None, "/pb/tpl/.../end"),  # not a dot segment
+        ("/pb/tpl/(c)/end", "a..b", None, "/pb/tpl/a..b/end"),
+        ("/pb/tpl/(c)(pid)/end", ".", ".", "/pb/tpl/%2E%2E/end"),  # two macros make ".."
+        ("/pb/tpl/.(c)/end", ".", None, "/pb/tpl/%2E%2E/end"),  # a literal dot and a value
+        ("/pb/tpl/.(c)/end", None, None, "/pb/tpl/%2E/end"),  # an empty value next to "."
+        ("/pb/tpl/(c)", "..", None, "/pb/tpl/%2E%2E"),  # the last segment too
+        ("/pb/tpl/(c)?c=(c)", "..", None, "/pb/tpl/%2E%2E"),  # the query is not a path
+    ],
+)
+def test_a_value_that_makes_a_dot_segment_has_its_dots_encoded(
+    template: str, campaign: str | None, media_source: str | None, path: str
+) -> None:
+    event = MINIMAL_EVENT.model_copy(update={"campaign": campaign, "media_source": media_source})
+    url = compile_url_template("https://partner.example" + template).render(
+        event, CTX, {}, url_encode=True
+    )
+    assert urlsplit(url).path == path
+    if "?" in template:
+        assert urlsplit(url).query == "c=.."
+
+
+def test_a_literal_dot_segment_of_the_template_is_left_as_written() -> None:
+    """Only segments a macro takes part in are the event's; the rest is the partner's URL."""
+    url = compile_url_template("https://partner.example/pb/../x/./(c)").render(
+        MINIMAL_EVENT.model_copy(update={"campaign": "v"}), CTX, {}, url_encode=True
+    )
+    assert url == "https://partner.example/pb/../x/./v"
+
+
+# --------------------------------------------------------------------------- on the wire
+
+
+@dataclass
+class WireDelivery:
+    """A templated destination at a real local server, delivered by a worker's own pipeline."""
+
+    receiver: PostbackReceiver
+    runtime: WorkerRuntime
+    producer: Producer
+
+    def deliver(self, **values: Any) -> tuple[ReceivedRequest, str]:
+        """Send one event; what the server received and the URL the attempt log keeps."""
+        event = ConversionEvent.model_validate(
+            {
+                "app_id": "123456789",
+                "platform": "ios",
+                "event_name": "purchase",
+                "event_time": datetime.now(UTC).isoformat(),
+                "event_id": str(uuid.uuid4()),
+                **values,
+            }
+        )
+        dest = self.runtime.destinations.get("tpl")
+        route = dest.route_for(event)
+        assert route is not None
+        envelope = self.producer.envelope_for(event, dest, route, datetime.now(UTC))
+        self.receiver.requests.clear()
+        result = self.runtime.pipeline.run(envelope)
+        assert result.status == "delivered", result
+        (received,) = self.receiver.requests
+        *_, record = self.runtime.pipeline.attempts.iter_records()
+        assert record["delivery_id"] == envelope.delivery_id
+        return received, record["postback_url"]
+
+
+WIRE_TEMPLATE = "/pb/tpl/(c)/mid/(pid)(event-name)/.(clickid)/end?c=(c)"
+
+
+@pytest.fixture
+def wire(
+    receiver: PostbackReceiver,
+    redis_url: str,
+    redis_client: redis.Redis,
+    write_destinations: Callable[[str], Path],
+    make_producer: Callable[[Path], Producer],
+) -> WireDelivery:
+    path = write_destinations(f"""
+[[destination]]
+name = "tpl"
+kind = "templated"
+url = "{receiver.url}{WIRE_TEMPLATE}"
+[[destination.routes]]
+type = "event"
+""")
+    settings = Settings(redis_url=redis_url, destinations_file=path)
+    runtime = WorkerRuntime(
+        settings, load_destinations(path, {}), Celery("postback_relay", set_as_current=False)
+    )
+    return WireDelivery(receiver, runtime, make_producer(path))
+
+
+@pytest.mark.parametrize(
+    ("campaign", "sent"),
+    [
+        (".", "%2E"),
+        ("..", "%2E%2E"),
+        ("%2e%2E", "%252e%252E"),  # already encoded: sent as the text it is, never decoded
+        ("/", "%2F"),
+        ("?", "%3F"),
+        ("#", "%23"),
+        (None, ""),  # empty: an empty segment, still the macro's own
+    ],
+)
+def test_a_path_value_reaches_the_partner_as_one_segment_of_data(
+    wire: WireDelivery, campaign: str | None, sent: str
+) -> None:
+    received, recorded = wire.deliver(campaign=campaign, media_source="m", click_id="k")
+    assert received.path == f"/pb/tpl/{sent}/mid/mpurchase/.k/end"
+    assert f"{wire.receiver.url}{received.raw_target}" == recorded
+
+
+def test_adjacent_values_cannot_make_a_dot_segment_together(wire: WireDelivery) -> None:
+    received, recorded = wire.deliver(campaign="c", media_source=".", event_name=".", click_id=".")
+    assert received.path == "/pb/tpl/c/mid/%2E%2E/%2E%2E/end"
+    assert f"{wire.receiver.url}{received.raw_target}" == recorded
+
+
+DOTTY = [".", "..", "%2e", "%2E%2e", ".%2E", "%2e.", "...", "", "/", "?", "#", "%", "/../"]
+
+
+def path_value(max_size: int, min_size: int = 0) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(DOTTY[min_size:]), hostile_text(max_size, min_size))
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    # One server and one Redis serve every example; each example reads only its own request.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    campaign=path_value(256),
+    media_source=path_value(100),
+    event_name=path_value(100, min_size=1).filter(lambda s: s.strip()),
+    click_id=path_value(512),
+)
+def test_property_the_partner_receives_the_template_path_and_the_logged_url(
+    wire: WireDelivery, campaign: str, media_source: str, event_name: str, click_id: str
+) -> None:
+    received, recorded = wire.deliver(
+        campaign=campaign, media_source=media_source, event_name=event_name, click_id=click_id
+    )
+    event_values = ConversionEvent.model_validate(  # as the event model keeps them (stripped)
+        {**MINIMAL_EVENT.model_dump(exclude={"event_id"}), "campaign": campaign,
+         "media_source": media_source, "event_name": event_name, "click_id": click_id}
+    )  # fmt: skip
+    segments = received.path.split("/")
+    assert segments[:3] == ["", "pb", "tpl"]
+    assert segments[4] == "mid"
+    assert segments[7] == "end"
+    assert len(segments) == 8
+    assert unquote(segments[3], errors="strict") == (event_values.campaign or "")
+    assert unquote(segments[5], errors="strict") == (
+        (event_values.media_source or "") + event_values.event_name
+    )
+    assert unquote(segments[6], errors="strict") == "." + (event_values.click_id or "")
+    assert received.query == [("c", event_values.campaign or "")]
+    assert f"{wire.receiver.url}{received.raw_target}" == recorded

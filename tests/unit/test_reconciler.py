@@ -373,6 +373,60 @@ def test_202_is_polled_with_the_same_window_until_ready(
     assert float(checkpoint) == reports[2].until.timestamp()
 
 
+def test_an_operator_run_fixes_its_window_once_and_polls_the_identical_request(
+    sandbox: SandboxAppMetrica, dests: Destinations, redis_client: redis.Redis
+) -> None:
+    """--since without --until: "now minus settle" is taken once, not at every poll."""
+    sandbox.polls_before_ready = 2
+    sandbox.rows = [row(pb_url("a"), "failed")]
+    now = [float(NOW)]
+    reconciler = make_reconciler(redis_client, dests, clock=lambda: now[0])
+    waits: list[tuple[str, int, float, float]] = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds + 44  # a poll takes time too: the clock moves on by 45 s
+
+    since = datetime.fromtimestamp(NOW - 48 * 3600, UTC)
+    report = reconciler.run_until_ready(
+        source_of(dests),
+        since,
+        max_wait=300,
+        on_wait=lambda r, polls, elapsed, wait: waits.append((r.state, polls, elapsed, wait)),
+        sleep=sleep,
+    )
+    assert (report.state, report.redelivered) == ("done", 1)
+    assert (report.since, report.until) == (since, datetime.fromtimestamp(NOW, UTC))
+    assert waits == [("pending", 1, 0.0, 1.0), ("pending", 2, 45.0, 1.0)]
+    assert len(sandbox.queries) == 3
+    assert len(set(sandbox.queries)) == 1
+    assert redis_client.get(KEYS.reconcile_checkpoint("main")) is None  # the operator's window
+    assert redis_client.get(KEYS.reconcile_pending("main")) is None
+
+
+def test_an_operator_run_gives_up_after_max_wait_and_keeps_the_pending_window(
+    sandbox: SandboxAppMetrica, dests: Destinations, redis_client: redis.Redis
+) -> None:
+    sandbox.polls_before_ready = 10**9
+    now = [float(NOW)]
+    reconciler = make_reconciler(redis_client, dests, clock=lambda: now[0])
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    report = reconciler.run_until_ready(source_of(dests), max_wait=5, sleep=sleep)
+    assert report.state == "timed_out"
+    assert report.detail == "6 poll(s) in 5s, the last answer: export is being prepared"
+    assert report.redelivered == 0
+    assert len(sandbox.queries) == 6
+    assert len(set(sandbox.queries)) == 1
+    # The checkpoint's window stays pending: the next run asks for the export being prepared.
+    pending = redis_client.get(KEYS.reconcile_pending("main"))
+    assert pending is not None
+    assert json.loads(pending)["until"] == report.until.timestamp()
+    assert redis_client.get(KEYS.reconcile_checkpoint("main")) is None
+    assert reconciler.run(source_of(dests)).until == report.until
+
+
 def test_429_when_more_than_three_exports_are_queued(
     sandbox: SandboxAppMetrica, dests: Destinations, redis_client: redis.Redis
 ) -> None:

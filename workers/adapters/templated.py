@@ -10,6 +10,7 @@ from config.destinations import TemplatedDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.macros import DeliveryContext
 from workers.adapters.base import DestinationAdapter, OutgoingRequest
+from workers.http import wire_url
 
 
 class TemplatedAdapter(DestinationAdapter):
@@ -20,10 +21,13 @@ class TemplatedAdapter(DestinationAdapter):
         dest = self.destination
         event, secrets = envelope.require_event(), dest.secret_values()
         context = DeliveryContext(envelope.delivery_id, envelope.attempt)
-        url = dest.url_template.render(event, context, secrets, url_encode=True)
-        display_url = dest.url_template.render(
-            event, context, secrets, url_encode=True, mask_secrets=True
-        )
+        # In the form the session sends, so the URL the attempt log keeps is the URL received.
+        template = dest.url_template
+        url = display_url = wire_url(template.render(event, context, secrets, url_encode=True))
+        if template.credentials:
+            display_url = wire_url(
+                template.render(event, context, secrets, url_encode=True, mask_secrets=True)
+            )
         headers = {
             name: template.render(event, context, secrets, url_encode=False)
             for name, template in dest.header_templates.items()

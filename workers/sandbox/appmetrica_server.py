@@ -28,6 +28,7 @@ class SandboxAppMetrica(LocalServer):
     rows: list[dict[str, Any]] = field(default_factory=list)
     polls_before_ready: int = 0
     requests: list[dict[str, str]] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)  # as sent: an export is keyed on its query
     raw_body: bytes | None = None  # serve exactly these bytes (malformed-export tests)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,7 @@ class SandboxAppMetrica(LocalServer):
         params = dict(parse_qsl(split.query, keep_blank_values=True))
         with self._lock:
             self.requests.append(params)
+            self.queries.append(split.query)
         refusal = self._refusal(split.path, params, headers)
         if refusal is not None:
             return refusal
