@@ -227,12 +227,12 @@ class DestinationBase(BaseModel):
         return [v.get_secret_value() for v in (self._secrets or {}).values()]
 
     def _read_secrets(self) -> dict[str, SecretStr]:
-        if self._secrets is None:
+        if self._secrets is None and self.credentials:
             raise SecretsNotResolved(
                 f"destination {self.name!r}: its credentials were not read in this process; "
                 "only the processes that send to it read them (Destinations.with_secrets)"
             )
-        return self._secrets
+        return self._secrets or {}  # a destination without credentials has nothing to read
 
     def secret_uses(self) -> list[SecretUse]:
         uses = []

@@ -764,7 +764,7 @@ type = "event"
 """)
     settings = Settings(redis_url=redis_url, destinations_file=path)
     runtime = WorkerRuntime(
-        settings, load_destinations(path, {}), Celery("postback_relay", set_as_current=False)
+        settings, load_destinations(path), Celery("postback_relay", set_as_current=False)
     )
     return WireDelivery(receiver, runtime, make_producer(path))
 
