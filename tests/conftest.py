@@ -111,6 +111,9 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         self.signal(signal.SIGTERM)
+        return self.wait_stopped(timeout)
+
+    def wait_stopped(self, timeout: float = 15.0) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -144,5 +147,8 @@ def start_worker(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Worke
         return worker
 
     yield start
+    # Warm shutdowns run side by side: signal every worker first, then wait for each.
     for worker in workers:
-        worker.stop()
+        worker.signal(signal.SIGTERM)
+    for worker in workers:
+        worker.wait_stopped()
