@@ -270,6 +270,10 @@ class Reconciler:
             return
         with response:
             status = response.status_code
+            if status != 200:
+                # A short answer ("Wait for result", an error) is read, so the kept-alive
+                # connection goes back to the pool instead of being reset at close.
+                response.raw.read(64 * 1024, decode_content=True)
             if status == 202:
                 report.state, report.detail = "pending", "export is being prepared"
                 # Kept for dry runs too: every poll must repeat the identical request, and a

@@ -365,6 +365,9 @@ def test_202_is_polled_with_the_same_window_until_ready(
     assert sandbox.requests[0]["date_until"] == reports[0].until.strftime(TIME_FORMAT)
     assert sandbox.requests[0]["fields"] == ",".join(EXPORT_FIELDS)
     assert sandbox.requests[0]["application_id"] == "1111"
+    # each 202 was read to its end, so the polls reuse one kept-alive connection (a response
+    # closed unread resets the connection instead)
+    assert len(set(sandbox.client_ports)) == 1, sandbox.client_ports
 
     assert redis_client.llen(QUEUE) == 1
     assert redis_client.get(KEYS.reconcile_pending("main")) is None

@@ -29,6 +29,7 @@ class SandboxAppMetrica(LocalServer):
     polls_before_ready: int = 0
     requests: list[dict[str, str]] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)  # as sent: an export is keyed on its query
+    client_ports: list[int] = field(default_factory=list)  # one port per kept-alive connection
     raw_body: bytes | None = None  # serve exactly these bytes (malformed-export tests)
 
     def __post_init__(self) -> None:
@@ -40,6 +41,7 @@ class SandboxAppMetrica(LocalServer):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                sandbox.client_ports.append(self.client_address[1])
                 status, content_type, body = sandbox.answer(self.path, dict(self.headers.items()))
                 gzipped = "gzip" in self.headers.get("Accept-Encoding", "") and status == 200
                 if gzipped:
