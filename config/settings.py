@@ -22,6 +22,8 @@ DEFAULT_CONCURRENCY: dict[str, int] = {
     "prefork": os.cpu_count() or 1,
     "solo": 1,
 }
+# Redis connections per pool beyond one per concurrent task; see ``Settings.redis_pool_size``.
+REDIS_SPARE_CONNECTIONS = 8
 
 
 class Settings(BaseSettings):
@@ -116,3 +118,11 @@ class Settings(BaseSettings):
     def concurrency(self) -> int:
         """Requests a worker process runs at once: the setting, or its pool's default."""
         return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]
+
+    @property
+    def redis_pool_size(self) -> int:
+        """Connections each Redis connection pool of a process may hold: one per task running
+        at once (each acks, records and requeues through the pool), plus spares for the
+        consumer, its timers and the delay mover. kombu's own default of 10 failed acks with
+        MaxConnectionsError at gevent's concurrency of 64, and a failed ack is a duplicate."""
+        return self.concurrency + REDIS_SPARE_CONNECTIONS

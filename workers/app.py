@@ -64,6 +64,9 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # Every task acks through the consumer's channel; kombu's pool of 10 connections
+            # failed acks (MaxConnectionsError) under gevent, and each was a duplicate later.
+            "max_connections": settings.redis_pool_size,
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 30,

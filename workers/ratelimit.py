@@ -43,11 +43,17 @@ return 1
 
 
 class GlobalRateLimiter:
-    def __init__(self, redis_url: str, keys: RedisKeys) -> None:
+    def __init__(self, redis_url: str, keys: RedisKeys, client: redis.Redis | None = None) -> None:
+        """``client``: share its connection pool (a worker's, sized to its concurrency)
+        instead of opening two pools of its own."""
         self.keys = keys
-        self.storage = limits.storage.storage_from_string(redis_url)
+        self.storage = (
+            limits.storage.storage_from_string(redis_url)
+            if client is None
+            else limits.storage.RedisStorage(redis_url, connection_pool=client.connection_pool)
+        )
         self.strategy = limits.strategies.MovingWindowRateLimiter(self.storage)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = client if client is not None else redis.Redis.from_url(redis_url)
         self._take_from_budget = self.redis.register_script(_TAKE_FROM_BUDGET_LUA)
         self._tighten = self.redis.register_script(_TIGHTEN_LUA)
 

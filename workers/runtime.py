@@ -31,14 +31,20 @@ log = structlog.get_logger("postback_relay.worker")
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
+    """A client over a pool sized to the concurrency that waits for a free connection (up to
+    the socket timeout) instead of failing with MaxConnectionsError, as redis-py's bounded
+    pool would, or opening connections without bound, as its default pool does."""
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=10,
         health_check_interval=30,
         socket_keepalive=True,
         socket_connect_timeout=5,
         socket_timeout=10,
         retry_on_timeout=True,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class WorkerRuntime:
@@ -62,7 +68,7 @@ class WorkerRuntime:
                 self._pipeline = DeliveryPipeline(
                     destinations=self.destinations,
                     session=http_session(self.settings),
-                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys),
+                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=client),
                     pauses=PauseRegistry(client, self.keys),
                     requeuer=Requeuer(
                         DelaySet(client, self.keys),

@@ -13,6 +13,7 @@ from kombu import Connection
 
 from config.settings import Settings
 from workers.app import TRANSPORT, create_app
+from workers.runtime import redis_client
 
 
 @pytest.fixture
@@ -111,3 +112,33 @@ def test_the_blocking_loop_waits_one_brpop_at_a_time_so_a_shutdown_is_seen_soone
         assert all(w == transport.brpop_timeout == 1 for w in waits)
     finally:
         queue.close()
+
+
+@pytest.mark.parametrize(
+    ("pool", "concurrency"), [("gevent", None), ("gevent", 256), ("threads", 4)]
+)
+def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
+    pool: str, concurrency: int | None, redis_url: str, tmp_path: Path
+) -> None:
+    """kombu's channel pool (10 connections by default) failed acks under gevent; our own pools
+    wait for a free connection instead of failing or growing without bound."""
+    destinations = tmp_path / "destinations.toml"
+    destinations.write_text("")
+    settings = Settings(
+        redis_url=redis_url,
+        destinations_file=destinations,
+        worker_pool=pool,
+        worker_concurrency=concurrency,
+    )
+    expected = settings.concurrency + 8
+    app = create_app(settings)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert channel.pool.max_connections == expected
+        assert channel.async_pool.max_connections == expected
+    own = redis_client(settings)
+    assert isinstance(own.connection_pool, redis.BlockingConnectionPool)
+    assert own.connection_pool.max_connections == expected
+    limiter = app.runtime.pipeline.limiter
+    assert limiter.redis.connection_pool is app.runtime.pipeline.redis.connection_pool
+    assert limiter.storage.storage.connection_pool is app.runtime.pipeline.redis.connection_pool
