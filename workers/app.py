@@ -63,7 +63,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
         broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
+            "visibility_timeout": settings.visibility_timeout_seconds,
             # Every task acks through the consumer's channel; kombu's pool of 10 connections
             # failed acks (MaxConnectionsError) under gevent, and each was a duplicate later.
             "max_connections": settings.redis_pool_size,
@@ -78,7 +78,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # while holding it (likely with gevent, whose loop restores on every idle poll)
             # would otherwise block every restore for kombu's 5 minutes; overlapping restores
             # are safe (each is a WATCHed transaction), a stuck lock is not.
-            "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout),
+            "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout_seconds),
         },
         broker_heartbeat=0,
         task_ignore_result=True,

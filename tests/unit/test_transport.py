@@ -142,3 +142,15 @@ def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
     limiter = app.runtime.pipeline.limiter
     assert limiter.redis.connection_pool is app.runtime.pipeline.redis.connection_pool
     assert limiter.storage.storage.connection_pool is app.runtime.pipeline.redis.connection_pool
+
+
+def test_kombu_restores_a_dead_workers_messages_after_the_derived_visibility_timeout(
+    redis_url: str, tmp_path: Path
+) -> None:
+    destinations = tmp_path / "destinations.toml"
+    destinations.write_text("")
+    app = create_app(Settings(redis_url=redis_url, destinations_file=destinations))
+    with app.connection_for_write() as conn:
+        qos = conn.default_channel.qos
+        assert conn.default_channel.visibility_timeout == 300  # 4 x 60 s + 60 s, not 3600
+        assert qos.unacked_mutex_expire == 150
