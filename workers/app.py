@@ -20,6 +20,7 @@ from config.destinations import (
 )
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
+from workers.consumer import CheckedTask
 from workers.delay import DelaySet
 from workers.events import EventBatching
 from workers.ledger import DeliveryLedger
@@ -52,7 +53,8 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     if destinations is None:
         destinations = load_destinations(settings.destinations_file)
     check_timeouts_nest(destinations, settings.http_connect_timeout, settings.http_read_timeout)
-    app = PostbackRelay("postback_relay", set_as_current=False)
+    # Every task's requests check their arguments before the task runs (workers/consumer.py).
+    app = PostbackRelay("postback_relay", set_as_current=False, task_cls=CheckedTask)
     app.settings = settings
     app.destinations = destinations
     app.runtime = WorkerRuntime(settings, destinations, app)
@@ -79,6 +81,8 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # would otherwise block every restore for kombu's 5 minutes; overlapping restores
             # are safe (each is a WATCHed transaction), a stuck lock is not.
             "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout_seconds),
+            # Ours (workers/transport.py): where an item kombu cannot decode is kept.
+            "on_unreadable_item": app.runtime.keep_unreadable_item,
         },
         broker_heartbeat=0,
         task_ignore_result=True,

@@ -121,6 +121,10 @@ class WorkerRuntime:
                 )
             return self._reconciler
 
+    def keep_unreadable_item(self, queue: str, item: bytes, reason: str) -> None:
+        """A queue item kombu could not decode (it is already off the queue): keep it raw."""
+        self.pipeline.dead_letters.add(DeadLetter.poison(reason, item, queue))
+
     def dead_letter_unexpected(
         self, raw: Any, task_id: str | None, exc: Exception
     ) -> PipelineResult:
@@ -162,7 +166,7 @@ class WorkerRuntime:
                 raw_message=repr(raw)[:4096],
             )
             pipeline.dead_letters.add(entry)
-            log.error("delivery.poison_message", reason=str(exc), message_id=task_id)
+            log.error("delivery.poison_message", alarm=True, reason=str(exc), message_id=task_id)
             return PipelineResult("dead_lettered", entry.reason)
         structlog.contextvars.bind_contextvars(
             delivery_id=envelope.delivery_id,

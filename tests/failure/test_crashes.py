@@ -35,7 +35,7 @@ from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import cli_env, run_cli, wait_until
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.embedded_redis import EmbeddedRedis
 from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
@@ -494,34 +494,72 @@ def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
     assert sum("decode" in e.reason for e in entries) == 1, reasons
 
 
-def test_queue_items_that_are_not_kombu_messages_raise_an_alarm_and_the_worker_goes_on(
+def test_queue_items_celery_cannot_read_are_dead_lettered_raw_and_the_worker_goes_on(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     make_producer: Callable[[Path, dict[str, str] | None], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
+    redis_url: str,
 ) -> None:
-    """kombu pops an item before it can tell it is not a message: it cannot be kept, but it
-    must not stop the worker (workers/transport.py). produce() never writes such items."""
-    path = write_destinations(destinations(receiver.url))
-    producer = make_producer(path, None)
-    worker = start_worker(path, env=CRASH_ENV)
-    not_kombu = json.dumps({"task": "postback_relay.deliver_templated", "args": [1]})
+    """kombu pops an item before it can tell it is not a message, and Celery fails a message
+    whose args are not a list before the task runs: each is kept in the dead-letter store as
+    the raw item that was on the queue (produce() never writes such items)."""
+    encoder = TaskMessageEncoder(celery.Celery("x", set_as_current=False))
     garbage = b"\x00\xffthis is {not json"
-    for item in (not_kombu, garbage):
-        redis_client.lpush(QUEUE, item)
-    (delivery_id,) = producer.produce(install("after-garbage")).accepted
-    assert wait_until(lambda: delivery_id in ok_keys(receiver), 30), tail(worker)
-    assert worker.proc.poll() is None, "the worker died\n" + tail(worker)
-    alarms = [
-        json.loads(line) for line in worker.log().splitlines()
-        if '"transport.unreadable_queue_item"' in line
-    ]  # fmt: skip
-    assert len(alarms) == 2, tail(worker)
-    assert all(a["alarm"] is True for a in alarms)
-    assert redis_client.llen(QUEUE) == 0
-    (second,) = producer.produce(install("after-garbage-2")).accepted
-    assert wait_until(lambda: second in ok_keys(receiver), 30), tail(worker)
+    not_kombu = json.dumps({"task": "postback_relay.deliver_templated", "args": [1]}).encode()
+    string_args = encoder._wire(
+        "postback_relay.deliver_templated", QUEUE, json.dumps("abc"), "'abc'", None
+    ).encode()
+    two_args = encoder.encode("postback_relay.deliver_templated", QUEUE, ({}, 2), "({}, 2)")
+    path = write_destinations(destinations(receiver.url))
+    worker, store, entries = produce_poison_then_a_normal_event(
+        [garbage, not_kombu, string_args, two_args.encode()],
+        receiver, path, make_producer, start_worker, redis_client,
+    )  # fmt: skip
+    (kept_garbage,) = [e for e in entries if e.raw_bytes() == garbage]
+    (kept_not_kombu,) = [e for e in entries if e.raw_bytes() == not_kombu]
+    # A message kombu decoded is kept as kombu's envelope (the same JSON, keys in its order).
+    (kept_string_args,) = [e for e in entries if as_json(e) == json.loads(string_args)]
+    (kept_two_args,) = [e for e in entries if as_json(e) == json.loads(two_args)]
+    assert "arguments do not fit postback_relay.deliver_templated" in kept_two_args.reason
+    assert all(e.queue == QUEUE for e in entries)
+    assert kept_garbage.raw_encoding == "base64"  # not UTF-8 text
+    assert kept_not_kombu.raw_encoding == kept_string_args.raw_encoding == "utf-8"
+    assert "not JSON" in kept_garbage.reason
+    assert "not a kombu message" in kept_not_kombu.reason
+    assert "args must be a list" in kept_string_args.reason
+    alarms = [line for line in json_lines(worker) if line.get("alarm") is True]
+    assert len(alarms) == 4, tail(worker)
+
+    # On-call sees them, can look at one, and purge them.
+    env = cli_env(redis_url, path)
+    listed = run_cli(env, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    for entry in entries:
+        assert entry.delivery_id in listed.stdout, listed.stdout
+    shown = run_cli(env, "dlq", "show", kept_not_kombu.delivery_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "postback_relay.deliver_templated" in shown.stdout
+    assert QUEUE in shown.stdout
+    purged = run_cli(env, "dlq", "purge", "--reason", "poison message", "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert store.count() == 0
+
+
+def as_json(entry: DeadLetter) -> Any:
+    try:
+        return json.loads(entry.raw_bytes() or b"")
+    except ValueError:
+        return None
+
+
+def json_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in worker.log().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
 
 
 @pytest.mark.timeout(120)
