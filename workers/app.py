@@ -202,7 +202,12 @@ class DelayMover(bootsteps.StartStopStep):
         app: PostbackRelay = worker.app
         client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
         self.delays = DelaySet(client, keys)
-        self.ledger = DeliveryLedger(client, keys, app.settings.ledger_lease_seconds)
+        self.ledger = DeliveryLedger(
+            client,
+            keys,
+            app.settings.ledger_lease_seconds,
+            drained_hold_seconds=app.settings.visibility_timeout_seconds,
+        )
         self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
         self.last_sweep = 0.0
         self.queues = [queue_for(kind) for kind in ALL_KINDS]
@@ -214,7 +219,7 @@ class DelayMover(bootsteps.StartStopStep):
             self.delays.move_due(self.queues)
             if time.monotonic() - self.last_sweep >= self.sweep_every:
                 self.last_sweep = time.monotonic()
-                republished = self.ledger.sweep()
+                republished = self.ledger.sweep(queues=self.queues)
                 if republished:
                     log.warning("ledger.republished", deliveries=republished,
                                 reason="no progress within the lease")  # fmt: skip

@@ -415,6 +415,47 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
             server.stop()
 
 
+@pytest.mark.timeout(90)
+def test_a_backlog_older_than_the_ledger_lease_drains_without_duplicates(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    """The ledger republishes a delivery that missed its deadline once its queue has drained.
+    At the end of a backlog that waited longer than the lease (workers down for a deploy) the
+    queue is empty while the last messages still wait in a worker's prefetch buffer, not yet
+    started: republishing them then sends each twice. With the lease now minutes rather than
+    hours, such backlogs are ordinary; the ledger waits until the queue has stayed drained for
+    the visibility timeout, by when every message taken before is started, acked or restored."""
+    lease = 10
+    receiver.responder = lambda req, seen: Answer(200, delay=0.5)
+    path = write_destinations(destinations(receiver.url))
+    producer = Producer(
+        Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease),
+        load_destinations(path, {}),
+        redis_client,
+    )
+    results = producer.produce_many(install(f"backlog-{i}") for i in range(40))
+    accepted = {d for r in results for d in r.accepted}
+    time.sleep(lease + 1)  # no worker yet: every deadline passes while the deliveries wait
+    # 4 at a time, 16 prefetched: the queue drains about 2 s before the last delivery starts.
+    # (The threads pool queues what it prefetched; gevent's blocks the consumer until a slot
+    # is free, so its window is one task long, and the ledger's hold covers both.)
+    worker = start_worker(
+        path, "--queues", "templated", "--pool", "threads", "--concurrency", "4",
+        env={**CRASH_ENV, "POSTBACK_RELAY_LEDGER_LEASE": str(lease)},
+    )  # fmt: skip
+    assert all_delivered(receiver, accepted, timeout=40), tail(worker)
+    time.sleep(3 * max(1.0, lease / 10))  # sweeps that would republish have run by now
+    got = ok_keys(receiver)
+    duplicates = {key: n for key, n in got.items() if n > 1}
+    assert duplicates == {}, f"{len(duplicates)} sent twice\n" + tail(worker)
+    assert set(got) == accepted
+    assert wait_until(lambda: redis_client.zcard(RedisKeys("pr").ledger()) == 0, 10)
+
+
 def produce_poison_then_a_normal_event(
     messages: list[bytes | str],
     receiver: PostbackReceiver,
