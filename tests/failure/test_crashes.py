@@ -1,4 +1,5 @@
-"""Crashes: SIGKILLed workers, a SIGKILLed Redis, poison messages, a message that kills its worker.
+"""Crashes: SIGKILLed workers, a SIGKILLed Redis, poison messages, a message that kills its worker,
+and the duplicates that failed acks and the ledger's sweep could cause.
 
 Every test runs real worker processes against a real Redis and a real local HTTP server and
 asserts counts: which delivery ids reached the partner with a 2xx, how many duplicates, what is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -82,6 +84,14 @@ def install(event_id: str) -> dict[str, Any]:
     }
 
 
+def leased_producer(
+    redis_url: str, path: Path, client: redis.Redis, lease: int = 2 * VISIBILITY
+) -> Producer:
+    """A producer whose ledger lease matches the workers' (2 x visibility by default)."""
+    settings = Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease)
+    return Producer(settings, load_destinations(path, {}), client)
+
+
 def ok_keys(receiver: PostbackReceiver) -> Counter[str]:
     """X-Idempotency-Key of every request the receiver answered with a 2xx, with multiplicity."""
     return Counter(r.headers["X-Idempotency-Key"] for r in receiver.received(ok_only=True))
@@ -115,11 +125,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     path = write_destinations(destinations(receiver.url))
     # The ledger's lease matches the workers' (2 x visibility): a message the killed worker had
     # popped but not yet recorded as unacked (kombu's gap) comes back through the ledger.
-    producer = Producer(
-        Settings(redis_url=redis_url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-        load_destinations(path, {}),
-        redis_client,
-    )
+    producer = leased_producer(redis_url, path, redis_client)
     results = producer.produce_many(install(f"kill-{i}") for i in range(2000))
     accepted = {d for r in results for d in r.accepted}
     assert len(accepted) == 2000
@@ -166,6 +172,53 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.hlen("unacked") == 0, 20), "messages left unacked"
     assert survivor.proc.poll() is None
     assert replacement.proc.poll() is None
+
+
+FAILED_ACK = re.compile(r"Couldn't ack|MaxConnectionsError|Too many connections")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("concurrency", [64, 256])
+def test_a_slow_partner_at_full_gevent_concurrency_fails_no_ack_and_gets_no_duplicate(
+    concurrency: int,
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    make_producer: Callable[[Path, dict[str, str] | None], Producer],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+) -> None:
+    """Every greenlet acks its own message through the worker's broker channel, whose pool
+    kombu limits to 10 connections: a burst of tasks finishing together (a slow partner answers
+    them together) failed acks with MaxConnectionsError, and each failed ack left its message
+    in kombu's unacked hash, to be delivered again one visibility timeout later."""
+    receiver.responder = lambda req, seen: Answer(200, delay=1.5)  # below the 2 s read timeout
+    path = write_destinations(destinations(receiver.url))
+    total = 4 * concurrency
+    results = make_producer(path, None).produce_many(
+        install(f"c{concurrency}-{i}") for i in range(total)
+    )
+    accepted = {d for r in results for d in r.accepted}
+    assert len(accepted) == total
+    worker = start_worker(
+        path, "--queues", "templated", "--pool", "gevent", "--concurrency", str(concurrency),
+        env=CRASH_ENV,
+    )  # fmt: skip
+    assert all_delivered(receiver, accepted, timeout=90), tail(worker)
+    # A failed ack leaves its message unacked; kombu would restore it after the visibility
+    # timeout (checking every 10 s), and it would be sent again.
+    settled = wait_until(lambda: redis_client.hlen("unacked") == 0, VISIBILITY + 20)
+    got = ok_keys(receiver)
+    duplicates = {key: n for key, n in got.items() if n > 1}
+    failed_acks = [line for line in worker.log().splitlines() if FAILED_ACK.search(line)]
+    print(
+        f"\nconcurrency {concurrency}: {total} deliveries, {sum(got.values())} 2xx requests, "
+        f"{len(duplicates)} duplicated ids, {len(failed_acks)} failed-ack log lines"
+    )
+    assert failed_acks == [], "\n".join(failed_acks[:5])
+    assert settled, f"{redis_client.hlen('unacked')} messages left unacked"
+    assert duplicates == {}
+    assert set(got) == accepted
+    assert worker.proc.poll() is None
 
 
 class ContinuousProducer:
@@ -261,11 +314,7 @@ def redis_crash_scenario(
     workers: list[WorkerProcess] = []
     load: ContinuousProducer | None = None
     try:
-        producer = Producer(
-            Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path, {}),
-            redis.Redis.from_url(url),
-        )
+        producer = leased_producer(url, path, redis.Redis.from_url(url))
         worker = start_worker(path, env=env)
         workers.append(worker)
         load = ContinuousProducer(producer)
@@ -376,11 +425,7 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
     workers: list[WorkerProcess] = []
     try:
         client = redis.Redis.from_url(url)
-        producer = Producer(
-            Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path, {}),
-            client,
-        )
+        producer = leased_producer(url, path, client)
         worker = start_worker(path, env=env)
         workers.append(worker)
         (warm,) = producer.produce(install("warm-up")).accepted
@@ -432,11 +477,7 @@ def test_a_backlog_older_than_the_ledger_lease_drains_without_duplicates(
     lease = 10
     receiver.responder = lambda req, seen: Answer(200, delay=0.5)
     path = write_destinations(destinations(receiver.url))
-    producer = Producer(
-        Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease),
-        load_destinations(path, {}),
-        redis_client,
-    )
+    producer = leased_producer(redis_url, path, redis_client, lease)
     results = producer.produce_many(install(f"backlog-{i}") for i in range(40))
     accepted = {d for r in results for d in r.accepted}
     time.sleep(lease + 1)  # no worker yet: every deadline passes while the deliveries wait

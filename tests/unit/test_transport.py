@@ -17,6 +17,13 @@ from workers.app import TRANSPORT, create_app
 from workers.runtime import redis_client
 
 
+def settings_for(redis_url: str, tmp_path: Path, **values: Any) -> Settings:
+    """Settings for an app with no destinations (these tests only look at the transport)."""
+    destinations = tmp_path / "destinations.toml"
+    destinations.write_text("")
+    return Settings(redis_url=redis_url, destinations_file=destinations, **values)
+
+
 @pytest.fixture
 def connection(redis_url: str, redis_client: redis.Redis) -> Iterator[Connection]:
     with Connection(redis_url, transport=TRANSPORT) as conn:
@@ -69,11 +76,9 @@ def test_a_restore_lock_left_by_a_dead_worker_expires_within_half_the_visibility
     """kombu restores a dead worker's messages under a Redis lock (5 minutes by default). A
     worker killed while holding it, likely with gevent, whose loop restores on every idle poll,
     would hold every restore back that long; the app's lock expires after half the timeout."""
-    destinations = tmp_path / "destinations.toml"
-    destinations.write_text("")
-    settings = Settings(
-        redis_url=redis_url,
-        destinations_file=destinations,
+    settings = settings_for(
+        redis_url,
+        tmp_path,
         visibility_timeout=visibility,
         task_soft_time_limit=6,
         task_time_limit=8,
@@ -123,14 +128,7 @@ def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
 ) -> None:
     """kombu's channel pool (10 connections by default) failed acks under gevent; our own pools
     wait for a free connection instead of failing or growing without bound."""
-    destinations = tmp_path / "destinations.toml"
-    destinations.write_text("")
-    settings = Settings(
-        redis_url=redis_url,
-        destinations_file=destinations,
-        worker_pool=pool,
-        worker_concurrency=concurrency,
-    )
+    settings = settings_for(redis_url, tmp_path, worker_pool=pool, worker_concurrency=concurrency)
     expected = settings.concurrency + 8
     app = create_app(settings)
     with app.connection_for_write() as conn:
@@ -148,9 +146,7 @@ def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
 def test_kombu_restores_a_dead_workers_messages_after_the_derived_visibility_timeout(
     redis_url: str, tmp_path: Path
 ) -> None:
-    destinations = tmp_path / "destinations.toml"
-    destinations.write_text("")
-    app = create_app(Settings(redis_url=redis_url, destinations_file=destinations))
+    app = create_app(settings_for(redis_url, tmp_path))
     with app.connection_for_write() as conn:
         qos = conn.default_channel.qos
         assert conn.default_channel.visibility_timeout == 300  # 4 x 60 s + 60 s, not 3600
