@@ -59,6 +59,10 @@ class Message(virtual.Message):
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             # Building a message only reads the payload: any of these means its shape is wrong.
             raise NotAKombuMessage(f"{type(exc).__name__}: {exc}") from exc
+        # kombu's Redis QoS files the message under these when it records it as unacked.
+        info = self.delivery_info
+        if not (isinstance(info, dict) and {"exchange", "routing_key"} <= info.keys()):
+            raise NotAKombuMessage("properties.delivery_info lacks exchange and routing_key")
 
     def raw_item(self) -> bytes:
         """The message as it sits on a queue (kombu's envelope as compact JSON)."""
@@ -125,15 +129,15 @@ class Channel(kombu_redis.Channel):
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
         except (ValueError, NotAKombuMessage) as exc:
-            reply = self._brpop_reply
+            if self._brpop_reply is None:  # no item in hand: not a decoding error
+                raise
+            key, item = self._brpop_reply
             if isinstance(exc, NotAKombuMessage):
                 reason = f"not a kombu message ({exc})"
-            elif reply is not None and not _decodes(reply[1]):
+            elif not _decodes(item):
                 reason = f"not JSON ({type(exc).__name__}: {exc})"
             else:  # the item was decoded: the error came from whatever handled the message
                 raise
-            assert reply is not None
-            key, item = reply
             self._keep_unreadable(bytes_to_str(key).rsplit(self.sep, 1)[0], item, reason)
             raise Empty() from None
         finally:

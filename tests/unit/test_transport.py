@@ -172,6 +172,12 @@ class Kept:
         (b"\x00\xffthis is {not json", "not JSON"),
         (b'{"task": "postback_relay.deliver_templated", "args": [1]}', "not a kombu message"),
         (b"[1, 2, 3]", "not a kombu message"),
+        (b'{"body": "", "properties": {"delivery_tag": "t"}}', "not a kombu message"),
+        (
+            b'{"body": "e30=", "properties": {"delivery_tag": "t", "body_encoding": "rot13", '
+            b'"delivery_info": {"exchange": "", "routing_key": "q"}}}',
+            "not a kombu message",
+        ),
     ],
 )
 def test_an_item_kombu_cannot_decode_is_handed_over_raw_and_consuming_goes_on(
