@@ -102,5 +102,9 @@ class RedisKeys:
         """Hash: delivery id -> "queue\\n" + its latest wire message, to publish it again."""
         return f"{self.prefix}:ledger:messages"
 
+    def ledger_drained(self) -> str:
+        """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not)."""
+        return f"{self.prefix}:ledger:drained"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal, get_args
@@ -22,6 +23,11 @@ DEFAULT_CONCURRENCY: dict[str, int] = {
     "prefork": os.cpu_count() or 1,
     "solo": 1,
 }
+# Seconds added to the derived visibility timeout: the ack's own round trip, kombu's restore
+# interval, a slow loop turn.
+VISIBILITY_MARGIN = 60
+# Redis connections per pool beyond one per concurrent task; see ``Settings.redis_pool_size``.
+REDIS_SPARE_CONNECTIONS = 8
 
 
 class Settings(BaseSettings):
@@ -65,7 +71,9 @@ class Settings(BaseSettings):
     http_read_timeout: float = Field(default=10.0, gt=0)
     task_soft_time_limit: float = Field(default=30.0, gt=0)
     task_time_limit: float = Field(default=60.0, gt=0)
-    visibility_timeout: int = Field(default=3600, ge=5)
+    # kombu delivers a message again when it was not acked this long after a worker took it
+    # (its worker died). None: derived from the hard limit; see ``visibility_timeout_seconds``.
+    visibility_timeout: int | None = Field(default=None, ge=5)
     # A message whose processing started this many times without finishing (its worker died
     # each time) is dead-lettered instead of being redelivered forever.
     max_unfinished_starts: int = Field(default=3, ge=1, le=100)
@@ -80,7 +88,8 @@ class Settings(BaseSettings):
     attempt_log_max_age_seconds: int = Field(default=30 * 24 * 3600, ge=60)
 
     # The delivery ledger republishes a delivery that showed no progress (no start, no retry
-    # parked, not finished) for this long; default: twice the visibility timeout.
+    # parked, not finished) for this long; None: twice the visibility timeout. Producers and
+    # workers must agree on it (and so on the limits it is derived from).
     ledger_lease: int | None = Field(default=None, ge=10)
 
     metrics_port: int = Field(default=9464, ge=1, le=65535)
@@ -90,23 +99,33 @@ class Settings(BaseSettings):
     http_user_agent: str = "postback-relay/0.1 (+https://github.com/postback-relay)"
 
     @property
+    def visibility_timeout_seconds(self) -> int:
+        """The setting, or long enough for the last prefetched message to be acked: a worker
+        holds concurrency x prefetch multiplier messages, so one may wait for (multiplier - 1)
+        rounds of tasks at the hard limit before its own starts, then run up to the limit;
+        plus a minute. 4 x 60 s + 60 s = 300 s by default, so a dead worker's messages come
+        back within minutes (nothing waits in a countdown that would need longer)."""
+        if self.visibility_timeout is not None:
+            return self.visibility_timeout
+        derived = self.worker_prefetch_multiplier * self.task_time_limit + VISIBILITY_MARGIN
+        return math.ceil(derived)
+
+    @property
     def ledger_lease_seconds(self) -> int:
-        return self.ledger_lease or 2 * self.visibility_timeout
+        """Twice the visibility timeout by default: kombu's own restore of a dead worker's
+        messages comes first; the ledger only catches what kombu lost (600 s by default)."""
+        return self.ledger_lease or 2 * self.visibility_timeout_seconds
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> Settings:
         http_total = self.http_connect_timeout + self.http_read_timeout
-        if (
-            not http_total
-            < self.task_soft_time_limit
-            < self.task_time_limit
-            < self.visibility_timeout
-        ):
+        visibility = self.visibility_timeout_seconds
+        if not http_total < self.task_soft_time_limit < self.task_time_limit < visibility:
             raise ValueError(
                 "timeouts must nest: http_connect_timeout + http_read_timeout "
                 f"({http_total:g}) < task_soft_time_limit ({self.task_soft_time_limit:g}) "
                 f"< task_time_limit ({self.task_time_limit:g}) "
-                f"< visibility_timeout ({self.visibility_timeout})"
+                f"< visibility_timeout ({visibility})"
             )
         if (self.flower_user is None) != (self.flower_password is None):
             raise ValueError("flower_user and flower_password must be set together")
@@ -116,3 +135,11 @@ class Settings(BaseSettings):
     def concurrency(self) -> int:
         """Requests a worker process runs at once: the setting, or its pool's default."""
         return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]
+
+    @property
+    def redis_pool_size(self) -> int:
+        """Connections each Redis connection pool of a process may hold: one per task running
+        at once (each acks, records and requeues through the pool), plus spares for the
+        consumer, its timers and the delay mover. kombu's own default of 10 failed acks with
+        MaxConnectionsError at gevent's concurrency of 64, and a failed ack is a duplicate."""
+        return self.concurrency + REDIS_SPARE_CONNECTIONS

@@ -20,6 +20,7 @@ from config.destinations import (
 )
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
+from workers.consumer import CheckedTask
 from workers.delay import DelaySet
 from workers.events import EventBatching
 from workers.ledger import DeliveryLedger
@@ -52,7 +53,8 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     if destinations is None:
         destinations = load_destinations(settings.destinations_file)
     check_timeouts_nest(destinations, settings.http_connect_timeout, settings.http_read_timeout)
-    app = PostbackRelay("postback_relay", set_as_current=False)
+    # Every task's requests check their arguments before the task runs (workers/consumer.py).
+    app = PostbackRelay("postback_relay", set_as_current=False, task_cls=CheckedTask)
     app.settings = settings
     app.destinations = destinations
     app.runtime = WorkerRuntime(settings, destinations, app)
@@ -63,7 +65,10 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
         broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            # Every task acks through the consumer's channel; kombu's pool of 10 connections
+            # failed acks (MaxConnectionsError) under gevent, and each was a duplicate later.
+            "max_connections": settings.redis_pool_size,
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 30,
@@ -75,7 +80,9 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # while holding it (likely with gevent, whose loop restores on every idle poll)
             # would otherwise block every restore for kombu's 5 minutes; overlapping restores
             # are safe (each is a WATCHed transaction), a stuck lock is not.
-            "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout),
+            "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout_seconds),
+            # Ours (workers/transport.py): where an item kombu cannot decode is kept.
+            "on_unreadable_item": app.runtime.keep_unreadable_item,
         },
         broker_heartbeat=0,
         task_ignore_result=True,
@@ -195,7 +202,12 @@ class DelayMover(bootsteps.StartStopStep):
         app: PostbackRelay = worker.app
         client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
         self.delays = DelaySet(client, keys)
-        self.ledger = DeliveryLedger(client, keys, app.settings.ledger_lease_seconds)
+        self.ledger = DeliveryLedger(
+            client,
+            keys,
+            app.settings.ledger_lease_seconds,
+            drained_hold_seconds=app.settings.visibility_timeout_seconds,
+        )
         self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
         self.last_sweep = 0.0
         self.queues = [queue_for(kind) for kind in ALL_KINDS]
@@ -207,7 +219,7 @@ class DelayMover(bootsteps.StartStopStep):
             self.delays.move_due(self.queues)
             if time.monotonic() - self.last_sweep >= self.sweep_every:
                 self.last_sweep = time.monotonic()
-                republished = self.ledger.sweep()
+                republished = self.ledger.sweep(queues=self.queues)
                 if republished:
                     log.warning("ledger.republished", deliveries=republished,
                                 reason="no progress within the lease")  # fmt: skip

@@ -100,7 +100,10 @@ def dlq_list(
             click.echo(entry.model_dump_json(exclude={"envelope", "raw_message"}))
         return
     table = Table(title=f"dead letters: {len(entries)} matching")
-    for column in ("delivery id", "destination", "dead at (UTC)", "status", "attempts", "reason"):
+    # The id is what `dlq show` and `purge` take: never cut it (a poison message's has 43 chars).
+    widest = max((len(entry.delivery_id) for entry in entries[-limit:]), default=0)
+    table.add_column("delivery id", no_wrap=True, min_width=widest)
+    for column in ("destination", "dead at (UTC)", "status", "attempts", "reason"):
         table.add_column(column)
     for entry in entries[-limit:]:
         attempts = len(entry.envelope.history) if entry.envelope else 0

@@ -26,7 +26,7 @@ from workers.deadletter import DeadLetterStore
 from workers.delay import DelaySet
 from workers.ledger import TERMINAL, DeliveryLedger
 from workers.metrics import MetricsRecorder
-from workers.outcomes import Delivered, Outcome, PermanentFailure, Skipped
+from workers.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.wire import TaskMessageEncoder
 from workers.xmp import XmpAggregator, XmpReject
@@ -193,6 +193,8 @@ class DeliveryPipeline:
             return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
 
         outcome, duration = self._send(adapter, request)
+        # First, before anything is recorded: every other worker stops sending from now on.
+        self._pause_if_asked(dest.name, outcome)
         budget = getattr(outcome, "budget", None)
         if budget is not None:
             self.limiter.tighten(dest.name, budget.remaining, budget.reset_at)
@@ -252,6 +254,21 @@ class DeliveryPipeline:
             outcome = adapter.classify_error(exc)
         return outcome, time.perf_counter() - started
 
+    def _pause_if_asked(self, destination: str, outcome: Outcome) -> None:
+        """A 429/503 with Retry-After pauses the destination for that long; a credentials
+        failure pauses it until an operator resumes it."""
+        if isinstance(outcome, RetryLater):
+            if outcome.after is not None and outcome.status in {429, 503}:
+                self.pauses.pause(destination, outcome.after, outcome.reason)
+        elif isinstance(outcome, PermanentFailure) and outcome.pause_seconds:
+            self.pauses.pause(destination, outcome.pause_seconds, outcome.reason)
+            log.error(
+                "destination.paused",
+                alarm=True,
+                reason=outcome.reason,
+                resume_with=f"postback-relay destinations resume {destination}",
+            )
+
     def _settle(self, envelope: DeliveryEnvelope, outcome: Outcome) -> PipelineResult:
         """``envelope`` already counts the attempt just made."""
         if isinstance(outcome, Delivered):
@@ -260,14 +277,6 @@ class DeliveryPipeline:
         if isinstance(outcome, Skipped):
             return PipelineResult("skipped", outcome.reason)
         if isinstance(outcome, PermanentFailure):
-            if outcome.pause_seconds:
-                self.pauses.pause(envelope.destination, outcome.pause_seconds, outcome.reason)
-                log.error(
-                    "destination.paused",
-                    alarm=True,
-                    reason=outcome.reason,
-                    resume_with=f"postback-relay destinations resume {envelope.destination}",
-                )
             if outcome.alarm:
                 log.error(
                     "destination.auth_failed",
@@ -278,8 +287,6 @@ class DeliveryPipeline:
             return self._dead_letter(envelope, outcome.reason, outcome.status, outcome.body_excerpt)
 
         dest = self.destinations.get(envelope.destination)
-        if outcome.after is not None and outcome.status in {429, 503}:
-            self.pauses.pause(dest.name, outcome.after, outcome.reason)
         if envelope.attempt >= envelope.max_attempts:
             return self._dead_letter(
                 envelope,

@@ -43,11 +43,17 @@ return 1
 
 
 class GlobalRateLimiter:
-    def __init__(self, redis_url: str, keys: RedisKeys) -> None:
+    def __init__(self, redis_url: str, keys: RedisKeys, client: redis.Redis | None = None) -> None:
+        """``client``: share its connection pool (a worker's, sized to its concurrency)
+        instead of opening two pools of its own."""
         self.keys = keys
-        self.storage = limits.storage.storage_from_string(redis_url)
+        self.storage = (
+            limits.storage.storage_from_string(redis_url)
+            if client is None
+            else limits.storage.RedisStorage(redis_url, connection_pool=client.connection_pool)
+        )
         self.strategy = limits.strategies.MovingWindowRateLimiter(self.storage)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = client if client is not None else redis.Redis.from_url(redis_url)
         self._take_from_budget = self.redis.register_script(_TAKE_FROM_BUDGET_LUA)
         self._tighten = self.redis.register_script(_TIGHTEN_LUA)
 
@@ -77,21 +83,43 @@ class GlobalRateLimiter:
         return max(0.01, float(stats.reset_time) - time.time())
 
 
+# KEYS[1]: the destination's pause. ARGV[1]: its new end (epoch seconds), ARGV[2]: the value
+# to store, ARGV[3]: the key's expiry (epoch ms). Keeps the later of the existing and the new
+# pause in one step: a shorter pause never overwrites a longer one that another worker wrote
+# between a read and a write, and the pause costs one round trip.
+_PAUSE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, stored = pcall(cjson.decode, current)
+  if ok and type(stored) == 'table' and tonumber(stored['until'])
+      and tonumber(stored['until']) >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+return 1
+"""
+
+
 class PauseRegistry:
     """A paused destination receives nothing until the pause ends (429 Retry-After, 401)."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
+        self._pause = client.register_script(_PAUSE_LUA)
 
-    def pause(self, destination: str, seconds: float, reason: str) -> None:
+    def pause(self, destination: str, seconds: float, reason: str) -> bool:
+        """Pause for ``seconds`` from now, unless a pause that ends later is already set;
+        True when this pause was stored."""
         until = time.time() + seconds
         value = json.dumps({"until": until, "reason": reason})
-        key = self.keys.paused(destination)
-        # Never shorten an existing pause: keep the later of the two.
-        current = self.paused_until(destination)
-        if current is None or current < until:
-            self.redis.set(key, value, pxat=int(until * 1000) + 1)
+        return bool(
+            self._pause(
+                keys=[self.keys.paused(destination)],
+                args=[repr(until), value, int(until * 1000) + 1],
+            )
+        )
 
     def paused_until(self, destination: str) -> float | None:
         return self.parse(self.redis.get(self.keys.paused(destination)))

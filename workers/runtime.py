@@ -31,14 +31,20 @@ log = structlog.get_logger("postback_relay.worker")
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
+    """A client over a pool sized to the concurrency that waits for a free connection (up to
+    the socket timeout) instead of failing with MaxConnectionsError, as redis-py's bounded
+    pool would, or opening connections without bound, as its default pool does."""
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=10,
         health_check_interval=30,
         socket_keepalive=True,
         socket_connect_timeout=5,
         socket_timeout=10,
         retry_on_timeout=True,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class WorkerRuntime:
@@ -62,7 +68,7 @@ class WorkerRuntime:
                 self._pipeline = DeliveryPipeline(
                     destinations=self.destinations,
                     session=http_session(self.settings),
-                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys),
+                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=client),
                     pauses=PauseRegistry(client, self.keys),
                     requeuer=Requeuer(
                         DelaySet(client, self.keys),
@@ -115,6 +121,10 @@ class WorkerRuntime:
                 )
             return self._reconciler
 
+    def keep_unreadable_item(self, queue: str, item: bytes, reason: str) -> None:
+        """A queue item kombu could not decode (it is already off the queue): keep it raw."""
+        self.pipeline.dead_letters.add(DeadLetter.poison(reason, item, queue))
+
     def dead_letter_unexpected(
         self, raw: Any, task_id: str | None, exc: Exception
     ) -> PipelineResult:
@@ -157,7 +167,7 @@ class WorkerRuntime:
                 raw_message=repr(raw)[:4096],
             )
             pipeline.dead_letters.add(entry)
-            log.error("delivery.poison_message", reason=str(exc), message_id=task_id)
+            log.error("delivery.poison_message", alarm=True, reason=str(exc), message_id=task_id)
             return PipelineResult("dead_lettered", entry.reason)
         structlog.contextvars.bind_contextvars(
             delivery_id=envelope.delivery_id,

@@ -1,8 +1,12 @@
 """kombu's Redis transport, kept alive through two failures that otherwise stop a worker.
 
-1. A list item that is not a kombu message (bytes pushed onto a queue by hand) makes kombu raise
-   after BRPOP has already removed it, and the worker exits. Here the error is logged loudly
-   and the worker goes on consuming. (Such an item never comes from produce().)
+1. A list item that is not a kombu message (bytes pushed onto a queue by hand, JSON of another
+   shape) makes kombu raise after BRPOP has already removed it. Here the item is kept whole:
+   the raw bytes of each BRPOP reply are held (a redis-py response callback) until kombu has
+   decoded them into a message, and an item that fails to decode goes to the
+   ``on_unreadable_item`` transport option (the worker's dead-letter store) with the reason
+   and its queue. Only decoding errors are caught; any other error still propagates.
+   (Such an item never comes from produce().)
 2. After a lost broker connection kombu closes the channel and restores unacked messages
    through a connection it has already collected (AttributeError), and the worker exits. Here
    that restore is skipped: the messages stay in kombu's unacked hash and are restored once the
@@ -14,19 +18,55 @@ publish, ack and unacked-index write (``conn_or_acquire``), and redis-py's clien
 is not cheap (it builds its response-callback table each time). That was ~10 % of a worker's
 CPU per delivery. A channel here builds one client over its connection pool and reuses it; a
 redis-py client holds no connection of its own, so sharing it between threads is safe.
+
+kombu internals this module relies on (kombu 5.7): ``Channel._brpop_read`` (decodes the BRPOP
+reply and hands it on), ``Channel._create_client`` and the ``client`` cached property, the
+``Channel.pool`` property, ``Channel.sep`` (priority suffix of a queue's key),
+``QoS.restore_unacked_once`` and ``QoS.restore_by_tag``; ``virtual.Message`` (raises on a payload
+that is not kombu's envelope) and ``Channel.from_transport_options`` are public.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import base64
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import structlog
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.transport.virtual import Empty
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 log = structlog.get_logger("postback_relay.transport")
+
+UnreadableItemHandler = Callable[[str, bytes, str], object]
+"""(queue, the raw item, why it cannot be read): keeps an item kombu cannot decode."""
+
+
+class NotAKombuMessage(Exception):
+    """A queue item that decodes as JSON but is not kombu's message envelope."""
+
+
+class Message(virtual.Message):
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            # Building a message only reads the payload: any of these means its shape is wrong.
+            raise NotAKombuMessage(f"{type(exc).__name__}: {exc}") from exc
+        # kombu's Redis QoS files the message under these when it records it as unacked.
+        info = self.delivery_info
+        if not (isinstance(info, dict) and {"exchange", "routing_key"} <= info.keys()):
+            raise NotAKombuMessage("properties.delivery_info lacks exchange and routing_key")
+
+    def raw_item(self) -> bytes:
+        """The message as it sits on a queue (kombu's envelope as compact JSON)."""
+        return json.dumps(self.serializable(), separators=(",", ":")).encode()
 
 
 class QoS(kombu_redis.QoS):
@@ -51,7 +91,27 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    Message = Message
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "on_unreadable_item")
+    on_unreadable_item: UnreadableItemHandler | None = None
     _shared_client: Any = None
+    # The last BRPOP reply (queue key, raw item) until kombu has turned it into a message.
+    _brpop_reply: tuple[bytes, bytes] | None = None
+
+    @cached_property
+    def client(self) -> Any:
+        """kombu's client for BRPOP and publishing, which also keeps each BRPOP reply's raw
+        bytes: once kombu fails to decode an item, BRPOP has already removed it."""
+        client = self._create_client(asynchronous=True)  # type: ignore[attr-defined]
+        parse = client.response_callbacks.get("BRPOP")
+
+        def keep_reply(response: Any, **options: Any) -> Any:
+            reply = parse(response, **options) if parse else response
+            self._brpop_reply = tuple(reply) if reply else None
+            return reply
+
+        client.set_response_callback("BRPOP", keep_reply)
+        return client
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -65,13 +125,53 @@ class Channel(kombu_redis.Channel):
         yield shared
 
     def _brpop_read(self, **options: Any) -> Any:
+        self._brpop_reply = None
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("transport.unreadable_queue_item", alarm=True,
-                      error=f"{type(exc).__name__}: {exc}"[:300],
-                      hint="something other than postback-relay pushed onto a queue")  # fmt: skip
+        except (ValueError, NotAKombuMessage) as exc:
+            if self._brpop_reply is None:  # no item in hand: not a decoding error
+                raise
+            key, item = self._brpop_reply
+            if isinstance(exc, NotAKombuMessage):
+                reason = f"not a kombu message ({exc})"
+            elif not _decodes(item):
+                reason = f"not JSON ({type(exc).__name__}: {exc})"
+            else:  # the item was decoded: the error came from whatever handled the message
+                raise
+            self._keep_unreadable(bytes_to_str(key).rsplit(self.sep, 1)[0], item, reason)
             raise Empty() from None
+        finally:
+            self._brpop_reply = None
+
+    def _keep_unreadable(self, queue: str, item: bytes, reason: str) -> None:
+        log.error("transport.unreadable_queue_item", alarm=True, queue=queue,
+                  reason=reason[:300], size=len(item),
+                  hint="something other than postback-relay pushed onto a queue")  # fmt: skip
+        try:
+            if self.on_unreadable_item is None:
+                raise RuntimeError("no on_unreadable_item transport option")
+            self.on_unreadable_item(queue, item, reason)
+            return
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        # Not kept: put it back at the far end of its queue rather than lose it.
+        try:
+            with self.conn_or_acquire() as client:
+                client.lpush(queue, item)
+            log.error("transport.unreadable_item_requeued", alarm=True, queue=queue, error=error)
+        except Exception as push_error:
+            log.critical("transport.unreadable_item_lost", alarm=True, queue=queue, error=error,
+                         push_error=f"{type(push_error).__name__}: {push_error}"[:300],
+                         item_base64=base64.b64encode(item).decode("ascii"))  # fmt: skip
+
+
+def _decodes(item: bytes) -> bool:
+    """Whether kombu's own decoding of a queue item succeeds (done again only after an error)."""
+    try:
+        loads(bytes_to_str(item))
+    except ValueError:
+        return False
+    return True
 
 
 class Transport(kombu_redis.Transport):

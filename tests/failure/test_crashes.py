@@ -1,4 +1,5 @@
-"""Crashes: SIGKILLed workers, a SIGKILLed Redis, poison messages, a message that kills its worker.
+"""Crashes: SIGKILLed workers, a SIGKILLed Redis, poison messages, a message that kills its worker,
+and the duplicates that failed acks and the ledger's sweep could cause.
 
 Every test runs real worker processes against a real Redis and a real local HTTP server and
 asserts counts: which delivery ids reached the partner with a 2xx, how many duplicates, what is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -35,7 +37,7 @@ from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import cli_env, run_cli, wait_until
 from workers.deadletter import DeadLetter, DeadLetterStore
 from workers.embedded_redis import EmbeddedRedis
 from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
@@ -82,6 +84,14 @@ def install(event_id: str) -> dict[str, Any]:
     }
 
 
+def leased_producer(
+    redis_url: str, path: Path, client: redis.Redis, lease: int = 2 * VISIBILITY
+) -> Producer:
+    """A producer whose ledger lease matches the workers' (2 x visibility by default)."""
+    settings = Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease)
+    return Producer(settings, load_destinations(path), client)
+
+
 def ok_keys(receiver: PostbackReceiver) -> Counter[str]:
     """X-Idempotency-Key of every request the receiver answered with a 2xx, with multiplicity."""
     return Counter(r.headers["X-Idempotency-Key"] for r in receiver.received(ok_only=True))
@@ -115,11 +125,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     path = write_destinations(destinations(receiver.url))
     # The ledger's lease matches the workers' (2 x visibility): a message the killed worker had
     # popped but not yet recorded as unacked (kombu's gap) comes back through the ledger.
-    producer = Producer(
-        Settings(redis_url=redis_url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-        load_destinations(path),
-        redis_client,
-    )
+    producer = leased_producer(redis_url, path, redis_client)
     results = producer.produce_many(install(f"kill-{i}") for i in range(2000))
     accepted = {d for r in results for d in r.accepted}
     assert len(accepted) == 2000
@@ -166,6 +172,51 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.hlen("unacked") == 0, 20), "messages left unacked"
     assert survivor.proc.poll() is None
     assert replacement.proc.poll() is None
+
+
+FAILED_ACK = re.compile(r"Couldn't ack|MaxConnectionsError|Too many connections")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("concurrency", [64, 256])
+def test_a_slow_partner_at_full_gevent_concurrency_fails_no_ack_and_gets_no_duplicate(
+    concurrency: int,
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    make_producer: Callable[[Path], Producer],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+) -> None:
+    """Every greenlet acks its own message through the worker's broker channel, whose pool
+    kombu limits to 10 connections: a burst of tasks finishing together (a slow partner answers
+    them together) failed acks with MaxConnectionsError, and each failed ack left its message
+    in kombu's unacked hash, to be delivered again one visibility timeout later."""
+    receiver.responder = lambda req, seen: Answer(200, delay=1.5)  # below the 2 s read timeout
+    path = write_destinations(destinations(receiver.url))
+    total = 4 * concurrency
+    results = make_producer(path).produce_many(install(f"c{concurrency}-{i}") for i in range(total))
+    accepted = {d for r in results for d in r.accepted}
+    assert len(accepted) == total
+    worker = start_worker(
+        path, "--queues", "templated", "--pool", "gevent", "--concurrency", str(concurrency),
+        env=CRASH_ENV,
+    )  # fmt: skip
+    assert all_delivered(receiver, accepted, timeout=90), tail(worker)
+    # A failed ack leaves its message unacked; kombu would restore it after the visibility
+    # timeout (checking every 10 s), and it would be sent again.
+    settled = wait_until(lambda: redis_client.hlen("unacked") == 0, VISIBILITY + 20)
+    got = ok_keys(receiver)
+    duplicates = {key: n for key, n in got.items() if n > 1}
+    failed_acks = [line for line in worker.log().splitlines() if FAILED_ACK.search(line)]
+    print(
+        f"\nconcurrency {concurrency}: {total} deliveries, {sum(got.values())} 2xx requests, "
+        f"{len(duplicates)} duplicated ids, {len(failed_acks)} failed-ack log lines"
+    )
+    assert failed_acks == [], "\n".join(failed_acks[:5])
+    assert settled, f"{redis_client.hlen('unacked')} messages left unacked"
+    assert duplicates == {}
+    assert set(got) == accepted
+    assert worker.proc.poll() is None
 
 
 class ContinuousProducer:
@@ -261,11 +312,7 @@ def redis_crash_scenario(
     workers: list[WorkerProcess] = []
     load: ContinuousProducer | None = None
     try:
-        producer = Producer(
-            Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path),
-            redis.Redis.from_url(url),
-        )
+        producer = leased_producer(url, path, redis.Redis.from_url(url))
         worker = start_worker(path, env=env)
         workers.append(worker)
         load = ContinuousProducer(producer)
@@ -376,11 +423,7 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
     workers: list[WorkerProcess] = []
     try:
         client = redis.Redis.from_url(url)
-        producer = Producer(
-            Settings(redis_url=url, destinations_file=path, ledger_lease=2 * VISIBILITY),
-            load_destinations(path),
-            client,
-        )
+        producer = leased_producer(url, path, client)
         worker = start_worker(path, env=env)
         workers.append(worker)
         (warm,) = producer.produce(install("warm-up")).accepted
@@ -413,6 +456,43 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
             w.stop()
         for server in servers:
             server.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_backlog_older_than_the_ledger_lease_drains_without_duplicates(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    """The ledger republishes a delivery that missed its deadline once its queue has drained.
+    At the end of a backlog that waited longer than the lease (workers down for a deploy) the
+    queue is empty while the last messages still wait in a worker's prefetch buffer, not yet
+    started: republishing them then sends each twice. With the lease now minutes rather than
+    hours, such backlogs are ordinary; the ledger waits until the queue has stayed drained for
+    the visibility timeout, by when every message taken before is started, acked or restored."""
+    lease = 10
+    receiver.responder = lambda req, seen: Answer(200, delay=0.5)
+    path = write_destinations(destinations(receiver.url))
+    producer = leased_producer(redis_url, path, redis_client, lease)
+    results = producer.produce_many(install(f"backlog-{i}") for i in range(40))
+    accepted = {d for r in results for d in r.accepted}
+    time.sleep(lease + 1)  # no worker yet: every deadline passes while the deliveries wait
+    # 4 at a time, 16 prefetched: the queue drains about 2 s before the last delivery starts.
+    # (The threads pool queues what it prefetched; gevent's blocks the consumer until a slot
+    # is free, so its window is one task long, and the ledger's hold covers both.)
+    worker = start_worker(
+        path, "--queues", "templated", "--pool", "threads", "--concurrency", "4",
+        env={**CRASH_ENV, "POSTBACK_RELAY_LEDGER_LEASE": str(lease)},
+    )  # fmt: skip
+    assert all_delivered(receiver, accepted, timeout=40), tail(worker)
+    time.sleep(3 * max(1.0, lease / 10))  # sweeps that would republish have run by now
+    got = ok_keys(receiver)
+    duplicates = {key: n for key, n in got.items() if n > 1}
+    assert duplicates == {}, f"{len(duplicates)} sent twice\n" + tail(worker)
+    assert set(got) == accepted
+    assert wait_until(lambda: redis_client.zcard(RedisKeys("pr").ledger()) == 0, 10)
 
 
 def produce_poison_then_a_normal_event(
@@ -494,34 +574,72 @@ def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
     assert sum("decode" in e.reason for e in entries) == 1, reasons
 
 
-def test_queue_items_that_are_not_kombu_messages_raise_an_alarm_and_the_worker_goes_on(
+def test_queue_items_celery_cannot_read_are_dead_lettered_raw_and_the_worker_goes_on(
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     make_producer: Callable[[Path], Producer],
     start_worker: Callable[..., WorkerProcess],
     redis_client: redis.Redis,
+    redis_url: str,
 ) -> None:
-    """kombu pops an item before it can tell it is not a message: it cannot be kept, but it
-    must not stop the worker (workers/transport.py). produce() never writes such items."""
-    path = write_destinations(destinations(receiver.url))
-    producer = make_producer(path)
-    worker = start_worker(path, env=CRASH_ENV)
-    not_kombu = json.dumps({"task": "postback_relay.deliver_templated", "args": [1]})
+    """kombu pops an item before it can tell it is not a message, and Celery fails a message
+    whose args are not a list before the task runs: each is kept in the dead-letter store as
+    the raw item that was on the queue (produce() never writes such items)."""
+    encoder = TaskMessageEncoder(celery.Celery("x", set_as_current=False))
     garbage = b"\x00\xffthis is {not json"
-    for item in (not_kombu, garbage):
-        redis_client.lpush(QUEUE, item)
-    (delivery_id,) = producer.produce(install("after-garbage")).accepted
-    assert wait_until(lambda: delivery_id in ok_keys(receiver), 30), tail(worker)
-    assert worker.proc.poll() is None, "the worker died\n" + tail(worker)
-    alarms = [
-        json.loads(line) for line in worker.log().splitlines()
-        if '"transport.unreadable_queue_item"' in line
-    ]  # fmt: skip
-    assert len(alarms) == 2, tail(worker)
-    assert all(a["alarm"] is True for a in alarms)
-    assert redis_client.llen(QUEUE) == 0
-    (second,) = producer.produce(install("after-garbage-2")).accepted
-    assert wait_until(lambda: second in ok_keys(receiver), 30), tail(worker)
+    not_kombu = json.dumps({"task": "postback_relay.deliver_templated", "args": [1]}).encode()
+    string_args = encoder._wire(
+        "postback_relay.deliver_templated", QUEUE, json.dumps("abc"), "'abc'", None
+    ).encode()
+    two_args = encoder.encode("postback_relay.deliver_templated", QUEUE, ({}, 2), "({}, 2)")
+    path = write_destinations(destinations(receiver.url))
+    worker, store, entries = produce_poison_then_a_normal_event(
+        [garbage, not_kombu, string_args, two_args.encode()],
+        receiver, path, make_producer, start_worker, redis_client,
+    )  # fmt: skip
+    (kept_garbage,) = [e for e in entries if e.raw_bytes() == garbage]
+    (kept_not_kombu,) = [e for e in entries if e.raw_bytes() == not_kombu]
+    # A message kombu decoded is kept as kombu's envelope (the same JSON, keys in its order).
+    (kept_string_args,) = [e for e in entries if as_json(e) == json.loads(string_args)]
+    (kept_two_args,) = [e for e in entries if as_json(e) == json.loads(two_args)]
+    assert "arguments do not fit postback_relay.deliver_templated" in kept_two_args.reason
+    assert all(e.queue == QUEUE for e in entries)
+    assert kept_garbage.raw_encoding == "base64"  # not UTF-8 text
+    assert kept_not_kombu.raw_encoding == kept_string_args.raw_encoding == "utf-8"
+    assert "not JSON" in kept_garbage.reason
+    assert "not a kombu message" in kept_not_kombu.reason
+    assert "args must be a list" in kept_string_args.reason
+    alarms = [line for line in json_lines(worker) if line.get("alarm") is True]
+    assert len(alarms) == 4, tail(worker)
+
+    # On-call sees them, can look at one, and purge them.
+    env = cli_env(redis_url, path)
+    listed = run_cli(env, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    for entry in entries:
+        assert entry.delivery_id in listed.stdout, listed.stdout
+    shown = run_cli(env, "dlq", "show", kept_not_kombu.delivery_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "postback_relay.deliver_templated" in shown.stdout
+    assert QUEUE in shown.stdout
+    purged = run_cli(env, "dlq", "purge", "--reason", "poison message", "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert store.count() == 0
+
+
+def as_json(entry: DeadLetter) -> Any:
+    try:
+        return json.loads(entry.raw_bytes() or b"")
+    except ValueError:
+        return None
+
+
+def json_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in worker.log().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
 
 
 @pytest.mark.timeout(120)

@@ -145,3 +145,30 @@ def test_a_delivery_waiting_behind_a_backlog_is_not_published_twice(
     assert ledger.sweep(now=100.0) == 0  # its queue has not drained: waiting, not lost
     redis_client.delete(QUEUE)
     assert ledger.sweep(now=100.0) == 1
+
+
+def test_a_drained_queue_must_stay_empty_for_the_hold_before_anything_is_published_again(
+    redis_client: redis.Redis,
+) -> None:
+    """The last messages of a backlog may wait in a worker's prefetch buffer after their queue
+    has emptied; until the hold passes they are not lost, only not started yet."""
+    ledger = DeliveryLedger(redis_client, KEYS, lease_seconds=30, drained_hold_seconds=60)
+    redis_client.zadd(KEYS.ledger(), {"late": 1.0})
+    redis_client.hset(KEYS.ledger_messages(), "late", f"{QUEUE}\nlate-message")
+    redis_client.lpush(QUEUE, "backlog")
+    assert ledger.sweep(now=100.0, queues=[QUEUE]) == 0  # a backlog: waiting
+    redis_client.delete(QUEUE)  # the backlog drained; "late" may sit in a prefetch buffer
+    assert ledger.sweep(now=101.0, queues=[QUEUE]) == 0
+    assert ledger.sweep(now=160.0, queues=[QUEUE]) == 0
+    redis_client.lpush(QUEUE, "more")  # new work arrives and drains: the hold starts again
+    assert ledger.sweep(now=161.0, queues=[QUEUE]) == 0
+    redis_client.delete(QUEUE)
+    assert ledger.sweep(now=162.0, queues=[QUEUE]) == 0
+    assert ledger.sweep(now=221.0, queues=[QUEUE]) == 0
+    assert ledger.sweep(now=222.0, queues=[QUEUE]) == 1  # empty for 60 s: really lost
+    assert redis_client.lrange(QUEUE, 0, -1) == [b"late-message"]
+    # Publishing refilled the queue: the next one waits for a new hold.
+    redis_client.zadd(KEYS.ledger(), {"later": 1.0})
+    redis_client.hset(KEYS.ledger_messages(), "later", f"{QUEUE}\nlater-message")
+    redis_client.delete(QUEUE)
+    assert ledger.sweep(now=223.0, queues=[QUEUE]) == 0

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
 import requests
+from celery import Celery
 from requests.structures import CaseInsensitiveDict
 
-from config.destinations import parse_destinations
+from config.destinations import load_destinations, parse_destinations
 from config.keys import RedisKeys, queue_for
+from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from workers.adapters.base import retry_after_seconds
@@ -25,6 +30,8 @@ from workers.delay import DelaySet
 from workers.outcomes import Delivered, PermanentFailure, RetryLater
 from workers.pipeline import retries_counted
 from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.runtime import WorkerRuntime
+from workers.sandbox.receiver import Answer, PostbackReceiver
 
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")
@@ -394,7 +401,8 @@ def test_reason_category_groups_particulars(redis_client: redis.Redis) -> None:
 
 @pytest.fixture(params=["real", "fake"])
 def pause_backend(request: pytest.FixtureRequest, redis_client: redis.Redis) -> redis.Redis:
-    """PauseRegistry is plain GET/SET/DEL: the same tests run on real Redis and on fakeredis."""
+    """PauseRegistry is GET/DEL and one Lua script: the same tests run on real Redis and on
+    fakeredis (with Lua)."""
     if request.param == "fake":
         return fakeredis.FakeRedis()
     return redis_client
@@ -430,6 +438,85 @@ def test_shorter_pause_never_shortens_a_longer_one(pause_backend: redis.Redis) -
     extended = pauses.paused_until("net")
     assert extended is not None
     assert extended > long_until + 50
+
+
+class ReadThenInterleave:
+    """A client whose every GET is followed, once, by another worker's call: what happens when a
+    pause is read and written in two steps and another worker writes in between."""
+
+    def __init__(self, client: redis.Redis, between: Callable[[], object]) -> None:
+        self._client = client
+        self._between: Callable[[], object] | None = between
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        value = self._client.get(*args, **kwargs)
+        self.interleave()
+        return value
+
+    def interleave(self) -> None:
+        between, self._between = self._between, None
+        if between is not None:
+            between()
+
+
+def test_a_longer_pause_set_by_another_worker_meanwhile_is_never_shortened(
+    pause_backend: redis.Redis,
+) -> None:
+    other_worker = PauseRegistry(pause_backend, KEYS)
+    client = ReadThenInterleave(
+        pause_backend, lambda: other_worker.pause("net", 300, "401 from another worker")
+    )
+    pauses = PauseRegistry(client, KEYS)  # type: ignore[arg-type]
+    pauses.pause("net", 5, "429 Retry-After: 5")
+    client.interleave()  # set in one step: the other worker's pause simply comes after it
+    until = other_worker.paused_until("net")
+    assert until is not None
+    assert until > time.time() + 250
+    assert pause_backend.pttl(KEYS.paused("net")) > 250_000
+
+
+def test_a_429_pauses_its_destination_first_thing_after_the_answer_in_one_command(
+    redis_url: str, redis_client: redis.Redis, receiver: PostbackReceiver, tmp_path: Path
+) -> None:
+    receiver.responder = lambda req, seen: Answer(429, headers={"Retry-After": "30"})
+    path = tmp_path / "destinations.toml"
+    path.write_text(f"""
+[[destination]]
+name = "net"
+kind = "templated"
+url = "{receiver.url}/pb"
+[[destination.routes]]
+type = "install"
+""")
+    settings = Settings(redis_url=redis_url, destinations_file=path)
+    runtime = WorkerRuntime(
+        settings, load_destinations(path), Celery("postback_relay", set_as_current=False)
+    )
+    pipeline = runtime.pipeline
+    pipeline.pauses.pause("warm-up", 0.01, "loads the script")
+    delivery = envelope("e-429").model_copy(update={"attempt": 0, "max_attempts": 3})
+    pause_key = KEYS.paused("net")
+    with redis_client.monitor() as monitor:
+        result = pipeline.run(delivery)
+        redis_client.echo("end of test")
+        commands: list[str] = []
+        while "end of test" not in (command := monitor.next_command())["command"]:
+            if command["client_type"] != "lua":  # not the commands a script ran
+                commands.append(command["command"])
+    assert result.status == "retry_scheduled", result
+    # Before the send, the pipeline reads the pause once (not paused); the next command after
+    # the answer is the pause itself, one script call that keeps the later pause.
+    read_before_send = commands.index(f"GET {pause_key}")
+    after_answer = commands[read_before_send + 1 :]
+    assert after_answer[0].startswith("EVALSHA ")
+    assert pause_key in after_answer[0].split()
+    assert [c for c in after_answer[1:] if pause_key in c.split()] == []
+    until = pipeline.pauses.paused_until("net")
+    assert until is not None
+    assert until > time.time() + 25
 
 
 def test_pause_expires(pause_backend: redis.Redis) -> None:

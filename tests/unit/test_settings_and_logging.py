@@ -142,6 +142,33 @@ def test_timeouts_that_nest_are_accepted(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.visibility_timeout == 60
 
 
+@pytest.mark.parametrize(
+    ("env", "visibility", "lease"),
+    [
+        pytest.param({}, 300, 600, id="defaults: 4 x 60 s + 60 s"),
+        pytest.param({"TASK_TIME_LIMIT": "120"}, 540, 1080, id="a longer hard limit"),
+        pytest.param({"WORKER_PREFETCH_MULTIPLIER": "1"}, 120, 240, id="no prefetch"),
+        pytest.param({"TASK_TIME_LIMIT": "80.3"}, 382, 764, id="rounded up"),
+        pytest.param({"VISIBILITY_TIMEOUT": "900"}, 900, 1800, id="set explicitly"),
+        pytest.param({"LEDGER_LEASE": "400"}, 300, 400, id="lease set explicitly"),
+    ],
+)
+def test_recovery_windows_derive_from_the_hard_limit_so_recovery_takes_minutes(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], visibility: int, lease: int
+) -> None:
+    """A dead worker's messages come back after the visibility timeout, a message kombu lost
+    between BRPOP and its unacked record after the ledger lease: both were hours (3600 s,
+    7200 s) although nothing waits in a countdown that would need them."""
+    for key, value in env.items():
+        monkeypatch.setenv(f"POSTBACK_RELAY_{key}", value)
+    settings = Settings()
+    assert settings.visibility_timeout_seconds == visibility
+    assert settings.ledger_lease_seconds == lease
+    # The last prefetched message is acked in time even if every task before it ran to the
+    # hard limit.
+    assert visibility > settings.worker_prefetch_multiplier * settings.task_time_limit
+
+
 def test_timeouts_via_keyword_arguments() -> None:
     with pytest.raises(ValidationError, match="timeouts must nest"):
         Settings(task_soft_time_limit=10, task_time_limit=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,14 @@ from kombu import Connection
 
 from config.settings import Settings
 from workers.app import TRANSPORT, create_app
+from workers.runtime import redis_client
+
+
+def settings_for(redis_url: str, tmp_path: Path, **values: Any) -> Settings:
+    """Settings for an app with no destinations (these tests only look at the transport)."""
+    destinations = tmp_path / "destinations.toml"
+    destinations.write_text("")
+    return Settings(redis_url=redis_url, destinations_file=destinations, **values)
 
 
 @pytest.fixture
@@ -67,11 +76,9 @@ def test_a_restore_lock_left_by_a_dead_worker_expires_within_half_the_visibility
     """kombu restores a dead worker's messages under a Redis lock (5 minutes by default). A
     worker killed while holding it, likely with gevent, whose loop restores on every idle poll,
     would hold every restore back that long; the app's lock expires after half the timeout."""
-    destinations = tmp_path / "destinations.toml"
-    destinations.write_text("")
-    settings = Settings(
-        redis_url=redis_url,
-        destinations_file=destinations,
+    settings = settings_for(
+        redis_url,
+        tmp_path,
         visibility_timeout=visibility,
         task_soft_time_limit=6,
         task_time_limit=8,
@@ -111,3 +118,127 @@ def test_the_blocking_loop_waits_one_brpop_at_a_time_so_a_shutdown_is_seen_soone
         assert all(w == transport.brpop_timeout == 1 for w in waits)
     finally:
         queue.close()
+
+
+@pytest.mark.parametrize(
+    ("pool", "concurrency"), [("gevent", None), ("gevent", 256), ("threads", 4)]
+)
+def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
+    pool: str, concurrency: int | None, redis_url: str, tmp_path: Path
+) -> None:
+    """kombu's channel pool (10 connections by default) failed acks under gevent; our own pools
+    wait for a free connection instead of failing or growing without bound."""
+    settings = settings_for(redis_url, tmp_path, worker_pool=pool, worker_concurrency=concurrency)
+    expected = settings.concurrency + 8
+    app = create_app(settings)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert channel.pool.max_connections == expected
+        assert channel.async_pool.max_connections == expected
+    own = redis_client(settings)
+    assert isinstance(own.connection_pool, redis.BlockingConnectionPool)
+    assert own.connection_pool.max_connections == expected
+    limiter = app.runtime.pipeline.limiter
+    assert limiter.redis.connection_pool is app.runtime.pipeline.redis.connection_pool
+    assert limiter.storage.storage.connection_pool is app.runtime.pipeline.redis.connection_pool
+
+
+def test_kombu_restores_a_dead_workers_messages_after_the_derived_visibility_timeout(
+    redis_url: str, tmp_path: Path
+) -> None:
+    app = create_app(settings_for(redis_url, tmp_path))
+    with app.connection_for_write() as conn:
+        qos = conn.default_channel.qos
+        assert conn.default_channel.visibility_timeout == 300  # 4 x 60 s + 60 s, not 3600
+        assert qos.unacked_mutex_expire == 150
+
+
+class Kept:
+    """An ``on_unreadable_item`` handler that records what it is given (or fails, if told)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.items: list[tuple[str, bytes, str]] = []
+        self.fail = fail
+
+    def __call__(self, queue: str, item: bytes, reason: str) -> None:
+        if self.fail:
+            raise redis.ConnectionError("the state Redis is away")
+        self.items.append((queue, item, reason))
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        (b"\x00\xffthis is {not json", "not JSON"),
+        (b'{"task": "postback_relay.deliver_templated", "args": [1]}', "not a kombu message"),
+        (b"[1, 2, 3]", "not a kombu message"),
+        (b'{"body": "", "properties": {"delivery_tag": "t"}}', "not a kombu message"),
+        (
+            b'{"body": "e30=", "properties": {"delivery_tag": "t", "body_encoding": "rot13", '
+            b'"delivery_info": {"exchange": "", "routing_key": "q"}}}',
+            "not a kombu message",
+        ),
+    ],
+)
+def test_an_item_kombu_cannot_decode_is_handed_over_raw_and_consuming_goes_on(
+    item: bytes, reason: str, redis_url: str, redis_client: redis.Redis
+) -> None:
+    kept = Kept()
+    options = {"on_unreadable_item": kept}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        queue = conn.SimpleQueue("transport-poison")
+        redis_client.lpush("transport-poison", item)
+        queue.put({"n": 1})  # behind it, a good message
+        message = queue.get(timeout=10)
+        message.ack()
+        queue.close()
+    assert message.payload == {"n": 1}
+    assert [(q, i) for q, i, _ in kept.items] == [("transport-poison", item)]
+    assert kept.items[0][2].startswith(reason)
+    assert redis_client.llen("transport-poison") == 0
+
+
+def test_an_error_after_kombu_decoded_the_item_is_not_taken_for_an_unreadable_item(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Only decoding errors are caught: a consumer's ValueError (a bug, say) propagates, and
+    the message stays in kombu's unacked hash to be delivered again, not dead-lettered."""
+    kept = Kept()
+
+    def buggy(body: Any, message: Any) -> None:
+        raise ValueError("a bug in whatever handles the message")
+
+    options = {"on_unreadable_item": kept}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        queue = conn.SimpleQueue("transport-bug")
+        queue.put({"n": 1})
+        queue.consumer.register_callback(buggy)
+        queue.consumer.consume()
+        with pytest.raises(ValueError, match="a bug"):
+            conn.drain_events(timeout=5)
+        assert redis_client.hlen("unacked") == 1  # delivered, not acked
+        queue.close()
+    assert kept.items == []
+    # Closing the channel put it back, whole, for another delivery.
+    (restored,) = redis_client.lrange("transport-bug", 0, -1)
+    assert json.loads(restored)["properties"]["delivery_tag"]
+
+
+def test_an_unreadable_item_that_cannot_be_kept_goes_back_on_its_queue(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    item = b"\x00\xffnot json"
+    kept = Kept(fail=True)
+    options = {"on_unreadable_item": kept}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        queue = conn.SimpleQueue("transport-unkept")
+        redis_client.lpush("transport-unkept", item)
+        queue.put({"n": 1})
+        message = queue.get(timeout=10)  # the good one goes on meanwhile
+        message.ack()
+        kept.fail = False
+        with pytest.raises(queue.Empty):
+            queue.get(timeout=2)  # the next try keeps it
+        queue.close()
+    assert [i for _, i, _ in kept.items] == [item]
+    assert redis_client.llen("transport-unkept") == 0

@@ -41,6 +41,12 @@ Responder = Callable[[ReceivedRequest, int], Answer]
 """Given a request and how many requests its path has had before it, the answer to give."""
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a worker opening hundreds of connections at
+    # once (gevent, concurrency 256) would see connect timeouts that a partner would not cause.
+    request_queue_size = 1024
+
+
 class PostbackReceiver(LocalServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[ReceivedRequest] = []
@@ -87,7 +93,7 @@ class PostbackReceiver(LocalServer):
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _Server((host, port), Handler)
 
     def received(self, path: str | None = None, ok_only: bool = False) -> list[ReceivedRequest]:
         with self._lock:
