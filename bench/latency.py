@@ -186,8 +186,7 @@ def main() -> None:
                 settings=f"worker_prefetch_multiplier={settings.worker_prefetch_multiplier} "
                 f"(up to {settings.worker_prefetch_multiplier * args.concurrency} messages "
                 f"reserved per worker), delay_mover_interval="
-                f"{settings.delay_mover_interval:g} s (not on this path: no delays or retries), "
-                f"short_delay_seconds={settings.short_delay_seconds:g}",
+                f"{settings.delay_mover_interval:g} s (not on this path: no delays or retries)",
             )
             capacity, rate, latencies, sent = relay_run(info, receiver, path, args)
         finally:

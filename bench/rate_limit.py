@@ -108,8 +108,7 @@ def main() -> None:
                 machine=machine(),
                 redis=info.describe(),
                 workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}; "
-                f"delay_mover_interval={settings.delay_mover_interval:g} s, "
-                f"short_delay_seconds={settings.short_delay_seconds:g}",
+                f"delay_mover_interval={settings.delay_mover_interval:g} s",
                 events=f"{args.events:,} produced at once (ideal run: "
                 f"{args.events / args.limit:.1f} s)",
             )

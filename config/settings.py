@@ -77,9 +77,6 @@ class Settings(BaseSettings):
     # A message whose processing started this many times without finishing (its worker died
     # each time) is dead-lettered instead of being redelivered forever.
     max_unfinished_starts: int = Field(default=3, ge=1, le=100)
-    # Waits up to this long are re-published with a broker countdown; longer ones are parked in
-    # the delay set (a countdown that outlives the visibility timeout is delivered twice).
-    short_delay_seconds: float = Field(default=0.0, ge=0, le=5)
     delay_mover_interval: float = Field(default=0.5, gt=0, le=10)
 
     # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).

@@ -114,17 +114,13 @@ def test_the_readmes_x_event_name_table_is_the_built_in_mapping() -> None:
     assert documented == DEFAULT_X_CONVERSIONS
 
 
-# Read by the benchmark scripts only; nothing in the workers uses it.
-UNDOCUMENTED = {"short_delay_seconds"}
-
-
 def readme_settings_table() -> str:
     text = README.read_text()
     start = text.index("| setting | default |")
     return text[start : text.index("\n\n", start)]
 
 
-@pytest.mark.parametrize("field", sorted(set(Settings.model_fields) - UNDOCUMENTED))
+@pytest.mark.parametrize("field", sorted(Settings.model_fields))
 def test_every_setting_is_in_the_readmes_settings_table(field: str) -> None:
     table = readme_settings_table()
     name = field.upper()
