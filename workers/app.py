@@ -25,6 +25,7 @@ from workers.delay import DelaySet
 from workers.events import EventBatching
 from workers.ledger import DeliveryLedger
 from workers.runtime import WorkerRuntime, redis_client
+from workers.transport import KeepUnreadable
 
 # Every kind has its queue from the start so workers, Flower and the compose file agree;
 # a kind whose adapter arrives later simply has no destinations yet.
@@ -82,7 +83,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # are safe (each is a WATCHed transaction), a stuck lock is not.
             "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout_seconds),
             # Ours (workers/transport.py): where an item kombu cannot decode is kept.
-            "on_unreadable_item": app.runtime.keep_unreadable_item,
+            "on_unreadable_item": KeepUnreadable(app.runtime.keep_unreadable_item),
         },
         broker_heartbeat=0,
         task_ignore_result=True,

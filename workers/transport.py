@@ -32,6 +32,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -46,6 +47,22 @@ log = structlog.get_logger("postback_relay.transport")
 
 UnreadableItemHandler = Callable[[str, bytes, str], object]
 """(queue, the raw item, why it cannot be read): keeps an item kombu cannot decode."""
+
+
+@dataclass(frozen=True)
+class KeepUnreadable:
+    """The ``on_unreadable_item`` transport option's value. Celery JSON-encodes the transport
+    options in a worker's ``stats`` reply (Flower asks for it): a bare method there fails every
+    such reply, so the handler says what it is instead (kombu's encoder calls ``__json__``)."""
+
+    keep: UnreadableItemHandler
+    name: str = "the dead-letter store"
+
+    def __call__(self, queue: str, item: bytes, reason: str) -> object:
+        return self.keep(queue, item, reason)
+
+    def __json__(self) -> str:
+        return self.name
 
 
 class NotAKombuMessage(Exception):

@@ -166,6 +166,18 @@ def test_celery_inspect_by_habit_lists_each_worker_and_its_queue(one_host: OneHo
     for name, (kind,) in workers.items():
         block = result.stdout.split(f"{name}: OK", 1)[1].split("->", 1)[0]
         assert f"'name': '{queue_for(kind)}'" in block
+    # stats carries the broker's transport options, JSON-encoded: every worker must answer it
+    # (Flower asks for it; a value that is not JSON made every reply fail).
+    stats = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "inspect", "stats", "--json"],
+        env=one_host.env, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert stats.returncode == 0, stats.stdout + stats.stderr
+    replies = json.loads(stats.stdout)
+    assert set(replies) == set(workers), stats.stdout
+    for reply in replies.values():
+        options = reply["broker"]["transport_options"]
+        assert options["on_unreadable_item"] == "the dead-letter store"
 
 
 def test_a_delivery_shows_in_flower_without_personal_data(one_host: OneHost) -> None:
