@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # workers must agree on it (and so on the limits it is derived from).
     ledger_lease: int | None = Field(default=None, ge=10)
 
+    # Start with a Celery or kombu release series other than the tested one (workers/internals.py
+    # still checks every private symbol and transport option); for trying the next release.
+    allow_untested_releases: bool = False
+
     metrics_port: int = Field(default=9464, ge=1, le=65535)
     # `health` fails when the dead-letter store holds more entries than this.
     health_max_dead_letters: int = Field(default=1000, ge=0)

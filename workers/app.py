@@ -23,9 +23,10 @@ from config.settings import Settings
 from workers.consumer import CheckedTask
 from workers.delay import DelaySet
 from workers.events import EventBatching
+from workers.internals import check_internals
 from workers.ledger import DeliveryLedger
 from workers.runtime import WorkerRuntime, redis_client
-from workers.transport import KeepUnreadable
+from workers.transport import Channel, KeepUnreadable
 
 # Every kind has its queue from the start so workers, Flower and the compose file agree;
 # a kind whose adapter arrives later simply has no destinations yet.
@@ -105,6 +106,11 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         worker_consumer="workers.consumer:DeadLetteringConsumer",
         enable_utc=True,
         timezone="UTC",
+    )
+    check_internals(
+        app.conf.broker_transport_options,
+        Channel.from_transport_options,
+        allow_untested_releases=settings.allow_untested_releases,
     )
     for kind in ALL_KINDS:
         _register_delivery_task(app, kind)
