@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -11,6 +12,8 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "POSTBACK_RELAY_"
+# The one version source is pyproject.toml; the installed package's metadata carries it.
+VERSION = version("postback-relay")
 
 
 WorkerPool = Literal["gevent", "threads", "prefork", "solo"]
@@ -97,7 +100,7 @@ class Settings(BaseSettings):
     # `health` fails when the dead-letter store holds more entries than this.
     health_max_dead_letters: int = Field(default=1000, ge=0)
 
-    http_user_agent: str = "postback-relay/0.1 (+https://github.com/postback-relay)"
+    http_user_agent: str = f"postback-relay/{VERSION} (+https://github.com/postback-relay)"
 
     @property
     def visibility_timeout_seconds(self) -> int:

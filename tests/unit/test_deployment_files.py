@@ -12,7 +12,7 @@ import pytest
 import yaml
 from honcho.environ import parse_procfile
 
-from config.settings import Settings
+from config.settings import VERSION, Settings
 from workers.app import ALL_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +185,14 @@ def test_every_credential_of_the_mounted_destinations_file_reaches_each_relay_se
                 assert path.parent == Path("/run/secrets"), f"{name}: {path} is not a secret"
                 assert path.name in secrets, f"{name}: no compose secret {path.name}"
                 assert "environment" in compose.get("secrets", {})[path.name]
+
+
+def test_one_version_source_and_typed_packages() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert declared == VERSION
+    assert Settings.model_fields["http_user_agent"].default.startswith(
+        f"postback-relay/{declared} "
+    )
+    assert f"## {declared} " in (ROOT / "CHANGELOG.md").read_text()
+    for package in ("workers", "producers", "schemas", "config"):
+        assert (ROOT / package / "py.typed").is_file(), package
