@@ -576,10 +576,12 @@ class Destinations:
     def kinds(self) -> set[str]:
         return {d.kind for d in self}
 
+    def _secret_owners(self) -> list[DestinationBase | ReconcileSource]:
+        return [*self, *self.reconcile.values()]
+
     def secret_uses(self) -> list[SecretUse]:
         """Every credential reference in the file, with the kind whose workers send with it."""
-        owners: list[DestinationBase | ReconcileSource] = [*self, *self.reconcile.values()]
-        return [use for owner in owners for use in owner.secret_uses()]
+        return [use for owner in self._secret_owners() for use in owner.secret_uses()]
 
     def with_secrets(
         self,
@@ -610,8 +612,7 @@ class Destinations:
 
     def secrets_held(self) -> list[str]:
         """Every secret this process has read: for log redaction and masking."""
-        owners: list[DestinationBase | ReconcileSource] = [*self, *self.reconcile.values()]
-        return [value for owner in owners for value in owner.secrets_to_mask()]
+        return [value for owner in self._secret_owners() for value in owner.secrets_to_mask()]
 
     def routes_for(self, event: ConversionEvent) -> list[tuple[DestinationBase, Route]]:
         """Every destination that wants this event, each with the first route that matched."""

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from celery import Celery
 
 from config.destinations import load_destinations
 from config.settings import Settings
 from producers.produce import Producer
 from tests.helpers import net_destination_toml
 from workers.embedded_redis import EmbeddedRedis, redis_answers
+from workers.runtime import WorkerRuntime
 from workers.sandbox.receiver import PostbackReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +87,20 @@ def make_producer(redis_url: str, redis_client: redis.Redis) -> Callable[[Path],
     def make(path: Path) -> Producer:
         settings = Settings(redis_url=redis_url, destinations_file=path)
         return Producer(settings, load_destinations(path), redis_client)
+
+    return make
+
+
+@pytest.fixture
+def make_runtime(redis_url: str) -> Callable[[Path], WorkerRuntime]:
+    """A worker's runtime (pipeline, stores, HTTP session) over a destinations file, in this
+    process; it reads no secret, like a destination without credentials needs none."""
+
+    def make(path: Path) -> WorkerRuntime:
+        settings = Settings(redis_url=redis_url, destinations_file=path)
+        return WorkerRuntime(
+            settings, load_destinations(path), Celery("postback_relay", set_as_current=False)
+        )
 
     return make
 

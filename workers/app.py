@@ -25,6 +25,7 @@ from workers.delay import DelaySet
 from workers.events import EventBatching
 from workers.internals import check_internals
 from workers.ledger import DeliveryLedger
+from workers.reconciler import WAITING
 from workers.runtime import WorkerRuntime, redis_client
 from workers.transport import Channel, KeepUnreadable
 
@@ -159,7 +160,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     def reconcile(source: str) -> str:
         rec = app.destinations.reconcile[source]
         report = app.runtime.reconciler.run(rec)
-        if report.state in {"pending", "rate_limited"}:
+        if report.state in WAITING:
             # Poll again later without holding a worker: park the task in the delay set.
             wait = report.retry_after or (rec.poll_seconds if report.state == "pending" else 60)
             queue = queue_for("redeliver")

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import click
@@ -34,6 +34,16 @@ def _store(ctx: CliContext) -> DeadLetterStore:
     return DeadLetterStore(ctx.redis, ctx.keys)
 
 
+def _matching(
+    store: DeadLetterStore, destination: str | None, since: str | None, reason: str | None
+) -> Iterator[DeadLetter]:
+    """The entries the --destination/--since/--reason filters select, oldest first."""
+    start = parse_since(since)
+    return store.iter_entries(
+        since=start.timestamp() if start else 0.0, destination=destination, reason=reason
+    )
+
+
 def _select(
     ctx: CliContext,
     *,
@@ -53,12 +63,7 @@ def _select(
         if missing:
             click.echo(f"not in the dead-letter store: {', '.join(missing)}", err=True)
         return [e for e in found if e is not None]
-    start = parse_since(since)
-    return list(
-        store.iter_entries(
-            since=start.timestamp() if start else 0.0, destination=destination, reason=reason
-        )
-    )
+    return list(_matching(store, destination, since, reason))
 
 
 @click.group()
@@ -87,14 +92,8 @@ def dlq_list(
     destination: str | None, since: str | None, reason: str | None, limit: int, as_json: bool
 ) -> None:
     """List dead letters, with counts by reason."""
-    ctx = context()
-    store = _store(ctx)
-    start = parse_since(since)
-    entries = list(
-        store.iter_entries(
-            since=start.timestamp() if start else 0.0, destination=destination, reason=reason
-        )
-    )
+    store = _store(context())
+    entries = list(_matching(store, destination, since, reason))
     if as_json:
         for entry in entries[-limit:]:
             click.echo(entry.model_dump_json(exclude={"envelope", "raw_message"}))
@@ -142,11 +141,7 @@ def dlq_show(delivery_id: str) -> None:
 )
 def dlq_export(destination: str | None, since: str | None, reason: str | None, fmt: str) -> None:
     """Every matching entry, whole (envelope, attempts, raw poison item), oldest first."""
-    store = _store(context())
-    start = parse_since(since)
-    entries = store.iter_entries(
-        since=start.timestamp() if start else 0.0, destination=destination, reason=reason
-    )
+    entries = _matching(_store(context()), destination, since, reason)
     if fmt == "jsonl":
         for entry in entries:
             click.echo(entry.model_dump_json())

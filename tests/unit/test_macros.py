@@ -16,12 +16,9 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import pytest
 import redis
-from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.destinations import load_destinations
-from config.settings import Settings
 from producers.produce import Producer
 from schemas.event import ConversionEvent
 from schemas.macros import (
@@ -749,10 +746,10 @@ WIRE_TEMPLATE = "/pb/tpl/(c)/mid/(pid)(event-name)/.(clickid)/end?c=(c)"
 @pytest.fixture
 def wire(
     receiver: PostbackReceiver,
-    redis_url: str,
     redis_client: redis.Redis,
     write_destinations: Callable[[str], Path],
     make_producer: Callable[[Path], Producer],
+    make_runtime: Callable[[Path], WorkerRuntime],
 ) -> WireDelivery:
     path = write_destinations(f"""
 [[destination]]
@@ -762,11 +759,7 @@ url = "{receiver.url}{WIRE_TEMPLATE}"
 [[destination.routes]]
 type = "event"
 """)
-    settings = Settings(redis_url=redis_url, destinations_file=path)
-    runtime = WorkerRuntime(
-        settings, load_destinations(path), Celery("postback_relay", set_as_current=False)
-    )
-    return WireDelivery(receiver, runtime, make_producer(path))
+    return WireDelivery(receiver, make_runtime(path), make_producer(path))
 
 
 @pytest.mark.parametrize(

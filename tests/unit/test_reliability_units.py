@@ -15,12 +15,10 @@ import fakeredis
 import pytest
 import redis
 import requests
-from celery import Celery
 from requests.structures import CaseInsensitiveDict
 
-from config.destinations import load_destinations, parse_destinations
+from config.destinations import parse_destinations
 from config.keys import RedisKeys, queue_for
-from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from workers.adapters.base import retry_after_seconds
@@ -479,7 +477,10 @@ def test_a_longer_pause_set_by_another_worker_meanwhile_is_never_shortened(
 
 
 def test_a_429_pauses_its_destination_first_thing_after_the_answer_in_one_command(
-    redis_url: str, redis_client: redis.Redis, receiver: PostbackReceiver, tmp_path: Path
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
 ) -> None:
     receiver.responder = lambda req, seen: Answer(429, headers={"Retry-After": "30"})
     path = tmp_path / "destinations.toml"
@@ -491,11 +492,7 @@ url = "{receiver.url}/pb"
 [[destination.routes]]
 type = "install"
 """)
-    settings = Settings(redis_url=redis_url, destinations_file=path)
-    runtime = WorkerRuntime(
-        settings, load_destinations(path), Celery("postback_relay", set_as_current=False)
-    )
-    pipeline = runtime.pipeline
+    pipeline = make_runtime(path).pipeline
     pipeline.pauses.pause("warm-up", 0.01, "loads the script")
     delivery = envelope("e-429").model_copy(update={"attempt": 0, "max_attempts": 3})
     pause_key = KEYS.paused("net")
