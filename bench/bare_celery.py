@@ -7,8 +7,9 @@ is what postback-relay does per delivery (validation, the pipeline's Redis round
 HTTP request, logging), not Celery's own cost.
 
 With ``BENCH_RELAY_TUNING=1`` the same app runs on postback-relay's kombu transport and with its
-task-event batching (workers/transport.py, workers/events.py): a second reference that shows
-how much of the difference is Celery's own per-message cost that postback-relay trims.
+task-event batching (workers/broker/transport.py, workers/broker/events.py): a second
+reference that shows how much of the difference is Celery's own per-message cost that
+postback-relay trims.
 
 ``BENCH_REDIS_URL`` names the broker in a worker process; the benchmark process calls
 ``configure(url)`` instead (there is deliberately no default, so a stray default Redis is never
@@ -55,9 +56,9 @@ app.conf.update(
 
 if os.environ.get("BENCH_RELAY_TUNING") == "1":
     # Not workers.app: importing it would hand Celery's logging set-up to structlog.
-    from workers.events import EventBatching
+    from workers.broker.events import EventBatching
 
-    app.conf.broker_transport = "workers.transport:Transport"
+    app.conf.broker_transport = "workers.broker.transport:Transport"
     app.steps["consumer"].add(EventBatching)
 
 _client = redis.Redis.from_url(BROKER)
@@ -81,7 +82,7 @@ _session_lock = threading.Lock()
 
 
 def _http() -> requests.Session:
-    """One pooled session per process, sized like postback-relay's (workers/http.py)."""
+    """One pooled session per process, sized like postback-relay's (workers/delivery/http.py)."""
     global _session  # noqa: PLW0603
     with _session_lock:
         if _session is None:

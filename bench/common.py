@@ -1,7 +1,7 @@
 """Shared set-up for the benchmarks: Redis, destinations file, receiver, worker processes, output.
 
 Nothing here changes the system under test: workers are started exactly as an operator would
-(``python -m workers.cli worker ...``), each in its own process group, configured only through
+(``python -m workers.cli.main worker ...``), each in its own process group, configured only through
 ``POSTBACK_RELAY_*`` environment variables.
 """
 
@@ -37,7 +37,7 @@ import redis  # noqa: E402
 from config.destinations import load_destinations  # noqa: E402
 from config.settings import DEFAULT_CONCURRENCY, WORKER_POOLS, Settings  # noqa: E402
 from producers.produce import Producer  # noqa: E402
-from workers.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
+from workers.dev.embedded_redis import EmbeddedRedis, redis_answers  # noqa: E402
 
 BENCH_DIR = ROOT / "bench"
 CORES = os.cpu_count() or 1
@@ -381,7 +381,7 @@ def start_relay_workers(
     workers = []
     for i in range(count):
         args = [
-            sys.executable, "-m", "workers.cli", "worker", "--queues", queues, *options,
+            sys.executable, "-m", "workers.cli.main", "worker", "--queues", queues, *options,
             "--hostname", f"bench-{tag}-{i}@%h",
         ]  # fmt: skip
         workers.append(WorkerProc(args, env, workdir / f"worker-{tag}-{i}.log"))
@@ -482,7 +482,7 @@ def bare_enqueue(
     """Publish ``task(*args)`` messages the fast way (the same wire form and the same one round
     trip per batch as produce_many), so the baseline is not held back by .delay()."""
     from bench import bare_celery
-    from workers.wire import TaskMessageEncoder
+    from workers.broker.wire import TaskMessageEncoder
 
     encoder = TaskMessageEncoder(bare_celery.app)
     for start in range(0, len(arg_lists), batch):

@@ -19,7 +19,7 @@ fi
     "($(git status --porcelain -- . ':(exclude)bench' 2>/dev/null | wc -l) changed path(s) outside bench/)"
   echo "machine: nproc=$(nproc), cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')," \
     "$(awk '/MemTotal/ {printf "%.0f GB RAM", $2 / 1048576}' /proc/meminfo)"
-  echo "python: $("$PY" -V 2>&1), redis-server: $("$PY" -c 'from workers.embedded_redis import redis_server_binary; print(redis_server_binary())' 2>/dev/null)"
+  echo "python: $("$PY" -V 2>&1), redis-server: $("$PY" -c 'from workers.dev.embedded_redis import redis_server_binary; print(redis_server_binary())' 2>/dev/null)"
   echo "REDIS_URL: ${REDIS_URL:-unset (embedded redis-server per script)}"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   for script in "${SCRIPTS[@]}"; do

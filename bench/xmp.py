@@ -55,10 +55,10 @@ from common import (
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
 from schemas.event import ConversionEvent
-from workers.deadletter import DeadLetterStore
-from workers.ratelimit import PauseRegistry
-from workers.sandbox.xmp_server import SandboxXmp
-from workers.xmp import XmpAggregator, XmpFlusher
+from workers.delivery.ratelimit import PauseRegistry
+from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
+from workers.kinds.xmp.sandbox import SandboxXmp
+from workers.stores.deadletter import DeadLetterStore
 
 TOKEN = "xmp-bench-token-5b2e91c4d7"
 SOURCES = ["applovin_int", "unityads_int", "mintegral_int", "tiktok_int", "organic"]

@@ -95,7 +95,7 @@ class RedisKeys:
         return f"{self.prefix}:reconcile:{source}:pending"
 
     def ledger(self) -> str:
-        """Sorted set: delivery id scored by its progress deadline (workers/ledger.py)."""
+        """Sorted set: delivery id scored by its progress deadline (workers/stores/ledger.py)."""
         return f"{self.prefix}:ledger"
 
     def ledger_messages(self) -> str:

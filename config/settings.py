@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     # workers must agree on it (and so on the limits it is derived from).
     ledger_lease: int | None = Field(default=None, ge=10)
 
-    # Start with a Celery or kombu release series other than the tested one (workers/internals.py
-    # still checks every private symbol and transport option); for trying the next release.
+    # Start with a Celery or kombu release series other than the tested one
+    # (workers/broker/internals.py still checks every private symbol and transport option);
+    # for trying the next release.
     allow_untested_releases: bool = False
 
     metrics_port: int = Field(default=9464, ge=1, le=65535)

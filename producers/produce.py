@@ -17,12 +17,12 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
-from workers.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder
 
 # Atomic per delivery: claim the dedupe key, and only if it was free, enqueue the message (on the
 # queue, or in the delay set when the route asks for a delivery delay) and record it in the
-# delivery ledger (workers/ledger.py). A crash can therefore never leave a claimed key without
-# its message, which a later retry would then skip.
+# delivery ledger (workers/stores/ledger.py). A crash can therefore never leave a claimed key
+# without its message, which a later retry would then skip.
 _ENQUEUE_LUA = """
 local ttl, lease = ARGV[1], tonumber(ARGV[2])
 local out = {}

@@ -42,12 +42,12 @@ from typing import Any
 import redis
 import requests
 
-from workers.embedded_redis import EmbeddedRedis, free_port, redis_answers
-from workers.sandbox.appmetrica_server import SandboxAppMetrica
-from workers.sandbox.base import LocalServer
-from workers.sandbox.receiver import PostbackReceiver
-from workers.sandbox.x_server import SandboxX, XCredentials
-from workers.sandbox.xmp_server import SandboxXmp
+from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
+from workers.dev.receiver import PostbackReceiver
+from workers.dev.server import LocalServer
+from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
+from workers.kinds.xmp.sandbox import SandboxXmp
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: postback-relay and honcho as installed

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from workers.embedded_redis import EmbeddedRedis, free_port, redis_answers
+from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 
 DESTINATIONS = """
 [[destination]]
@@ -38,7 +38,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "workers.cli.main", *args],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 

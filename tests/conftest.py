@@ -21,9 +21,9 @@ from config.destinations import load_destinations
 from config.settings import Settings
 from producers.produce import Producer
 from tests.helpers import net_destination_toml
-from workers.embedded_redis import EmbeddedRedis, redis_answers
+from workers.dev.embedded_redis import EmbeddedRedis, redis_answers
+from workers.dev.receiver import PostbackReceiver
 from workers.runtime import WorkerRuntime
-from workers.sandbox.receiver import PostbackReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +112,7 @@ class WorkerProcess:
         self.log_path = log_path
         with log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "worker", *args],
+                [sys.executable, "-m", "workers.cli.main", "worker", *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -20,19 +20,19 @@ from config.destinations import (
 )
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.settings import Settings
-from workers.consumer import CheckedTask
-from workers.delay import DelaySet
-from workers.events import EventBatching
-from workers.internals import check_internals
-from workers.ledger import DeliveryLedger
-from workers.reconciler import WAITING
+from workers.broker.consumer import CheckedTask
+from workers.broker.events import EventBatching
+from workers.broker.internals import check_internals
+from workers.broker.transport import Channel, KeepUnreadable
+from workers.kinds.redeliver.reconciler import WAITING
 from workers.runtime import WorkerRuntime, redis_client
-from workers.transport import Channel, KeepUnreadable
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import DeliveryLedger
 
 # Every kind has its queue from the start so workers, Flower and the compose file agree;
 # a kind whose adapter arrives later simply has no destinations yet.
 ALL_KINDS = ("templated", "x_mact", "xmp", "redeliver")
-TRANSPORT = "workers.transport:Transport"
+TRANSPORT = "workers.broker.transport:Transport"
 
 log = structlog.get_logger("postback_relay.app")
 
@@ -56,14 +56,14 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     if destinations is None:
         destinations = load_destinations(settings.destinations_file)
     check_timeouts_nest(destinations, settings.http_connect_timeout, settings.http_read_timeout)
-    # Every task's requests check their arguments before the task runs (workers/consumer.py).
+    # Every task's requests check their arguments before the task runs (workers/broker/consumer.py).
     app = PostbackRelay("postback_relay", set_as_current=False, task_cls=CheckedTask)
     app.settings = settings
     app.destinations = destinations
     app.runtime = WorkerRuntime(settings, destinations, app)
     app.conf.update(
         broker_url=settings.redis_url,
-        # rediss:// (TLS) keeps kombu's own transport; see workers/transport.py for ours.
+        # rediss:// (TLS) keeps kombu's own transport; see workers/broker/transport.py for ours.
         broker_transport=None if settings.redis_url.startswith("rediss") else TRANSPORT,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
@@ -84,7 +84,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
             # would otherwise block every restore for kombu's 5 minutes; overlapping restores
             # are safe (each is a WATCHed transaction), a stuck lock is not.
             "unacked_mutex_expire": unacked_mutex_expire(settings.visibility_timeout_seconds),
-            # Ours (workers/transport.py): where an item kombu cannot decode is kept.
+            # Ours (workers/broker/transport.py): where an item kombu cannot decode is kept.
             "on_unreadable_item": KeepUnreadable(app.runtime.keep_unreadable_item),
         },
         broker_heartbeat=0,
@@ -104,7 +104,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_consumer="workers.consumer:DeadLetteringConsumer",
+        worker_consumer="workers.broker.consumer:DeadLetteringConsumer",
         enable_utc=True,
         timezone="UTC",
     )

@@ -23,7 +23,7 @@ from workers.app import PostbackRelay
 
 @cache
 def _build() -> PostbackRelay:
-    from workers.cli_support import EXIT_CONFIG, context
+    from workers.cli.context import EXIT_CONFIG, context
 
     try:
         app: PostbackRelay = context().start_app()

@@ -10,7 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from workers.cli import main  # noqa: E402 - must come after the patching
+from workers.cli.main import main  # noqa: E402 - must come after the patching
 
 if __name__ == "__main__":
     main()

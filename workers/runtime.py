@@ -14,18 +14,18 @@ from config.destinations import Destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
-from workers.adapters.base import mask_secrets
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetter, DeadLetterStore
-from workers.delay import DelaySet
-from workers.http import http_session
-from workers.ledger import DeliveryLedger
+from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.http import http_session
+from workers.delivery.pipeline import DeliveryPipeline, PipelineResult, Requeuer
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.kinds.base import mask_secrets
+from workers.kinds.redeliver.reconciler import Reconciler
+from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
 from workers.metrics import MetricsRecorder
-from workers.pipeline import DeliveryPipeline, PipelineResult, Requeuer
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.reconciler import Reconciler
-from workers.wire import TaskMessageEncoder
-from workers.xmp import XmpAggregator, XmpFlusher
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import DeliveryLedger
 
 log = structlog.get_logger("postback_relay.worker")
 

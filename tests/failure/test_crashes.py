@@ -38,10 +38,10 @@ from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import cli_env, run_cli, wait_until
-from workers.deadletter import DeadLetter, DeadLetterStore
-from workers.embedded_redis import EmbeddedRedis
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
-from workers.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder
+from workers.dev.embedded_redis import EmbeddedRedis
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.deadletter import DeadLetter, DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

@@ -29,10 +29,10 @@ from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import ROOT, WorkerProcess
 from tests.helpers import run_cli, wait_until
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.embedded_redis import free_port
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.dev.embedded_redis import free_port
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

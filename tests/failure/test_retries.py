@@ -26,9 +26,9 @@ from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetter, DeadLetterStore
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetter, DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import redis
 from config.keys import RedisKeys
 from producers.produce import Producer
 from tests.conftest import WorkerProcess
-from workers.deadletter import DeadLetterStore
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from config.keys import RedisKeys
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

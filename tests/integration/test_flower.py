@@ -23,7 +23,7 @@ def test_flower_will_not_start_open_without_credentials(
     env.update(POSTBACK_RELAY_REDIS_URL=redis_url,
                POSTBACK_RELAY_DESTINATIONS_FILE=str(net_destination))  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "flower", "--address", "0.0.0.0"],
+        [sys.executable, "-m", "workers.cli.main", "flower", "--address", "0.0.0.0"],
         env=env, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2

@@ -23,8 +23,8 @@ import requests
 from config.keys import queue_for
 from tests.helpers import ROOT, cli_env, net_destination_toml, run_cli, wait_until
 from workers.app import ALL_KINDS
-from workers.embedded_redis import free_port
-from workers.sandbox.receiver import PostbackReceiver
+from workers.dev.embedded_redis import free_port
+from workers.dev.receiver import PostbackReceiver
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,11 @@ from config.settings import Settings
 from schemas.envelope import delivery_id_for
 from tests import helpers
 from tests.conftest import WorkerProcess
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.reconciler import TIME_FORMAT, ExportRow
-from workers.sandbox.appmetrica_server import SandboxAppMetrica
-from workers.sandbox.receiver import PostbackReceiver
+from workers.dev.receiver import PostbackReceiver
+from workers.kinds.redeliver.reconciler import TIME_FORMAT, ExportRow
+from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 
@@ -372,7 +372,7 @@ def test_a_redirect_to_a_refused_host_is_not_followed(
     redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    from workers.sandbox.receiver import Answer, ReceivedRequest
+    from workers.dev.receiver import Answer, ReceivedRequest
 
     port = receiver.url.rsplit(":", 1)[1]
     inside = f"http://127.0.0.1:{port}/internal/metadata"

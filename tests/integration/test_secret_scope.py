@@ -14,7 +14,7 @@ from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import INSTALL, one_of_each_kind
-from workers.sandbox.receiver import PostbackReceiver
+from workers.dev.receiver import PostbackReceiver
 
 pytestmark = pytest.mark.integration
 

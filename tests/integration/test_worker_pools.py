@@ -18,7 +18,7 @@ import redis
 from producers.produce import Producer
 from tests.conftest import WorkerProcess
 from tests.helpers import cli_env, run_cli
-from workers.sandbox.receiver import PostbackReceiver
+from workers.dev.receiver import PostbackReceiver
 
 pytestmark = pytest.mark.integration
 

@@ -27,10 +27,10 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.ratelimit import PauseRegistry
-from workers.sandbox.x_server import SandboxX, XCredentials, XRequest
+from workers.delivery.ratelimit import PauseRegistry
+from workers.kinds.x_mact.sandbox import SandboxX, XCredentials, XRequest
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

@@ -29,11 +29,11 @@ from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
 from tests import helpers
 from tests.conftest import WorkerProcess
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.sandbox.xmp_server import SandboxXmp
-from workers.wire import TaskMessageEncoder
-from workers.xmp import record_key_for
+from workers.broker.wire import TaskMessageEncoder
+from workers.kinds.xmp.aggregate import record_key_for
+from workers.kinds.xmp.sandbox import SandboxXmp
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

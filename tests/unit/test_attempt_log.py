@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from config.keys import RedisKeys
-from workers.attempts import AttemptLog
+from workers.stores.attempts import AttemptLog
 
 KEYS = RedisKeys("pr")
 DAY = 24 * 3600

@@ -19,7 +19,7 @@ from config.destinations import (
     parse_destinations,
 )
 from config.settings import ENV_PREFIX, Settings
-from workers.cli import main
+from workers.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "destinations.example.toml"

@@ -6,8 +6,8 @@ import pytest
 import requests
 
 from config.settings import Settings
-from workers.http import StartupEnvSession, http_session, wire_url
-from workers.sandbox.receiver import PostbackReceiver
+from workers.delivery.http import StartupEnvSession, http_session, wire_url
+from workers.dev.receiver import PostbackReceiver
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",

@@ -1,4 +1,4 @@
-"""The start-up check of the Celery/kombu internals we rely on (workers/internals.py): the app
+"""The start-up check of the Celery/kombu internals we rely on (workers/broker/internals.py): the app
 refuses to start against a kombu that differs, naming what changed."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from config.destinations import ConfigError, load_destinations
 from config.settings import Settings
 from tests.helpers import ROOT
 from workers.app import create_app
-from workers.internals import INTERNALS, TESTED_SERIES, internals_problems
-from workers.transport import Channel
+from workers.broker.internals import INTERNALS, TESTED_SERIES, internals_problems
+from workers.broker.transport import Channel
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_missing_private_method_stops_the_app_naming_it(
         build()
     message = str(info.value)
     assert "kombu.transport.redis.Channel._brpop_read is missing" in message
-    assert "workers/transport.py" in message
+    assert "workers/broker/transport.py" in message
 
 
 def test_a_changed_signature_stops_the_app_naming_old_and_new(
@@ -103,7 +103,7 @@ def test_a_worker_against_a_changed_kombu_refuses_to_start(
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "POSTBACK_RELAY_REDIS_URL": redis_url,
            "POSTBACK_RELAY_DESTINATIONS_FILE": str(net_destination)}  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "worker", "--queues", "templated"],
+        [sys.executable, "-m", "workers.cli.main", "worker", "--queues", "templated"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr

@@ -12,8 +12,8 @@ import redis
 
 from config.keys import RedisKeys
 from producers.produce import Producer
-from workers.ledger import DeliveryLedger
-from workers.wire import decode_task_args
+from workers.broker.wire import decode_task_args
+from workers.stores.ledger import DeliveryLedger
 
 QUEUE = "postback.templated"
 KEYS = RedisKeys("pr")

@@ -29,8 +29,8 @@ from schemas.macros import (
     compile_template,
     compile_url_template,
 )
+from workers.dev.receiver import PostbackReceiver, ReceivedRequest
 from workers.runtime import WorkerRuntime
-from workers.sandbox.receiver import PostbackReceiver, ReceivedRequest
 
 IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
 GAID = "38400000-8cf0-11bd-b23e-10b96e40000d"

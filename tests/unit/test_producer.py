@@ -18,7 +18,7 @@ from config.keys import RedisKeys, queue_for, task_name_for
 from producers.produce import Producer, set_default_producer
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
-from workers.wire import TaskMessageEncoder, decode_task_args
+from workers.broker.wire import TaskMessageEncoder, decode_task_args
 
 QUEUE = queue_for("templated")
 KEYS = RedisKeys("pr")

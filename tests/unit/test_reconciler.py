@@ -29,12 +29,18 @@ from config.destinations import (
 )
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
-from workers.adapters.base import OutgoingRequest
-from workers.adapters.redeliver import RedeliverAdapter
-from workers.outcomes import PermanentFailure
-from workers.reconciler import EXPORT_FIELDS, TIME_FORMAT, ExportRow, Reconciler, RunReport
-from workers.sandbox.appmetrica_server import SandboxAppMetrica
-from workers.wire import TaskMessageEncoder, decode_task_args
+from schemas.outcomes import PermanentFailure
+from workers.broker.wire import TaskMessageEncoder, decode_task_args
+from workers.kinds.base import OutgoingRequest
+from workers.kinds.redeliver.adapter import RedeliverAdapter
+from workers.kinds.redeliver.reconciler import (
+    EXPORT_FIELDS,
+    TIME_FORMAT,
+    ExportRow,
+    Reconciler,
+    RunReport,
+)
+from workers.kinds.redeliver.sandbox import SandboxAppMetrica
 
 TOKEN = "appmetrica-oauth-5b1e9c07d2"
 KEYS = RedisKeys("pr")

@@ -21,15 +21,15 @@ from config.destinations import parse_destinations
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
-from workers.adapters.base import retry_after_seconds
-from workers.adapters.templated import TemplatedAdapter
-from workers.deadletter import DeadLetter, DeadLetterStore
-from workers.delay import DelaySet
-from workers.outcomes import Delivered, PermanentFailure, RetryLater
-from workers.pipeline import retries_counted
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from schemas.outcomes import Delivered, PermanentFailure, RetryLater
+from workers.delivery.pipeline import retries_counted
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.dev.receiver import Answer, PostbackReceiver
+from workers.kinds.base import retry_after_seconds
+from workers.kinds.templated.adapter import TemplatedAdapter
 from workers.runtime import WorkerRuntime
-from workers.sandbox.receiver import Answer, PostbackReceiver
+from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.delay import DelaySet
 
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")

@@ -21,8 +21,8 @@ from config.keys import queue_for
 from config.settings import Settings
 from schemas.event import ConversionEvent
 from tests.helpers import INSTALL, one_of_each_kind
-from workers.cli import main
-from workers.cli_support import CliContext
+from workers.cli.context import CliContext
+from workers.cli.main import main
 from workers.logging import redactor
 
 PARTNER_KEY = "partner-k3y-5e1f"

@@ -44,19 +44,19 @@ from config.destinations import (
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
-from workers.adapters.base import OutgoingRequest
-from workers.adapters.x_mact import XMactAdapter, price_micro
-from workers.attempts import AttemptLog
-from workers.cli import main
-from workers.deadletter import DeadLetterStore
-from workers.delay import DelaySet
-from workers.ledger import DeliveryLedger
+from schemas.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
+from workers.broker.wire import TaskMessageEncoder
+from workers.cli.main import main
+from workers.delivery.pipeline import DeliveryPipeline, Requeuer
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.kinds.base import OutgoingRequest
+from workers.kinds.x_mact.adapter import XMactAdapter, price_micro
+from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
 from workers.metrics import MetricsRecorder
-from workers.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
-from workers.pipeline import DeliveryPipeline, Requeuer
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.sandbox.x_server import SandboxX, XCredentials
-from workers.wire import TaskMessageEncoder
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import DeliveryLedger
 
 KEYS = RedisKeys("pr")
 ROOT = Path(__file__).resolve().parents[2]

@@ -39,16 +39,10 @@ from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.delay import DelaySet
-from workers.ledger import DeliveryLedger
-from workers.metrics import MetricsRecorder
-from workers.pipeline import DeliveryPipeline, Requeuer
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.sandbox.xmp_server import SandboxXmp
-from workers.wire import TaskMessageEncoder
-from workers.xmp import (
+from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.pipeline import DeliveryPipeline, Requeuer
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.kinds.xmp.aggregate import (
     FlushReport,
     RecordKey,
     XmpAggregator,
@@ -57,6 +51,12 @@ from workers.xmp import (
     dumps_exact,
     record_key_for,
 )
+from workers.kinds.xmp.sandbox import SandboxXmp
+from workers.metrics import MetricsRecorder
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import DeliveryLedger
 
 KEYS = RedisKeys("pr")
 TOKEN = "xmp-token-5e1f0c9a7b"

@@ -15,8 +15,8 @@ import click
 from config.destinations import ConfigError, SecretUse
 from config.keys import queue_for
 from config.settings import WORKER_POOLS
-from workers.cli_ops import register as register_operator_commands
-from workers.cli_support import EXIT_CONFIG, context
+from workers.cli.context import EXIT_CONFIG, context
+from workers.cli.ops import register as register_operator_commands
 
 # Besides the workers of a secret's kind, the commands that send with it (and so read it).
 SENDING_COMMANDS = {"x_mact": ("x-check",), "xmp": ("xmp flush",)}
@@ -251,7 +251,7 @@ def produce(source: Any) -> None:
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -> None:
     """Run everything locally (embedded Redis unless REDIS_URL is set) and show deliveries."""
-    from workers.demo import run_demo
+    from workers.dev.demo import run_demo
 
     settings = context().settings
     sys.exit(

@@ -19,17 +19,17 @@ from urllib3.util import Timeout
 from config.destinations import Destinations, XmpDestination
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
-from workers.adapters import ADAPTERS, DestinationAdapter, adapter_for
-from workers.adapters.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
-from workers.attempts import AttemptLog
-from workers.deadletter import DeadLetterStore
-from workers.delay import DelaySet
-from workers.ledger import TERMINAL, DeliveryLedger
+from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.kinds import ADAPTERS, DestinationAdapter, adapter_for
+from workers.kinds.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
+from workers.kinds.xmp.aggregate import XmpAggregator, XmpReject
 from workers.metrics import MetricsRecorder
-from workers.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.wire import TaskMessageEncoder
-from workers.xmp import XmpAggregator, XmpReject
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetterStore
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import TERMINAL, DeliveryLedger
 
 log = structlog.get_logger("postback_relay.pipeline")
 

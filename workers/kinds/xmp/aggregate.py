@@ -33,9 +33,9 @@ from redis.exceptions import LockError
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
 from schemas.event import ConversionEvent
-from workers.adapters.base import mask_secrets
-from workers.deadletter import DeadLetter, DeadLetterStore
-from workers.ratelimit import PauseRegistry
+from workers.delivery.ratelimit import PauseRegistry
+from workers.kinds.base import mask_secrets
+from workers.stores.deadletter import DeadLetter, DeadLetterStore
 
 log = structlog.get_logger("postback_relay.xmp")
 

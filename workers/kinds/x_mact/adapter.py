@@ -24,8 +24,7 @@ from config.destinations import XMactDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.event import ConversionEvent
 from schemas.macros import iso_millis
-from workers.adapters.base import DestinationAdapter, OutgoingRequest, retry_after_seconds
-from workers.outcomes import (
+from schemas.outcomes import (
     Delivered,
     Outcome,
     PermanentFailure,
@@ -33,6 +32,7 @@ from workers.outcomes import (
     RetryLater,
     Skipped,
 )
+from workers.kinds.base import DestinationAdapter, OutgoingRequest, retry_after_seconds
 
 # A 401 means the credentials are wrong: every further request would fail the same way.
 UNAUTHORIZED_PAUSE_SECONDS = 24 * 3600

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workers.attempts import AttemptLog
-from workers.cli_support import CliContext, context, parse_duration, parse_since
-from workers.deadletter import DeadLetter, DeadLetterStore, Replayer
-from workers.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.cli.context import CliContext, context, parse_duration, parse_since
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.stores.attempts import AttemptLog
+from workers.stores.deadletter import DeadLetter, DeadLetterStore, Replayer
 
 console = Console()
 
@@ -168,7 +168,7 @@ def dlq_replay(
     twice (or from two terminals at once) delivers it once."""
     from celery import Celery
 
-    from workers.wire import TaskMessageEncoder
+    from workers.broker.wire import TaskMessageEncoder
 
     ctx = context()
     entries = _select(
@@ -307,7 +307,7 @@ def destinations_pause(name: str, seconds: float, reason: str) -> None:
 def destinations_resume(name: str) -> None:
     """Lift a pause (set by an operator, a 429 Retry-After or a 401)."""
     from config.keys import queue_for
-    from workers.delay import DelaySet
+    from workers.stores.delay import DelaySet
 
     ctx = context()
     if name not in ctx.destinations.by_name:
@@ -348,9 +348,9 @@ def x_check(destination: str, event_file: Any) -> None:
 
     from schemas.errors import InvalidEvent
     from schemas.event import ConversionEvent
-    from workers.adapters.x_mact import XMactAdapter
-    from workers.http import http_session
-    from workers.outcomes import Skipped
+    from schemas.outcomes import Skipped
+    from workers.delivery.http import http_session
+    from workers.kinds.x_mact.adapter import XMactAdapter
 
     ctx = context()
     dest = ctx.destinations.by_name.get(destination)
@@ -389,8 +389,8 @@ def xmp() -> None:
 def xmp_flush(destination: str | None, dry_run: bool) -> None:
     """Send the records that changed since their last successful send (or show them)."""
     from config.destinations import XmpDestination
+    from workers.kinds.xmp.aggregate import dumps_exact, iter_payloads
     from workers.runtime import WorkerRuntime
-    from workers.xmp import dumps_exact, iter_payloads
 
     ctx = context()
     names = [d.name for d in ctx.destinations if isinstance(d, XmpDestination)]
@@ -441,7 +441,7 @@ def reconcile(
     """Find postbacks AppMetrica failed to deliver and never delivered later; redeliver once."""
     from rich.progress import SpinnerColumn
 
-    from workers.reconciler import RunReport
+    from workers.kinds.redeliver.reconciler import RunReport
     from workers.runtime import WorkerRuntime
 
     ctx = context()

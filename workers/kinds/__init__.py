@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from config.destinations import DestinationBase
-from workers.adapters.base import DestinationAdapter
-from workers.adapters.redeliver import RedeliverAdapter
-from workers.adapters.templated import TemplatedAdapter
-from workers.adapters.x_mact import XMactAdapter
+from workers.kinds.base import DestinationAdapter
+from workers.kinds.redeliver.adapter import RedeliverAdapter
+from workers.kinds.templated.adapter import TemplatedAdapter
+from workers.kinds.x_mact.adapter import XMactAdapter
 
 __all__ = [
     "ADAPTERS",

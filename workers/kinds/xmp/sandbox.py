@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from config.destinations import XMP_CHANNELS
-from workers.sandbox.base import LocalServer
+from workers.dev.server import LocalServer
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _STRINGS = {"channel": 64, "campaign_id": 64, "adset_id": 64, "ad_id": 64, "country": 2,

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from workers.sandbox.base import LocalServer
+from workers.dev.server import LocalServer
 
 PATH = "/logs/v1/export/postbacks.json"
 MAX_PENDING = 3

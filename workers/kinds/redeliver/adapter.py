@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from config.destinations import RedeliverDestination
 from schemas.envelope import DeliveryEnvelope
-from workers.adapters.base import DestinationAdapter, OutgoingRequest
-from workers.outcomes import PermanentFailure
+from schemas.outcomes import PermanentFailure
+from workers.kinds.base import DestinationAdapter, OutgoingRequest
 
 
 def _public(address: str) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from workers.sandbox.base import LocalServer
+from workers.dev.server import LocalServer
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 from config.destinations import TemplatedDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.macros import DeliveryContext
-from workers.adapters.base import DestinationAdapter, OutgoingRequest
-from workers.http import wire_url
+from workers.delivery.http import wire_url
+from workers.kinds.base import DestinationAdapter, OutgoingRequest
 
 
 class TemplatedAdapter(DestinationAdapter):

@@ -23,7 +23,7 @@ from oauthlib.common import Request
 from oauthlib.oauth1 import RequestValidator, SignatureOnlyEndpoint
 
 from config.destinations import X_CONVERSION_TYPES
-from workers.sandbox.base import LocalServer
+from workers.dev.server import LocalServer
 
 _TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 _HASHED_ID = re.compile(r"^[A-Za-z0-9+/]{43}=$")

@@ -32,8 +32,8 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Enqueue, EnqueueOnce
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error
-from workers.adapters.base import retry_after_seconds
-from workers.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder
+from workers.kinds.base import retry_after_seconds
 
 log = structlog.get_logger("postback_relay.reconciler")
 

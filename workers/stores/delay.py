@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import redis
 
 from config.keys import RedisKeys
-from workers.wire import decode_task_args
+from workers.broker.wire import decode_task_args
 
 _MOVE_DUE_LUA = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])

@@ -15,7 +15,7 @@ import requests
 
 from config.destinations import DestinationBase
 from schemas.envelope import DeliveryEnvelope
-from workers.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 
 # Enough to parse a partner's JSON answer (X's attribution); records keep a shorter excerpt.
 RESPONSE_READ_BYTES = 64 * 1024

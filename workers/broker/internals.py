@@ -64,36 +64,40 @@ class Internal:
         return None
 
 
+TRANSPORT, EVENTS, CONSUMER = (
+    f"workers/broker/{name}.py: " for name in ("transport", "events", "consumer")
+)
+
 INTERNALS = (
-    Internal(kombu_redis.Channel, "_brpop_read", "workers/transport.py: keeps unreadable items",
+    Internal(kombu_redis.Channel, "_brpop_read", TRANSPORT + "keeps unreadable items",
              ("options",)),
-    Internal(kombu_redis.Channel, "_create_client", "workers/transport.py: one client per channel",
+    Internal(kombu_redis.Channel, "_create_client", TRANSPORT + "one client per channel",
              ("asynchronous",)),
-    Internal(kombu_redis.Channel, "client", "workers/transport.py: the BRPOP reply callback"),
-    Internal(kombu_redis.Channel, "pool", "workers/transport.py: one client per channel"),
-    Internal(kombu_redis.Channel, "sep", "workers/transport.py: the queue of an unreadable item"),
+    Internal(kombu_redis.Channel, "client", TRANSPORT + "the BRPOP reply callback"),
+    Internal(kombu_redis.Channel, "pool", TRANSPORT + "one client per channel"),
+    Internal(kombu_redis.Channel, "sep", TRANSPORT + "the queue of an unreadable item"),
     Internal(kombu_redis.Channel, "from_transport_options", "workers/app.py: transport options"),
-    Internal(kombu_redis.QoS, "restore_unacked_once", "workers/transport.py: restore after a lost "
+    Internal(kombu_redis.QoS, "restore_unacked_once", TRANSPORT + "restore after a lost "
              "connection", ("stderr",)),
-    Internal(kombu_redis.QoS, "restore_by_tag", "workers/transport.py: requeue after a lost "
+    Internal(kombu_redis.QoS, "restore_by_tag", TRANSPORT + "requeue after a lost "
              "connection", ("tag", "client", "leftmost")),
-    Internal(kombu_redis.Transport, "brpop_timeout", "workers/transport.py: shutdown within 1 s"),
-    Internal(virtual.Message, "__init__", "workers/transport.py: non-kombu payloads",
+    Internal(kombu_redis.Transport, "brpop_timeout", TRANSPORT + "shutdown within 1 s"),
+    Internal(virtual.Message, "__init__", TRANSPORT + "non-kombu payloads",
              ("payload", "channel")),
-    Internal(EventDispatcher, "__init__", "workers/events.py: task events in batches",
+    Internal(EventDispatcher, "__init__", EVENTS + "task events in batches",
              ("connection", "hostname", "enabled", "channel", "buffer_while_offline", "app",
               "serializer", "groups", "delivery_mode", "buffer_group", "buffer_limit",
               "on_send_buffered")),
-    Internal(EventDispatcher, "flush", "workers/events.py: task events in batches", ()),
-    Internal(Request, "__init__", "workers/consumer.py: arguments checked before a task runs",
+    Internal(EventDispatcher, "flush", EVENTS + "task events in batches", ()),
+    Internal(Request, "__init__", CONSUMER + "arguments checked before a task runs",
              ("message",)),
-    Internal(Consumer, "on_decode_error", "workers/consumer.py: dead-letters undecodable bodies",
+    Internal(Consumer, "on_decode_error", CONSUMER + "dead-letters undecodable bodies",
              ("message", "exc")),
-    Internal(Consumer, "on_unknown_message", "workers/consumer.py: dead-letters non-tasks",
+    Internal(Consumer, "on_unknown_message", CONSUMER + "dead-letters non-tasks",
              ("body", "message")),
-    Internal(Consumer, "on_unknown_task", "workers/consumer.py: dead-letters unknown tasks",
+    Internal(Consumer, "on_unknown_task", CONSUMER + "dead-letters unknown tasks",
              ("body", "message", "exc")),
-    Internal(Consumer, "on_invalid_task", "workers/consumer.py: dead-letters invalid tasks",
+    Internal(Consumer, "on_invalid_task", CONSUMER + "dead-letters invalid tasks",
              ("body", "message", "exc")),
 )  # fmt: skip
 
@@ -142,6 +146,6 @@ def check_internals(
         raise ConfigError(
             "Celery/kombu differ from what postback-relay was tested with:\n  - "
             + "\n  - ".join(problems)
-            + "\nInstall the versions pyproject.toml pins, or see workers/internals.py for how "
-            "to try a newer release."
+            + "\nInstall the versions pyproject.toml pins, or see workers/broker/internals.py "
+            "for how to try a newer release."
         )

@@ -33,13 +33,13 @@ from config.destinations import load_destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from producers.produce import Producer
-from workers.deadletter import DeadLetterStore
-from workers.embedded_redis import EmbeddedRedis, free_port, redis_answers
-from workers.sandbox.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
+from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
+from workers.stores.deadletter import DeadLetterStore
 
 PATHS = {"network-installs": "/installs", "network-events": "/events", "analytics-flaky": "/flaky"}
 
-DESTINATIONS_TEMPLATE = Path(__file__).parent / "sandbox" / "demo_destinations.toml"
+DESTINATIONS_TEMPLATE = Path(__file__).parent / "demo_destinations.toml"
 
 _EVENTS = ["install", "install", "af_purchase", "af_level_achieved", "af_tutorial_completion"]
 _SOURCES = ["applovin_int", "unityads_int", "googleadwords_int", "Facebook Ads", "tiktokglobal_int"]
@@ -108,7 +108,7 @@ class _Processes:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = (self.log_dir / f"{name}.log").open("wb")
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "workers.cli.main", *args],
             env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -19,7 +19,7 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
-from workers.deadletter import DeadLetter
+from workers.stores.deadletter import DeadLetter
 
 log = structlog.get_logger("postback_relay.consumer")
 
@@ -53,7 +53,7 @@ def _signature(run: Any) -> inspect.Signature:
 
 
 class CheckedTask(Task):  # type: ignore[type-arg]
-    Request = "workers.consumer:CheckedRequest"
+    Request = "workers.broker.consumer:CheckedRequest"
 
 
 class DeadLetteringConsumer(Consumer):

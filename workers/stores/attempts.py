@@ -16,8 +16,8 @@ import redis
 
 from config.keys import RedisKeys
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
-from workers.adapters.base import OutgoingRequest
-from workers.outcomes import Delivered, Outcome
+from schemas.outcomes import Delivered, Outcome
+from workers.kinds.base import OutgoingRequest
 
 
 class AttemptLog:

@@ -23,8 +23,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope
-from workers.ratelimit import GlobalRateLimiter
-from workers.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.ratelimit import GlobalRateLimiter
 
 _ADD_LUA = """
 if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
