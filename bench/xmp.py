@@ -56,7 +56,9 @@ from config.destinations import XmpDestination
 from config.keys import RedisKeys
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
-from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
+from workers.delivery.sender import Sender
+from workers.kinds.xmp.aggregate import XmpAggregator
+from workers.kinds.xmp.flush import XmpFlusher
 from workers.kinds.xmp.sandbox import SandboxXmp
 from workers.stores.deadletter import DeadLetterStore
 
@@ -197,7 +199,7 @@ def main() -> None:
         flusher = XmpFlusher(
             info.client,
             keys,
-            requests.Session(),
+            Sender(requests.Session()),
             dead_letters=DeadLetterStore(info.client, keys),
             pauses=PauseRegistry(info.client, keys),
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,22 @@ class Skipped:
 
 
 Outcome = Delivered | RetryLater | PermanentFailure | Skipped
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """Counted into a kind's running totals (XMP); a periodic flush sends them, not this task."""
+
+    detail: str
+
+
+DeliveryStatus = Literal[
+    "delivered", "retry_scheduled", "deferred", "dead_lettered", "skipped", "aggregated"
+]
+"""How the pipeline left a delivery: the task's return value, a metrics label, a ledger state."""
+
+DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
+# Done with: nothing of the delivery is left to publish again (the ledger forgets it).
+TERMINAL_STATUSES: frozenset[DeliveryStatus] = frozenset(
+    {"delivered", "dead_lettered", "skipped", "aggregated"}
+)

@@ -22,10 +22,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
+from schemas.outcomes import DELIVERY_STATUSES
 
 # Seconds. End-to-end latency includes retries, hence the long tail.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 86400)
-OUTCOMES = ("delivered", "retry_scheduled", "deferred", "dead_lettered", "skipped", "aggregated")
+OUTCOMES = DELIVERY_STATUSES
 HISTOGRAMS = {
     "delivery_latency": "From produce() to the partner's 2xx, retries included.",
     "http_duration": "One HTTP attempt, from sending to the first body bytes read.",

@@ -20,7 +20,8 @@ from workers.delivery.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds.base import mask_secrets
 from workers.kinds.redeliver.reconciler import Reconciler
-from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
+from workers.kinds.xmp.aggregate import XmpAggregator
+from workers.kinds.xmp.flush import XmpFlusher
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetter, DeadLetterStore
@@ -86,7 +87,7 @@ class WorkerRuntime:
                     redis_client=client,
                     keys=self.keys,
                     max_unfinished_starts=self.settings.max_unfinished_starts,
-                    aggregator=XmpAggregator(client, self.keys),
+                    aggregators=[XmpAggregator(client, self.keys)],
                 )
             return self._pipeline
 
@@ -95,14 +96,13 @@ class WorkerRuntime:
         pipeline = self.pipeline
         with self._lock:
             if self._xmp_flusher is None:
-                attempts = pipeline.attempts
                 self._xmp_flusher = XmpFlusher(
                     pipeline.redis,
                     self.keys,
-                    pipeline.session,
+                    pipeline.sender,
                     dead_letters=pipeline.dead_letters,
                     pauses=pipeline.pauses,
-                    record_attempt=attempts.record_fields,
+                    attempts=pipeline.attempts,
                 )
             return self._xmp_flusher
 

@@ -1,16 +1,19 @@
 """The XMP destination without worker processes: record keys (dates in the destination's
 timezone, channels, the 90-day rule, XMP's field lengths, request_id), exact totals in real
 Redis (micros, HyperLogLog unique users, event-id dedupe, versioned dirty set) and the flusher
-against an in-process SandboxXmp (batches of <= 200, bisection on 400, pause on 401, retries on
-5xx, one flush at a time, aged records dead-lettered).
+against an in-process SandboxXmp (batches of <= 200, bisection on 400, pause and alarms on 401
+through the shared code, a failed send leaves the keys dirty for the next flush and never
+sleeps, one flush at a time, aged records dead-lettered).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import re
+import socket
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+import structlog
 from celery import Celery
 
 from config.destinations import (
@@ -39,18 +43,15 @@ from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
+from schemas.outcomes import Outcome, PermanentFailure
 from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.effects import OutcomeEffects
 from workers.delivery.pipeline import DeliveryPipeline, Requeuer
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.kinds.xmp.aggregate import (
-    FlushReport,
-    RecordKey,
-    XmpAggregator,
-    XmpFlusher,
-    XmpReject,
-    dumps_exact,
-    record_key_for,
-)
+from workers.delivery.sender import Sender
+from workers.kinds.xmp.adapter import dumps_exact
+from workers.kinds.xmp.aggregate import RecordKey, XmpAggregator, XmpReject, record_key_for
+from workers.kinds.xmp.flush import FlushReport, XmpFlusher
 from workers.kinds.xmp.sandbox import SandboxXmp
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
@@ -125,12 +126,29 @@ def sandbox() -> Iterator[SandboxXmp]:
         yield server
 
 
+# Every time.sleep() the test's own thread makes: a flush must never wait in its task.
+SLEEPS: list[float] = []
+
+
+@pytest.fixture(autouse=True)
+def count_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    SLEEPS.clear()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            SLEEPS.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+
+
 class Harness:
     """An aggregator and a flusher on the test's Redis, sending with a plain requests.Session."""
 
     def __init__(self, client: redis.Redis, session: requests.Session | None = None) -> None:
         self.redis = client
-        self.sleeps: list[float] = []
+        self.sleeps = SLEEPS
         self.dead_letters = DeadLetterStore(client, KEYS)
         self.pauses = PauseRegistry(client, KEYS)
         self.attempts = AttemptLog(client, KEYS, 10_000)
@@ -138,11 +156,10 @@ class Harness:
         self.flusher = XmpFlusher(
             client,
             KEYS,
-            session or requests.Session(),
+            Sender(session or requests.Session()),
             dead_letters=self.dead_letters,
             pauses=self.pauses,
-            record_attempt=self.attempts.record_fields,
-            sleep=self.sleeps.append,
+            attempts=self.attempts,
         )
 
     def dirty(self, dest: XmpDestination) -> set[str]:
@@ -674,10 +691,12 @@ def test_an_event_added_while_a_flush_is_in_progress_keeps_its_key_dirty(
     class AddsWhileSending(requests.Session):
         """The event arrives after the flush read the totals and before it marks them sent."""
 
-        def post(self, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        def request(  # type: ignore[override]
+            self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+        ) -> requests.Response:
             while hooks:
                 hooks.pop()()
-            return super().post(url, *args, **kwargs)
+            return super().request(method, url, *args, **kwargs)
 
     harness = Harness(redis_client, AddsWhileSending())
     for number in range(3):
@@ -756,7 +775,7 @@ def test_401_pauses_the_destination_and_keeps_records_dirty(
     assert harness.dirty(dest) == set()
 
 
-def test_5xx_keeps_keys_dirty_after_the_retries_and_a_later_flush_sends_them(
+def test_5xx_keeps_keys_dirty_without_retrying_in_the_task_and_a_later_flush_sends_them(
     harness: Harness, sandbox: SandboxXmp
 ) -> None:
     dest = xmp_dest(sandbox.url)
@@ -765,39 +784,45 @@ def test_5xx_keeps_keys_dirty_after_the_retries_and_a_later_flush_sends_them(
         ev = live_event(now, event_id=f"x-{number}", campaign_id=f"c{number}")
         assert harness.aggregator.add(dest, ev, now)
     dirty = harness.dirty(dest)
-    sandbox.fail_statuses = [500, 500, 500]
+    sandbox.fail_statuses = [500]
 
     report = harness.flusher.flush(dest)
-    assert report.requests == 3  # the first send and max_attempts = 2 retries
-    assert harness.sleeps == [10.0, 20.0]  # the retry schedule, jitter 0
+    assert report.requests == 1  # one send: the next flush is the retry
+    assert harness.sleeps == []  # no waiting inside the task
     assert report.sent == 0
     assert report.failed is not None
     assert "HTTP 500" in report.failed
     assert "4 record(s) stay dirty" in report.failed
+    assert report.left_dirty == 4
     assert harness.dirty(dest) == dirty
     assert sandbox.totals == {}
     assert harness.pauses.paused_until("xmp") is None
     logged = list(harness.attempts.iter_records())
-    assert [r["notifying_status"] for r in logged] == ["failed"] * 3
-    assert [r["response_code"] for r in logged] == ["500"] * 3
+    assert [r["notifying_status"] for r in logged] == ["failed"]
+    assert [r["response_code"] for r in logged] == ["500"]
 
     later = harness.flusher.flush(dest)
     assert (later.sent, later.requests, later.failed) == (4, 1, None)
     assert set(sandbox.totals) == dirty
     assert harness.dirty(dest) == set()
+    assert harness.sleeps == []
 
 
-def test_5xx_then_success_within_the_retries_sends_in_the_same_flush(
+def test_5xx_then_success_sends_on_the_following_flushes_once(
     harness: Harness, sandbox: SandboxXmp
 ) -> None:
     dest = xmp_dest(sandbox.url)
     now = datetime.now(UTC)
     harness.aggregator.add(dest, live_event(now, event_id="y-1"), now)
+    (rid,) = harness.dirty(dest)
     sandbox.fail_statuses = [503, 502]
-    report = harness.flusher.flush(dest)
-    assert (report.requests, report.sent, report.failed) == (3, 1, None)
-    assert harness.sleeps == [10.0, 20.0]
-    assert len(sandbox.totals) == 1
+    first, second, third = (harness.flusher.flush(dest) for _ in range(3))
+    assert (first.requests, first.sent, first.left_dirty) == (1, 0, 1)
+    assert (second.requests, second.sent, second.left_dirty) == (1, 0, 1)
+    assert (third.requests, third.sent, third.failed) == (1, 1, None)
+    assert harness.sleeps == []
+    assert len(sandbox.requests) == 1  # the two refused sends never reached the totals
+    assert sandbox.totals[rid]["event_count"] == 1
     assert harness.dirty(dest) == set()
 
 
@@ -902,36 +927,41 @@ def test_attempts_xmp_refused_are_logged_as_failed(harness: Harness, sandbox: Sa
 
 
 def test_the_flush_lock_is_held_for_as_long_as_a_slow_flush_runs(
-    harness: Harness, sandbox: SandboxXmp
+    redis_client: redis.Redis, sandbox: SandboxXmp
 ) -> None:
-    # batch_size 1 stands for a large backlog: five batches, each failing three times
+    # batch_size 1 stands for a large backlog: five batches, each answered after 50 s
     dest = xmp_dest(sandbox.url, batch_size=1, flush_interval_seconds=1)  # lock: 120 s
     now = datetime.now(UTC)
-    for number in range(5):
-        ev = live_event(now, event_id=f"z-{number}", campaign_id=f"c{number}")
-        assert harness.aggregator.add(dest, ev, now)
     lock_key = KEYS.lock("xmp-flush:xmp")
     held: list[bool] = []
 
-    def sleep(seconds: float) -> None:
-        """Let `seconds` pass for the lock's TTL, without waiting them out."""
-        ttl = int(harness.redis.pttl(lock_key))
-        if ttl > 0:
-            left = ttl - int(seconds * 1000)
-            if left <= 0:
-                harness.redis.delete(lock_key)
-            else:
-                harness.redis.pexpire(lock_key, left)
-        held.append(bool(harness.redis.exists(lock_key)))
+    class Slow(requests.Session):
+        """Let 50 s pass for the lock's TTL at each send, without waiting them out."""
 
-    harness.flusher.sleep = sleep
-    sandbox.fail_statuses = [500] * 15
-    report = harness.flusher.flush(dest)  # 5 batches x (10 s + 20 s) of retry waits = 150 s
-    assert report.requests == 15
-    assert report.sent == 0
-    assert len(held) == 10
+        def request(  # type: ignore[override]
+            self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+        ) -> requests.Response:
+            held.append(bool(redis_client.exists(lock_key)))
+            ttl = int(redis_client.pttl(lock_key))
+            if ttl > 0:
+                left = ttl - 50_000
+                if left <= 0:
+                    redis_client.delete(lock_key)
+                else:
+                    redis_client.pexpire(lock_key, left)
+            return super().request(method, url, *args, **kwargs)
+
+    harness = Harness(redis_client, Slow())
+    for number in range(5):
+        ev = live_event(now, event_id=f"z-{number}", campaign_id=f"c{number}")
+        assert harness.aggregator.add(dest, ev, now)
+    report = harness.flusher.flush(dest)  # 5 batches x 50 s = 250 s, past the lock's 120 s
+    assert report.requests == 5
+    assert report.sent == 5
+    assert report.failed is None
+    assert len(held) == 5
     assert all(held), f"the lock lapsed during the flush: {held}"
-    assert len(harness.dirty(dest)) == 5
+    assert len(harness.dirty(dest)) == 0
 
 
 def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_rejects(
@@ -963,7 +993,7 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
         metrics=MetricsRecorder(KEYS),
         redis_client=redis_client,
         keys=KEYS,
-        aggregator=XmpAggregator(redis_client, KEYS),
+        aggregators=[XmpAggregator(redis_client, KEYS)],
     )
     xmp = destinations.get("xmp")
 
@@ -983,3 +1013,97 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
     assert entry is not None
     assert "older than 90 days" in entry.reason
     assert redis_client.zcard(KEYS.xmp_dirty("xmp")) == 1
+
+
+# --------------------------------------------------------------------------- one shared path
+
+
+def test_a_401_pauses_and_alarms_through_the_same_code_as_every_kind(
+    harness: Harness, sandbox: SandboxXmp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = xmp_dest(sandbox.url, token="wrong-token-5678")
+    now = datetime.now(UTC)
+    assert harness.aggregator.add(dest, live_event(now, event_id="a-1"), now)
+    heeded: list[tuple[str, Outcome]] = []
+    shared = OutcomeEffects.pause_if_asked
+
+    def spy(self: OutcomeEffects, destination: str, outcome: Outcome) -> None:
+        heeded.append((destination, outcome))
+        shared(self, destination, outcome)
+
+    monkeypatch.setattr(OutcomeEffects, "pause_if_asked", spy)
+    with structlog.testing.capture_logs() as logs:
+        report = harness.flusher.flush(dest)
+
+    ((name, outcome),) = heeded
+    assert name == "xmp"
+    assert isinstance(outcome, PermanentFailure)
+    assert (outcome.alarm, outcome.pause_seconds) == (True, 24 * 3600)
+    assert outcome.reason.startswith("XMP answered 401 ")
+    assert report.failed is not None
+    assert report.failed.endswith(": destination paused")
+    assert harness.pauses.paused_until("xmp") is not None
+    alarms = {line["event"]: line for line in logs if line.get("alarm")}
+    assert set(alarms) == {"destination.paused", "destination.auth_failed"}
+    paused = alarms["destination.paused"]
+    assert paused["destination"] == "xmp"
+    assert paused["resume_with"] == "postback-relay destinations resume xmp"
+    assert alarms["destination.auth_failed"]["destination"] == "xmp"
+    assert "wrong-token-5678" not in json.dumps(logs, default=str)
+    assert harness.dead_letters.count() == 0  # the records are fine: they wait for the resume
+    assert len(harness.dirty(dest)) == 1
+
+
+def refused_url() -> str:
+    """A local port nothing listens on: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/s2s/postback/v2"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("down", ["answers 503", "refuses connections"])
+def test_a_flush_against_a_down_xmp_sends_once_leaves_records_dirty_and_the_next_flush_sends_them(
+    harness: Harness, sandbox: SandboxXmp, down: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if down == "answers 503":  # a real local server: 503, no Retry-After, to every request
+            url = stack.enter_context(SandboxXmp(token=TOKEN, fail_statuses=[503] * 10)).url
+        else:
+            url = refused_url()
+        # Ten batches: the old flush made 3 attempts and 2 sleeps (30 s) for each of them.
+        dest = xmp_dest(url, batch_size=2)
+        now = datetime.now(UTC)
+        for number in range(20):
+            ev = live_event(now, event_id=f"d-{number}", campaign_id=f"c{number}")
+            assert harness.aggregator.add(dest, ev, now)
+        dirty = harness.dirty(dest)
+        started = time.monotonic()
+        report = harness.flusher.flush(dest)
+        elapsed = time.monotonic() - started
+
+    # The bound that matters is the task's hard time limit (60 s); one request, no sleeps.
+    assert elapsed < 60
+    assert harness.sleeps == []
+    assert (report.requests, report.sent, report.left_dirty) == (1, 0, 20)
+    assert report.failed is not None
+    assert "20 record(s) stay dirty for the next flush" in report.failed
+    if down == "answers 503":
+        assert "HTTP 503" in report.failed
+    else:
+        assert "connection error" in report.failed
+    assert harness.dirty(dest) == dirty
+    assert harness.pauses.paused_until("xmp") is None  # no Retry-After: nothing to obey
+    assert harness.dead_letters.count() == 0
+    (logged,) = list(harness.attempts.iter_records())
+    assert (logged["notifying_status"], logged["records"]) == ("failed", "2")
+
+    # XMP is back (same destination name, so the same totals): each record is sent once.
+    recovered = harness.flusher.flush(xmp_dest(sandbox.url, batch_size=2))
+    assert (recovered.requests, recovered.sent, recovered.failed) == (10, 20, None)
+    assert set(sandbox.totals) == dirty
+    assert all(r["event_count"] == 1 for r in sandbox.totals.values())
+    assert sum(len(body["data"]) for body in sandbox.requests) == 20
+    assert harness.dirty(dest) == set()
+    assert harness.flusher.flush(xmp_dest(sandbox.url)).requests == 0

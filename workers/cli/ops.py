@@ -15,19 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas.attempts import EXPORT_FIELDS
 from workers.cli.context import CliContext, context, parse_duration, parse_since
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetter, DeadLetterStore, Replayer
 
 console = Console()
-
-EXPORT_FIELDS = (
-    "attempt_datetime", "attempt_timestamp", "notifying_status", "response_code",
-    "response_body", "postback_url", "postback_method", "conversion_datetime",
-    "conversion_timestamp", "event_name", "application_id", "destination", "delivery_id",
-    "attempt", "error", "duration_ms", "attribution",
-)  # fmt: skip
 
 
 def _store(ctx: CliContext) -> DeadLetterStore:
@@ -389,7 +383,7 @@ def xmp() -> None:
 def xmp_flush(destination: str | None, dry_run: bool) -> None:
     """Send the records that changed since their last successful send (or show them)."""
     from config.destinations import XmpDestination
-    from workers.kinds.xmp.aggregate import dumps_exact, iter_payloads
+    from workers.kinds.xmp.adapter import dumps_exact, iter_payloads
     from workers.runtime import WorkerRuntime
 
     ctx = context()

@@ -7,29 +7,37 @@ with a real Redis and a real HTTP server and no Celery at all.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import redis
 import requests
 import structlog
-from urllib3.util import Timeout
 
-from config.destinations import Destinations, XmpDestination
+from config.destinations import DestinationBase, Destinations
 from config.keys import RedisKeys, queue_for
+from schemas.attempts import AttemptRecord
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
-from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+from schemas.outcomes import (
+    TERMINAL_STATUSES,
+    Delivered,
+    DeliveryStatus,
+    Outcome,
+    PermanentFailure,
+    Skipped,
+)
 from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.effects import OutcomeEffects
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.kinds import ADAPTERS, DestinationAdapter, adapter_for
-from workers.kinds.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
-from workers.kinds.xmp.aggregate import XmpAggregator, XmpReject
+from workers.delivery.sender import Sender
+from workers.kinds import DestinationAdapter, adapter_for
+from workers.kinds.base import EventAggregator, mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
-from workers.stores.ledger import TERMINAL, DeliveryLedger
+from workers.stores.ledger import DeliveryLedger
 
 log = structlog.get_logger("postback_relay.pipeline")
 
@@ -38,9 +46,9 @@ log = structlog.get_logger("postback_relay.pipeline")
 class PipelineResult:
     """How the pipeline left a delivery: the task's return value, for logs and Flower."""
 
-    status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped | aggregated
+    status: DeliveryStatus
     detail: str = ""
-    attempt: tuple[DeliveryEnvelope, OutgoingRequest, Outcome, AttemptSummary] | None = None
+    attempt: AttemptRecord | None = None  # when an HTTP attempt was made
 
 
 class Requeuer:
@@ -83,7 +91,7 @@ class DeliveryPipeline:
         redis_client: redis.Redis,
         keys: RedisKeys,
         max_unfinished_starts: int = 3,
-        aggregator: XmpAggregator | None = None,
+        aggregators: Iterable[EventAggregator] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.destinations = destinations
@@ -97,11 +105,13 @@ class DeliveryPipeline:
         self.redis = redis_client
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
-        self.aggregator = aggregator
         self.clock = clock
-        # HTTP kinds have an adapter; xmp is aggregated here and sent by the periodic flush.
+        self.sender = Sender(session)
+        self.effects = OutcomeEffects(pauses, dead_letters)
+        # A kind that takes totals (XMP) counts each delivery; its periodic flush does the sending.
+        self.aggregators = {aggregator.kind: aggregator for aggregator in aggregators}
         self._adapters: dict[str, DestinationAdapter] = {
-            d.name: adapter_for(d) for d in destinations if d.kind in ADAPTERS
+            d.name: adapter_for(d) for d in destinations
         }
 
     def run(self, envelope: DeliveryEnvelope) -> PipelineResult:
@@ -124,16 +134,13 @@ class DeliveryPipeline:
             result = self._run(envelope, PauseRegistry.parse(paused, self.clock()))
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(started_key)
-            if result.status in TERMINAL:
+            if result.status in TERMINAL_STATUSES:
                 self.requeuer.ledger.settle(pipe, envelope.delivery_id)
             self.metrics.count(pipe, envelope.destination, result.status)
             if result.attempt is not None:
-                self.attempts.record(pipe, *result.attempt)
+                self.attempts.record(pipe, result.attempt)
                 self.metrics.observe(
-                    pipe,
-                    "http_duration",
-                    envelope.destination,
-                    result.attempt[3].duration_ms / 1000,
+                    pipe, "http_duration", envelope.destination, result.attempt.duration_ms / 1000
                 )
             if result.status == "delivered":
                 latency = self.clock() - envelope.created_at.timestamp()
@@ -150,8 +157,9 @@ class DeliveryPipeline:
         now = self.clock()
         if envelope.expired(datetime.fromtimestamp(now, UTC)):
             return self._dead_letter(envelope, "max age exceeded before delivery")
-        if isinstance(dest, XmpDestination):
-            return self._aggregate(dest, envelope, now)
+        aggregator = self.aggregators.get(dest.kind)
+        if aggregator is not None:
+            return self._aggregate(aggregator, dest, envelope, now)
         return self._deliver(self._adapters[dest.name], envelope, now, paused_until)
 
     def _deliver(
@@ -192,9 +200,8 @@ class DeliveryPipeline:
             self.requeuer.later(envelope, wait)
             return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
 
-        outcome, duration = self._send(adapter, request)
-        # First, before anything is recorded: every other worker stops sending from now on.
-        self._pause_if_asked(dest.name, outcome)
+        outcome, duration = self.sender.send(adapter, request)
+        self.effects.pause_if_asked(dest.name, outcome)
         budget = getattr(outcome, "budget", None)
         if budget is not None:
             self.limiter.tighten(dest.name, budget.remaining, budget.reset_at)
@@ -206,68 +213,32 @@ class DeliveryPipeline:
             body_excerpt=getattr(outcome, "body_excerpt", "")[:300],
             duration_ms=round(duration * 1000, 1),
         )
+        record = AttemptRecord.of(
+            outcome,
+            at=summary.at,
+            url=request.display_url,
+            method=request.method,
+            destination=dest.name,
+            duration_ms=summary.duration_ms,
+            envelope=envelope,
+        )
         result = self._settle(envelope.after_attempt(summary), outcome)
-        return replace(result, attempt=(envelope, request, outcome, summary))
+        return replace(result, attempt=record)
 
     def _aggregate(
-        self, dest: XmpDestination, envelope: DeliveryEnvelope, now: float
+        self,
+        aggregator: EventAggregator,
+        dest: DestinationBase,
+        envelope: DeliveryEnvelope,
+        now: float,
     ) -> PipelineResult:
-        """XMP takes totals, not events: count it; the periodic flush does the sending."""
-        assert self.aggregator is not None, "an xmp destination needs the aggregator"
-        try:
-            added = self.aggregator.add(
-                dest, envelope.require_event(), datetime.fromtimestamp(now, UTC)
-            )
-        except XmpReject as exc:
-            return self._dead_letter(envelope, str(exc))
-        if not added:
-            return PipelineResult("skipped", "already counted (same event id)")
-        return PipelineResult("aggregated", "added to the day's totals")
-
-    def _send(self, adapter: DestinationAdapter, request: OutgoingRequest) -> tuple[Outcome, float]:
-        timeout = adapter.destination.timeout
-        started = time.perf_counter()
-        try:
-            with self.session.request(
-                request.method,
-                request.url,
-                headers=request.headers,
-                data=request.body,
-                # total= bounds the whole exchange: a partner trickling bytes cannot hold a
-                # thread past the soft time limit (the threads pool enforces no Celery limits).
-                # requests hands a urllib3 Timeout through as is; its stubs only know floats.
-                timeout=Timeout(  # type: ignore[arg-type]
-                    connect=timeout.connect,
-                    read=timeout.read,
-                    total=timeout.connect + timeout.read,
-                ),
-                stream=True,
-                allow_redirects=request.follow_redirects,
-            ) as response:
-                excerpt = response.raw.read(RESPONSE_READ_BYTES, decode_content=True)
-                text = mask_secrets(
-                    excerpt.decode(response.encoding or "utf-8", errors="replace"),
-                    adapter.destination.secrets_to_mask(),
-                )
-                outcome = adapter.classify(response, text)
-        except requests.RequestException as exc:
-            outcome = adapter.classify_error(exc)
-        return outcome, time.perf_counter() - started
-
-    def _pause_if_asked(self, destination: str, outcome: Outcome) -> None:
-        """A 429/503 with Retry-After pauses the destination for that long; a credentials
-        failure pauses it until an operator resumes it."""
-        if isinstance(outcome, RetryLater):
-            if outcome.after is not None and outcome.status in {429, 503}:
-                self.pauses.pause(destination, outcome.after, outcome.reason)
-        elif isinstance(outcome, PermanentFailure) and outcome.pause_seconds:
-            self.pauses.pause(destination, outcome.pause_seconds, outcome.reason)
-            log.error(
-                "destination.paused",
-                alarm=True,
-                reason=outcome.reason,
-                resume_with=f"postback-relay destinations resume {destination}",
-            )
+        """A kind that takes totals, not events: count it; the kind's flush does the sending."""
+        taken = aggregator.accept(dest, envelope, datetime.fromtimestamp(now, UTC))
+        if isinstance(taken, PermanentFailure):
+            return self._dead_letter(envelope, taken.reason)
+        if isinstance(taken, Skipped):
+            return PipelineResult("skipped", taken.reason)
+        return PipelineResult("aggregated", taken.detail)
 
     def _settle(self, envelope: DeliveryEnvelope, outcome: Outcome) -> PipelineResult:
         """``envelope`` already counts the attempt just made."""
@@ -277,13 +248,6 @@ class DeliveryPipeline:
         if isinstance(outcome, Skipped):
             return PipelineResult("skipped", outcome.reason)
         if isinstance(outcome, PermanentFailure):
-            if outcome.alarm:
-                log.error(
-                    "destination.auth_failed",
-                    alarm=True,
-                    status=outcome.status,
-                    hint="check this destination's credentials",
-                )
             return self._dead_letter(envelope, outcome.reason, outcome.status, outcome.body_excerpt)
 
         dest = self.destinations.get(envelope.destination)
@@ -318,8 +282,7 @@ class DeliveryPipeline:
         status: int | None = None,
         body_excerpt: str = "",
     ) -> PipelineResult:
-        self.dead_letters.add_envelope(envelope, reason, status, body_excerpt)
-        log.error("delivery.dead_lettered", reason=reason, status=status)
+        self.effects.dead_letter_envelope(envelope, PermanentFailure(reason, status, body_excerpt))
         return PipelineResult("dead_lettered", reason)
 
 

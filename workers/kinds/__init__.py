@@ -7,6 +7,7 @@ from workers.kinds.base import DestinationAdapter
 from workers.kinds.redeliver.adapter import RedeliverAdapter
 from workers.kinds.templated.adapter import TemplatedAdapter
 from workers.kinds.x_mact.adapter import XMactAdapter
+from workers.kinds.xmp.adapter import XmpAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -14,11 +15,13 @@ __all__ = [
     "RedeliverAdapter",
     "TemplatedAdapter",
     "XMactAdapter",
+    "XmpAdapter",
     "adapter_for",
 ]
 
 ADAPTERS: dict[str, type[DestinationAdapter]] = {
-    adapter.kind: adapter for adapter in (TemplatedAdapter, XMactAdapter, RedeliverAdapter)
+    adapter.kind: adapter
+    for adapter in (TemplatedAdapter, XMactAdapter, XmpAdapter, RedeliverAdapter)
 }
 
 

@@ -8,14 +8,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import ClassVar
+from typing import ClassVar, Protocol
 from urllib.parse import quote
 
 import requests
 
 from config.destinations import DestinationBase
 from schemas.envelope import DeliveryEnvelope
-from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+from schemas.outcomes import Aggregated, Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 
 # Enough to parse a partner's JSON answer (X's attribution); records keep a shorter excerpt.
 RESPONSE_READ_BYTES = 64 * 1024
@@ -74,6 +74,19 @@ class DestinationAdapter(ABC):
         if isinstance(exc, requests.ConnectionError):
             return RetryLater(f"connection error ({type(exc).__name__})")
         return PermanentFailure(f"request error ({type(exc).__name__})")
+
+
+class EventAggregator(Protocol):
+    """The per-delivery step of a kind that takes totals, not events (XMP): the pipeline hands
+    each delivery of that kind here instead of sending it; the kind's periodic flush sends."""
+
+    kind: ClassVar[str]
+
+    def accept(
+        self, destination: DestinationBase, envelope: DeliveryEnvelope, now: datetime
+    ) -> Aggregated | Skipped | PermanentFailure:
+        """Counted, already counted (Skipped), or never countable (dead-lettered)."""
+        ...
 
 
 def mask_secrets(text: str, secrets: Iterable[str]) -> str:

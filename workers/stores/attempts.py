@@ -1,4 +1,4 @@
-"""The attempt log: one record per HTTP attempt, named like AppMetrica's postbacks export.
+"""The attempt log: one AttemptRecord per HTTP attempt, named like AppMetrica's postbacks export.
 
 Kept in a capped Redis stream (XADD MAXLEN ~), so retention is bounded by count and tools that
 read AppMetrica's export can read ours with the same field names.
@@ -6,7 +6,6 @@ read AppMetrica's export can read ours with the same field names.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -15,9 +14,7 @@ from typing import Any
 import redis
 
 from config.keys import RedisKeys
-from schemas.envelope import AttemptSummary, DeliveryEnvelope
-from schemas.outcomes import Delivered, Outcome
-from workers.kinds.base import OutgoingRequest
+from schemas.attempts import AttemptRecord
 
 
 class AttemptLog:
@@ -34,44 +31,17 @@ class AttemptLog:
         self.max_age_seconds = max_age_seconds
         self._next_age_trim = 0.0  # time.monotonic() after which the next append trims by age
 
-    def record(
-        self,
-        pipe: Any,
-        envelope: DeliveryEnvelope,
-        request: OutgoingRequest,
-        outcome: Outcome,
-        summary: AttemptSummary,
-    ) -> None:
-        fields: dict[Any, Any] = {
-            "attempt_datetime": summary.at.strftime("%Y-%m-%d %H:%M:%S"),
-            "attempt_timestamp": int(summary.at.timestamp()),
-            "notifying_status": "sent" if isinstance(outcome, Delivered) else "failed",
-            "response_code": "" if summary.status is None else summary.status,
-            "response_body": summary.body_excerpt,
-            "postback_url": request.display_url,
-            "postback_method": request.method,
-            "conversion_datetime": envelope.conversion_time.strftime("%Y-%m-%d %H:%M:%S"),
-            "conversion_timestamp": int(envelope.conversion_time.timestamp()),
-            "event_name": envelope.event_name,
-            "application_id": envelope.app_id,
-            "destination": envelope.destination,
-            "delivery_id": envelope.delivery_id,
-            "attempt": envelope.attempt + 1,
-            "error": summary.error or "",
-            "duration_ms": summary.duration_ms,
-            "attribution": json.dumps(outcome.attribution)
-            if isinstance(outcome, Delivered) and outcome.attribution is not None
-            else "",
-        }
-        self._append(pipe, fields, summary.at.timestamp())
+    def record(self, pipe: Any, record: AttemptRecord) -> None:
+        """Append ``record`` within the caller's Redis pipeline (one round trip with the rest)."""
+        self._append(pipe, record.to_stream(), record.attempt_timestamp)
 
-    def record_fields(self, fields: dict[Any, Any]) -> None:
-        """A record that is not one delivery's attempt (an XMP batch): same stream, same names."""
+    def add(self, record: AttemptRecord) -> None:
+        """Append ``record`` now, for a writer that has no pipeline of its own (an XMP flush)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            self._append(pipe, fields, float(fields["attempt_timestamp"]))
+            self.record(pipe, record)
             pipe.execute()
 
-    def _append(self, pipe: Any, fields: dict[Any, Any], at: float) -> None:
+    def _append(self, pipe: Any, fields: dict[str, str | int | float], at: float) -> None:
         """Every record goes through here, so both retention bounds apply to all of them."""
         pipe.xadd(self.keys.attempts(), fields, maxlen=self.max_records, approximate=True)
         now = time.monotonic()

@@ -69,8 +69,6 @@ end
 return published
 """
 
-TERMINAL = frozenset({"delivered", "dead_lettered", "skipped", "aggregated"})
-
 
 class DeliveryLedger:
     def __init__(
