@@ -159,9 +159,10 @@ def main() -> None:
             events=f"installs + purchases over ~{args.record_keys} record keys (one day)",
             workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}, --queues xmp",
         )
-        os.environ["XMP_TOKEN"] = TOKEN  # the in-process producer resolves the credential
+        os.environ["XMP_TOKEN"] = TOKEN
         producer = make_producer(info.url, path)
-        dest = producer.destinations.get("xmp")
+        # The producer never reads credentials; the in-process flush below sends, so it does.
+        dest = producer.destinations.with_secrets(kinds=["xmp"]).get("xmp")
         assert isinstance(dest, XmpDestination)
 
         add_rate, floor_rate = loop_figures(info, dest, keys, args.loop_events, args.record_keys)

@@ -1,7 +1,8 @@
 """XMP end to end: produce_many() -> Redis -> a real worker on the xmp queue (aggregates) ->
 `postback-relay xmp flush [--dry-run]` (a real CLI process) -> an in-process SandboxXmp,
 asserted exactly: record count, per-record totals to the micro, the batch id in the attempt log,
-no token in any output."""
+no token in any output; and the worker's flush task (what beat publishes) with XMP down leaves
+the records dirty for its next run."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
 from tests import helpers
 from tests.conftest import WorkerProcess
+from workers.app import XMP_FLUSH_TASK
 from workers.broker.wire import TaskMessageEncoder
 from workers.kinds.xmp.aggregate import record_key_for
 from workers.kinds.xmp.sandbox import SandboxXmp
@@ -317,3 +319,52 @@ def test_events_xmp_cannot_take_are_dead_lettered_by_the_worker(
     assert sandbox.requests == []  # aggregation never sends by itself
     assert TOKEN not in worker.log()
     assert all(TOKEN not in e.model_dump_json() for e in store.iter_entries())
+
+
+@pytest.mark.timeout(120)
+def test_the_workers_flush_task_with_xmp_down_leaves_records_dirty_and_the_next_run_sends_them(
+    xmp_setup: tuple[Path, Producer, WorkerProcess],
+    sandbox: SandboxXmp,
+    redis_client: redis.Redis,
+) -> None:
+    _path, producer, worker = xmp_setup
+    now = datetime.now(UTC)
+    events = make_events(now, random.Random(77))[:60]
+    assert all(r.ok for r in producer.produce_many(events))
+    wait_until(
+        lambda: counter(redis_client, "aggregated") == 60 and redis_client.llen(QUEUE) == 0,
+        60,
+        "60 aggregated deliveries",
+        worker,
+    )
+    dirty = {m.decode() for m in redis_client.zrange(KEYS.xmp_dirty("xmp"), 0, -1)}  # type: ignore[union-attr]
+    attempts = AttemptLog(redis_client, KEYS, 10_000)
+    encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
+
+    def flush_task() -> None:
+        """What beat publishes every flush_interval."""
+        wire = encoder.encode(XMP_FLUSH_TASK, QUEUE, ("xmp",), "('xmp',)", str(uuid.uuid4()))
+        redis_client.lpush(QUEUE, wire)
+
+    def flush_attempts() -> list[dict[str, str]]:
+        return [r for r in attempts.iter_records() if r.get("destination") == "xmp"]
+
+    sandbox.fail_statuses = [503]  # XMP is down for one request
+    flush_task()
+    wait_until(
+        lambda: "stay dirty for the next flush" in worker.log(), 30, "a failed flush", worker
+    )
+    (failed,) = flush_attempts()
+    assert (failed["notifying_status"], failed["response_code"]) == ("failed", "503")
+    assert {m.decode() for m in redis_client.zrange(KEYS.xmp_dirty("xmp"), 0, -1)} == dirty  # type: ignore[union-attr]
+    assert sandbox.totals == {}
+
+    flush_task()  # the next run: XMP is back
+    wait_until(
+        lambda: redis_client.zcard(KEYS.xmp_dirty("xmp")) == 0, 30, "the records sent", worker
+    )
+    assert set(sandbox.totals) == dirty
+    assert sum(r["event_count"] for r in sandbox.totals.values()) == 60
+    assert len(sandbox.requests) == 1
+    assert [r["notifying_status"] for r in flush_attempts()] == ["failed", "sent"]
+    assert TOKEN not in worker.log()

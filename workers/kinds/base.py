@@ -1,5 +1,6 @@
-"""One base class per destination: HTTP, limits and retries are written once, in the pipeline;
-each adapter only builds its request and, where the partner has its own error format, classifies."""
+"""One base class per destination: HTTP, limits and retries are written once, in workers/delivery
+(sender, pipeline); each adapter builds its request and, where the partner has its own error
+format, classifies."""
 
 from __future__ import annotations
 
