@@ -323,13 +323,10 @@ def test_events_xmp_cannot_take_are_dead_lettered_by_the_worker(
 
 @pytest.mark.timeout(120)
 def test_the_workers_flush_task_with_xmp_down_leaves_records_dirty_and_the_next_run_sends_them(
-    xmp_setup: tuple[Path, Producer, WorkerProcess],
-    sandbox: SandboxXmp,
-    redis_client: redis.Redis,
+    redis_client: redis.Redis, sandbox: SandboxXmp, xmp_setup: tuple[Path, Producer, WorkerProcess]
 ) -> None:
-    _path, producer, worker = xmp_setup
-    now = datetime.now(UTC)
-    events = make_events(now, random.Random(77))[:60]
+    producer, worker = xmp_setup[1:]
+    events = make_events(datetime.now(UTC), random.Random(77))[:60]
     assert all(r.ok for r in producer.produce_many(events))
     wait_until(
         lambda: counter(redis_client, "aggregated") == 60 and redis_client.llen(QUEUE) == 0,
