@@ -12,13 +12,10 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging
 from kombu import Queue
 
-from config.destinations import (
-    Destinations,
-    XmpDestination,
-    check_timeouts_nest,
-    load_destinations,
-)
+from config.destinations import Destinations, check_timeouts_nest, load_destinations
 from config.keys import RedisKeys, queue_for, task_name_for
+from config.kinds import KINDS
+from config.kinds.xmp import XmpDestination
 from config.settings import Settings
 from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
@@ -29,9 +26,6 @@ from workers.runtime import WorkerRuntime, redis_client
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
 
-# Every kind has its queue from the start so workers, Flower and the compose file agree;
-# a kind whose adapter arrives later simply has no destinations yet.
-ALL_KINDS = ("templated", "x_mact", "xmp", "redeliver")
 TRANSPORT = "workers.broker.transport:Transport"
 
 log = structlog.get_logger("postback_relay.app")
@@ -96,9 +90,11 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         task_reject_on_worker_lost=True,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        task_queues=[Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in ALL_KINDS],
+        # Every kind has its queue, with or without destinations, so workers, Flower and the
+        # compose file agree.
+        task_queues=[Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in KINDS],
         task_default_queue=queue_for("templated"),
-        task_routes={task_name_for(kind): {"queue": queue_for(kind)} for kind in ALL_KINDS},
+        task_routes={task_name_for(kind): {"queue": queue_for(kind)} for kind in KINDS},
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         worker_send_task_events=True,
         task_send_sent_event=False,
@@ -113,7 +109,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         Channel.from_transport_options,
         allow_untested_releases=settings.allow_untested_releases,
     )
-    for kind in ALL_KINDS:
+    for kind in KINDS:
         _register_delivery_task(app, kind)
     _register_periodic_tasks(app)
     app.steps["worker"].add(DelayMover)
@@ -218,7 +214,7 @@ class DelayMover(bootsteps.StartStopStep):
         )
         self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
         self.last_sweep = 0.0
-        self.queues = [queue_for(kind) for kind in ALL_KINDS]
+        self.queues = [queue_for(kind) for kind in KINDS]
         self.tref = worker.timer.call_repeatedly(app.settings.delay_mover_interval, self.move)
 
     def move(self) -> None:

@@ -16,8 +16,9 @@ import requests
 import structlog
 from urllib3.util import Timeout
 
-from config.destinations import Destinations, XmpDestination
+from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
+from config.kinds.xmp import XmpDestination
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 from workers.broker.wire import TaskMessageEncoder

@@ -30,8 +30,8 @@ import requests
 import structlog
 from redis.exceptions import LockError
 
-from config.destinations import XmpDestination
 from config.keys import RedisKeys
+from config.kinds.xmp import XmpDestination
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
 from workers.kinds.base import mask_secrets
