@@ -8,6 +8,9 @@ Loading reads no secret: producers, beat, Flower and the read-only commands rout
 with the file alone and never hold a partner's credentials (ARCHITECTURE rule 9). A process that
 sends asks for the secrets of what it sends to with ``Destinations.with_secrets``; a secret that
 cannot be read stops it there, and using a secret that was never read raises SecretsNotResolved.
+
+Here: the file as a whole (routing, secrets by process) and its loading. Each kind's model is in
+config/kinds/<kind>.py, listed once in config/kinds; what they share in config/destination_base.py.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Destinations:
         self.reconcile: dict[str, ReconcileSource] = {}
         for rec in reconcile:
             target = self.by_name.get(rec.redeliver_to)
-            if target is None or target.kind != "redeliver":
+            if target is None or target.kind != RECONCILE_KIND:
                 raise ConfigError(
                     f"{source}: reconcile {rec.name!r}: redeliver_to: {rec.redeliver_to!r} "
                     "must name a destination of kind redeliver"

@@ -87,9 +87,14 @@ def test_the_cli_takes_its_kinds_and_each_kinds_commands_from_the_list() -> None
         module.register(group)
         for name, command in group.commands.items():
             assert cli_main.main.commands[name] is command, (kind, name)
-    for kind, section in cli_main.SENDING_COMMANDS:
+    for (kind, section), commands in cli_main.SENDING_COMMANDS.items():
         assert kind in KINDS
         assert section in {"destination", "reconcile"}
+        for path in commands:  # what check-config names is a command that exists
+            command: click.Command = cli_main.main
+            for word in path.split():
+                assert isinstance(command, click.Group), path
+                command = command.commands[word]
 
 
 def _kind_name_collections(path: Path) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
-from rich.progress import Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from workers.cli.context import console, context, parse_duration, parse_since
@@ -37,8 +37,6 @@ def reconcile(
     max_wait: float,
 ) -> None:
     """Find postbacks AppMetrica failed to deliver and never delivered later; redeliver once."""
-    from rich.progress import SpinnerColumn
-
     from workers.kinds.redeliver.reconciler import RunReport
     from workers.runtime import WorkerRuntime
 
