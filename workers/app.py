@@ -118,7 +118,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
 
 
 def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
-    @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind))
+    @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind), shared=False)
     def deliver(self: Task[Any, Any], envelope: Any) -> str:
         try:
             result = app.runtime.deliver(envelope, self.request.id)
@@ -144,7 +144,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     """Periodic work: beat publishes, any worker on the queue runs it, a Redis lock inside
     makes sure it never runs twice at once (ARCHITECTURE rule 8)."""
 
-    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"))
+    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"), shared=False)
     def xmp_flush(destination: str) -> str:
         dest = app.destinations.get(destination)
         assert isinstance(dest, XmpDestination)
@@ -152,7 +152,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
         log.info("xmp.flush", destination=destination, summary=summary)
         return summary
 
-    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"))
+    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"), shared=False)
     def reconcile(source: str) -> str:
         rec = app.destinations.reconcile[source]
         report = app.runtime.reconciler.run(rec)

@@ -20,7 +20,7 @@ from config.kinds import KINDS
 from config.settings import Settings
 from tests.helpers import ROOT
 from workers import kinds as worker_kinds
-from workers.app import create_app
+from workers.app import PostbackRelay, create_app
 from workers.cli import main as cli_main
 
 PRODUCTION = ("workers", "producers", "schemas", "config")
@@ -65,15 +65,32 @@ def test_the_workers_find_each_kinds_adapter_from_the_list(tmp_path: Path) -> No
     assert list(worker_kinds.ADAPTERS) == [k for k in KINDS if worker_kinds.adapter_class(k)]
 
 
+def _app_without_destinations(tmp_path: Path) -> PostbackRelay:
+    empty = tmp_path / "destinations.toml"
+    empty.write_text("")
+    return create_app(Settings(destinations_file=empty), Destinations([], str(empty)))
+
+
 def test_the_app_has_a_queue_and_a_delivery_task_for_each_kind_of_the_list(
     tmp_path: Path,
 ) -> None:
-    empty = tmp_path / "destinations.toml"
-    empty.write_text("")
-    app = create_app(Settings(destinations_file=empty), Destinations([], str(empty)))
+    app = _app_without_destinations(tmp_path)
     assert [q.name for q in app.conf.task_queues] == [queue_for(k) for k in KINDS]
     assert list(app.conf.task_routes) == [task_name_for(k) for k in KINDS]
     assert {task_name_for(k) for k in KINDS} <= set(app.tasks)
+
+
+def test_two_apps_in_one_process_each_run_their_own_tasks(tmp_path: Path) -> None:
+    """Celery offers each task to every app created later unless it is not shared: the tasks
+    close over their own app, so a second app in the process (the suite builds many) warned of
+    duplicate names, an error under the suite's filterwarnings, and kept only its own."""
+    first, second = _app_without_destinations(tmp_path), _app_without_destinations(tmp_path)
+    for app in (first, second):
+        for kind in KINDS:
+            task = app.tasks[task_name_for(kind)]
+            assert task.run.__closure__ is not None
+            closed_over = [cell.cell_contents for cell in task.run.__closure__]
+            assert app in closed_over, (kind, "runs another app's task")
 
 
 def test_the_cli_takes_its_kinds_and_each_kinds_commands_from_the_list() -> None:
