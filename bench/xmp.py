@@ -52,8 +52,8 @@ from common import (
     write_destinations,
 )
 
-from config.destinations import XmpDestination
 from config.keys import RedisKeys
+from config.kinds.xmp import XmpDestination
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
 from workers.delivery.sender import Sender

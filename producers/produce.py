@@ -11,7 +11,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config.destinations import DestinationBase, Destinations, Route, load_destinations
+from config.destination_base import DestinationBase, Route
+from config.destinations import Destinations, load_destinations
 from config.keys import RedisKeys, queue_for
 from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for

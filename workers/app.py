@@ -12,13 +12,10 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging
 from kombu import Queue
 
-from config.destinations import (
-    Destinations,
-    XmpDestination,
-    check_timeouts_nest,
-    load_destinations,
-)
+from config.destinations import Destinations, check_timeouts_nest, load_destinations
 from config.keys import RedisKeys, queue_for, task_name_for
+from config.kinds import KINDS
+from config.kinds.xmp import XmpDestination
 from config.settings import Settings
 from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
@@ -29,9 +26,6 @@ from workers.runtime import WorkerRuntime, redis_client
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
 
-# Every kind has its queue from the start so workers, Flower and the compose file agree;
-# a kind whose adapter arrives later simply has no destinations yet.
-ALL_KINDS = ("templated", "x_mact", "xmp", "redeliver")
 TRANSPORT = "workers.broker.transport:Transport"
 
 log = structlog.get_logger("postback_relay.app")
@@ -96,9 +90,11 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         task_reject_on_worker_lost=True,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        task_queues=[Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in ALL_KINDS],
+        # Every kind has its queue, with or without destinations, so workers, Flower and the
+        # compose file agree.
+        task_queues=[Queue(queue_for(kind), routing_key=queue_for(kind)) for kind in KINDS],
         task_default_queue=queue_for("templated"),
-        task_routes={task_name_for(kind): {"queue": queue_for(kind)} for kind in ALL_KINDS},
+        task_routes={task_name_for(kind): {"queue": queue_for(kind)} for kind in KINDS},
         worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
         worker_send_task_events=True,
         task_send_sent_event=False,
@@ -113,7 +109,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
         Channel.from_transport_options,
         allow_untested_releases=settings.allow_untested_releases,
     )
-    for kind in ALL_KINDS:
+    for kind in KINDS:
         _register_delivery_task(app, kind)
     _register_periodic_tasks(app)
     app.steps["worker"].add(DelayMover)
@@ -122,7 +118,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
 
 
 def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
-    @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind))
+    @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind), shared=False)
     def deliver(self: Task[Any, Any], envelope: Any) -> str:
         try:
             result = app.runtime.deliver(envelope, self.request.id)
@@ -148,7 +144,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     """Periodic work: beat publishes, any worker on the queue runs it, a Redis lock inside
     makes sure it never runs twice at once (ARCHITECTURE rule 8)."""
 
-    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"))
+    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"), shared=False)
     def xmp_flush(destination: str) -> str:
         dest = app.destinations.get(destination)
         assert isinstance(dest, XmpDestination)
@@ -156,7 +152,7 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
         log.info("xmp.flush", destination=destination, summary=summary)
         return summary
 
-    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"))
+    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"), shared=False)
     def reconcile(source: str) -> str:
         rec = app.destinations.reconcile[source]
         report = app.runtime.reconciler.run(rec)
@@ -218,7 +214,7 @@ class DelayMover(bootsteps.StartStopStep):
         )
         self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
         self.last_sweep = 0.0
-        self.queues = [queue_for(kind) for kind in ALL_KINDS]
+        self.queues = [queue_for(kind) for kind in KINDS]
         self.tref = worker.timer.call_repeatedly(app.settings.delay_mover_interval, self.move)
 
     def move(self) -> None:

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from config.keys import queue_for
+from config.kinds import KINDS
 from tests.helpers import ROOT, cli_env, net_destination_toml, run_cli, wait_until
-from workers.app import ALL_KINDS
 from workers.dev.embedded_redis import free_port
 from workers.dev.receiver import PostbackReceiver
 
@@ -133,20 +133,18 @@ def _worker_kinds(workers: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_each_worker_is_its_own_node_in_flower_and_health_passes(one_host: OneHost) -> None:
-    workers = _worker_kinds(one_host.wait_for_workers(len(ALL_KINDS) + 1))
+    workers = _worker_kinds(one_host.wait_for_workers(len(KINDS) + 1))
     host = socket.gethostname()
-    assert len(workers) == len(ALL_KINDS) + 1, workers
+    assert len(workers) == len(KINDS) + 1, workers
     for name, kinds in workers.items():
         (kind,) = kinds
         assert name.startswith(f"{kind}-"), name
         assert name.endswith(f"@{host}"), name
-    assert sorted(k for kinds in workers.values() for k in kinds) == sorted(
-        [*ALL_KINDS, "templated"]
-    )
+    assert sorted(k for kinds in workers.values() for k in kinds) == sorted([*KINDS, "templated"])
 
     result = run_cli(one_host.env, "health")
     assert result.returncode == 0, result.stdout + result.stderr
-    queues = [arg for kind in ALL_KINDS for arg in ("--queue", kind)]
+    queues = [arg for kind in KINDS for arg in ("--queue", kind)]
     result = run_cli(one_host.env, "health", "--check", "consumers", *queues)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARN" not in result.stdout
@@ -156,7 +154,7 @@ def test_each_worker_is_its_own_node_in_flower_and_health_passes(one_host: OneHo
 
 
 def test_celery_inspect_by_habit_lists_each_worker_and_its_queue(one_host: OneHost) -> None:
-    workers = _worker_kinds(one_host.wait_for_workers(len(ALL_KINDS) + 1))
+    workers = _worker_kinds(one_host.wait_for_workers(len(KINDS) + 1))
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers.celery_app", "inspect", "active_queues"],
         env=one_host.env, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,

@@ -23,8 +23,8 @@ import pytest
 import redis
 from celery import Celery
 
-from config.destinations import XmpDestination
 from config.keys import RedisKeys, queue_for
+from config.kinds.xmp import XmpDestination
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from honcho.environ import parse_procfile
 
+from config.kinds import KINDS
 from config.settings import VERSION, Settings
-from workers.app import ALL_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def procfile() -> dict[str, str]:
 def test_one_worker_per_destination_queue_in_both_files(compose: dict[str, Any]) -> None:
     services = compose["services"]
     procs = procfile()
-    for kind in ALL_KINDS:
+    for kind in KINDS:
         name = f"worker-{kind.replace('_', '-')}"
         expected = ["postback-relay", "worker", "--queues", kind]
         assert shlex.split(services[name]["command"]) == expected
@@ -105,7 +105,7 @@ def test_dockerfile_installs_every_package() -> None:
 
 
 def test_each_worker_has_a_healthcheck_for_its_own_queue(compose: dict[str, Any]) -> None:
-    for kind in ALL_KINDS:
+    for kind in KINDS:
         service = compose["services"][f"worker-{kind.replace('_', '-')}"]
         test = service["healthcheck"]["test"]
         assert test[:3] == ["CMD", "postback-relay", "health"]

@@ -9,15 +9,10 @@ from typing import Any
 
 import pytest
 
-from config.destinations import (
-    KINDS,
-    ConfigError,
-    Destinations,
-    RetryPolicy,
-    Route,
-    TemplatedDestination,
-    load_destinations,
-)
+from config.destination_base import ConfigError, RetryPolicy, Route
+from config.destinations import Destinations, load_destinations
+from config.kinds import KINDS
+from config.kinds.templated import TemplatedDestination
 from schemas.event import ConversionEvent
 
 SECRET = "tok-Zq81-very-secret"

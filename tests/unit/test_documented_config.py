@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from config.destinations import (
-    DEFAULT_X_CONVERSIONS,
-    KINDS,
-    load_destinations,
-    parse_destinations,
-)
+from config.destinations import load_destinations, parse_destinations
+from config.kinds import KINDS
+from config.kinds.x_mact import DEFAULT_X_CONVERSIONS
 from config.settings import ENV_PREFIX, Settings
 from workers.cli.main import main
 

@@ -13,7 +13,8 @@ import kombu
 import pytest
 from kombu.transport import redis as kombu_redis
 
-from config.destinations import ConfigError, load_destinations
+from config.destination_base import ConfigError
+from config.destinations import load_destinations
 from config.settings import Settings
 from tests.helpers import ROOT
 from workers.app import create_app

@@ -20,14 +20,11 @@ import redis
 import requests
 from celery import Celery
 
-from config.destinations import (
-    ConfigError,
-    Destinations,
-    ReconcileSource,
-    RedeliverDestination,
-    parse_destinations,
-)
+from config.destination_base import ConfigError
+from config.destinations import Destinations, parse_destinations
 from config.keys import RedisKeys, queue_for
+from config.kinds.redeliver import RedeliverDestination
+from config.reconcile import ReconcileSource
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.outcomes import PermanentFailure
 from workers.broker.wire import TaskMessageEncoder, decode_task_args

@@ -11,13 +11,10 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from config.destinations import (
-    X_CREDENTIALS,
-    ConfigError,
-    SecretsNotResolved,
-    load_destinations,
-)
+from config.destination_base import ConfigError, SecretsNotResolved
+from config.destinations import load_destinations
 from config.keys import queue_for
+from config.kinds.x_mact import X_CREDENTIALS
 from config.settings import Settings
 from schemas.event import ConversionEvent
 from tests.helpers import INSTALL, one_of_each_kind

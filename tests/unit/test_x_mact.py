@@ -31,17 +31,11 @@ from celery import Celery
 from click.testing import CliRunner
 from requests.structures import CaseInsensitiveDict
 
-from config.destinations import (
-    DEFAULT_X_CONVERSIONS,
-    KINDS,
-    X_CREDENTIALS,
-    ConfigError,
-    Destinations,
-    XMactDestination,
-    load_destinations,
-    parse_destinations,
-)
+from config.destination_base import ConfigError
+from config.destinations import Destinations, load_destinations, parse_destinations
 from config.keys import RedisKeys, queue_for
+from config.kinds import KINDS
+from config.kinds.x_mact import DEFAULT_X_CONVERSIONS, X_CREDENTIALS, XMactDestination
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped

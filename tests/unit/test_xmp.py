@@ -30,15 +30,10 @@ import requests
 import structlog
 from celery import Celery
 
-from config.destinations import (
-    DEFAULT_XMP_CHANNEL_MAP,
-    XMP_CHANNELS,
-    ConfigError,
-    XmpDestination,
-    load_destinations,
-    parse_destinations,
-)
+from config.destination_base import ConfigError
+from config.destinations import load_destinations, parse_destinations
 from config.keys import RedisKeys
+from config.kinds.xmp import DEFAULT_XMP_CHANNEL_MAP, XMP_CHANNELS, XmpDestination
 from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for

@@ -25,7 +25,7 @@ from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-from config.destinations import ConfigError
+from config.destination_base import ConfigError
 
 # Release series (major.minor) the suite passed with; pyproject.toml pins the same with ~=.
 TESTED_SERIES = {"celery": "5.7", "kombu": "5.7"}

@@ -1,4 +1,6 @@
-"""What every CLI command needs, built once per invocation from the environment."""
+"""What every CLI command needs, built once per invocation from the environment: settings,
+the destinations file (secrets only for what a command sends to), Redis and its stores, and the
+parsing of durations and times the options share."""
 
 from __future__ import annotations
 
@@ -8,18 +10,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis
 from pydantic import ValidationError
+from rich.console import Console
 
-from config.destinations import ConfigError, Destinations, load_destinations
+from config.destination_base import ConfigError
+from config.destinations import Destinations, load_destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from schemas.errors import describe_validation_error
 
+if TYPE_CHECKING:
+    from workers.delivery.ratelimit import PauseRegistry
+    from workers.stores.attempts import AttemptLog
+    from workers.stores.deadletter import DeadLetterStore
+
 EXIT_CONFIG = 2
+console = Console()
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -79,6 +89,24 @@ class CliContext:
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.settings.key_prefix)
+
+    @property
+    def dead_letters(self) -> DeadLetterStore:
+        from workers.stores.deadletter import DeadLetterStore
+
+        return DeadLetterStore(self.redis, self.keys)
+
+    @property
+    def attempt_log(self) -> AttemptLog:
+        from workers.stores.attempts import AttemptLog
+
+        return AttemptLog(self.redis, self.keys, self.settings.attempt_log_max_records)
+
+    @property
+    def pauses(self) -> PauseRegistry:
+        from workers.delivery.ratelimit import PauseRegistry
+
+        return PauseRegistry(self.redis, self.keys)
 
     def start_app(self, destinations: Destinations | None = None) -> Any:
         """Configure logging and build the app: with ``destinations`` from sending() in a

@@ -1,5 +1,10 @@
 """The `postback-relay` command: parses, configures logging, calls library code. Exit codes:
-0 ok, 1 failure at run time, 2 bad configuration or usage."""
+0 ok, 1 failure at run time, 2 bad configuration or usage.
+
+Here: the group, the commands that run the system (worker, beat, flower, produce, demo) and
+check-config. The on-call commands are in this package by group (dlq, attempts, destinations,
+health); a kind's own commands are in its folder (workers/kinds/<kind>/cli.py), registered below
+for every kind of config/kinds."""
 
 from __future__ import annotations
 
@@ -12,14 +17,25 @@ from typing import Any
 
 import click
 
-from config.destinations import ConfigError, SecretUse
+from config.destination_base import ConfigError, SecretUse
 from config.keys import queue_for
+from config.kinds import KINDS
 from config.settings import WORKER_POOLS
+from workers.cli.attempts import attempts
 from workers.cli.context import EXIT_CONFIG, context
-from workers.cli.ops import register as register_operator_commands
+from workers.cli.destinations import destinations
+from workers.cli.dlq import dlq
+from workers.cli.health import health, metrics, status
+from workers.kinds import kind_commands
 
-# Besides the workers of a secret's kind, the commands that send with it (and so read it).
-SENDING_COMMANDS = {"x_mact": ("x-check",), "xmp": ("xmp flush",)}
+# Each kind's own commands, from its folder: they are registered on the group below.
+KIND_COMMANDS = {kind: module for kind in KINDS if (module := kind_commands(kind)) is not None}
+# (kind, file section) -> besides the workers of the kind, the commands that read its secrets.
+SENDING_COMMANDS: dict[tuple[str, str], tuple[str, ...]] = {
+    (kind, section): commands
+    for kind, module in KIND_COMMANDS.items()
+    for section, commands in module.SECRETS_READ_BY.items()
+}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +87,7 @@ def check_config() -> None:
 
 
 def _needed_by(use: SecretUse) -> list[str]:
-    commands = ("reconcile",) if use.section == "reconcile" else SENDING_COMMANDS.get(use.kind, ())
+    commands = SENDING_COMMANDS.get((use.kind, use.section), ())
     return [f"worker --queues {use.kind}", *commands]
 
 
@@ -95,14 +111,10 @@ def worker(
     queues: str | None, pool: str | None, concurrency: int | None, hostname: str | None
 ) -> None:
     """Run a delivery worker (a Celery worker on the destination queues)."""
-    from workers.app import ALL_KINDS
-
-    kinds = queues.split(",") if queues else list(ALL_KINDS)
-    unknown = set(kinds) - set(ALL_KINDS)
+    kinds = queues.split(",") if queues else list(KINDS)
+    unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise click.BadParameter(
-            f"unknown kind(s) {sorted(unknown)}; known: {', '.join(ALL_KINDS)}"
-        )
+        raise click.BadParameter(f"unknown kind(s) {sorted(unknown)}; known: {', '.join(KINDS)}")
     hostname = hostname or default_node_name(kinds if queues else None)
     ctx = context()
     # Options win over the environment, and the process is built from what will really run
@@ -265,7 +277,10 @@ def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -
     )
 
 
-register_operator_commands(main)
+for command in (dlq, attempts, destinations, health, status, metrics):
+    main.add_command(command)
+for module in KIND_COMMANDS.values():
+    module.register(main)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,8 @@ import redis
 import requests
 import structlog
 
-from config.destinations import DestinationBase, Destinations
+from config.destination_base import DestinationBase
+from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.attempts import AttemptRecord
 from schemas.envelope import AttemptSummary, DeliveryEnvelope

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import requests
 
-from config.destinations import DestinationBase
+from config.destination_base import DestinationBase
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Aggregated, Delivered, Outcome, PermanentFailure, RetryLater, Skipped
 

@@ -12,7 +12,7 @@ import socket
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from config.destinations import RedeliverDestination
+from config.kinds.redeliver import RedeliverDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import PermanentFailure
 from workers.kinds.base import DestinationAdapter, OutgoingRequest

@@ -27,8 +27,9 @@ import urllib3
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from redis.exceptions import LockError
 
-from config.destinations import Destinations, ReconcileSource
+from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
+from config.reconcile import ReconcileSource
 from producers.produce import Enqueue, EnqueueOnce
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error

@@ -6,7 +6,7 @@ import json
 from typing import ClassVar
 from urllib.parse import urlencode
 
-from config.destinations import TemplatedDestination
+from config.kinds.templated import TemplatedDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.macros import DeliveryContext
 from workers.delivery.http import wire_url

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 import requests
 from oauthlib.oauth1 import SIGNATURE_HMAC_SHA1, SIGNATURE_TYPE_AUTH_HEADER, Client
 
-from config.destinations import XMactDestination
+from config.kinds.x_mact import XMactDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.event import ConversionEvent
 from schemas.macros import iso_millis

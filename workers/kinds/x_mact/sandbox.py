@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 from oauthlib.common import Request
 from oauthlib.oauth1 import RequestValidator, SignatureOnlyEndpoint
 
-from config.destinations import X_CONVERSION_TYPES
+from config.kinds.x_mact import X_CONVERSION_TYPES
 from workers.dev.server import LocalServer
 
 _TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import requests
 
-from config.destinations import XmpDestination
+from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater
 from workers.kinds.base import (

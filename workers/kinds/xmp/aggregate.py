@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import redis
 
-from config.destinations import DestinationBase, XmpDestination
+from config.destination_base import DestinationBase
 from config.keys import RedisKeys
+from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.event import ConversionEvent
 from schemas.outcomes import Aggregated, PermanentFailure, Skipped

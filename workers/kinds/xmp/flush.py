@@ -18,8 +18,8 @@ import redis
 import structlog
 from redis.exceptions import LockError
 
-from config.destinations import XmpDestination
 from config.keys import RedisKeys
+from config.kinds.xmp import XmpDestination
 from schemas.attempts import AttemptRecord
 from schemas.outcomes import Delivered, Outcome, PermanentFailure
 from workers.delivery.effects import OutcomeEffects

@@ -19,7 +19,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from config.destinations import XMP_CHANNELS
+from config.kinds.xmp import XMP_CHANNELS
 from workers.dev.server import LocalServer
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
