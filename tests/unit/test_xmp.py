@@ -40,7 +40,7 @@ from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
 from workers.broker.wire import TaskMessageEncoder
-from workers.delivery.pipeline import DeliveryPipeline, Requeuer
+from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds.xmp.aggregate import (
     FlushReport,
@@ -57,6 +57,7 @@ from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
+from workers.stores.requeue import Requeuer
 
 KEYS = RedisKeys("pr")
 TOKEN = "xmp-token-5e1f0c9a7b"

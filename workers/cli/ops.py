@@ -616,6 +616,7 @@ def status() -> None:
     from datetime import UTC, datetime, timedelta
 
     from config.keys import queue_for
+    from workers.broker import unacked_queues
 
     ctx = context()
     log = AttemptLog(ctx.redis, ctx.keys, ctx.settings.attempt_log_max_records)
@@ -624,7 +625,7 @@ def status() -> None:
         hour[(record.get("destination", "?"), record.get("notifying_status", "?"))] += 1
     dead = _store(ctx).counts_by_destination()
     pauses = PauseRegistry(ctx.redis, ctx.keys)
-    in_flight = Counter(_unacked_queues(ctx))
+    in_flight = Counter(unacked_queues(ctx.redis))
     table = Table(title=f"postback-relay status at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
     for column in ("destination", "kind", "queued", "delayed", "in flight", "sent 1h",
                    "failed 1h", "dead letters", "paused"):  # fmt: skip
@@ -640,17 +641,6 @@ def status() -> None:
         )  # fmt: skip
     console.print(table)
     console.print("queued/delayed/in flight are per kind queue, shared by its destinations")
-
-
-def _unacked_queues(ctx: CliContext) -> list[str]:
-    """The queue of each message a worker holds unacknowledged (kombu's `unacked` hash)."""
-    queues = []
-    for raw in ctx.redis.hvals("unacked"):
-        try:
-            queues.append(json.loads(raw)[2])  # [message, exchange, routing_key]
-        except (ValueError, IndexError, TypeError):
-            continue
-    return queues
 
 
 def register(main: click.Group) -> None:

@@ -17,10 +17,9 @@ import structlog
 from urllib3.util import Timeout
 
 from config.destinations import Destinations, XmpDestination
-from config.keys import RedisKeys, queue_for
+from config.keys import RedisKeys
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, Skipped
-from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds import ADAPTERS, DestinationAdapter, adapter_for
 from workers.kinds.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
@@ -28,8 +27,8 @@ from workers.kinds.xmp.aggregate import XmpAggregator, XmpReject
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
-from workers.stores.delay import DelaySet
-from workers.stores.ledger import TERMINAL, DeliveryLedger
+from workers.stores.ledger import TERMINAL
+from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.pipeline")
 
@@ -41,31 +40,6 @@ class PipelineResult:
     status: str  # delivered | retry_scheduled | deferred | dead_lettered | skipped | aggregated
     detail: str = ""
     attempt: tuple[DeliveryEnvelope, OutgoingRequest, Outcome, AttemptSummary] | None = None
-
-
-class Requeuer:
-    """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
-
-    def __init__(
-        self, delays: DelaySet, encoder: TaskMessageEncoder, ledger: DeliveryLedger
-    ) -> None:
-        self.delays = delays
-        self.encoder = encoder
-        self.ledger = ledger
-
-    def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
-        queue = queue_for(envelope.kind)
-        wire = self.encoder.encode_envelope(
-            envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
-        )
-        due = (time.time() if now is None else now) + max(0.0, delay)
-        with self.delays.redis.pipeline(transaction=True) as pipe:
-            if delay <= 0:
-                pipe.lpush(queue, wire)
-            else:
-                pipe.zadd(self.delays.keys.delayed(queue), {wire: due})
-            self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
-            pipe.execute()
 
 
 class DeliveryPipeline:
