@@ -23,7 +23,7 @@ from config.keys import RedisKeys, queue_for, task_name_for
 from producers.produce import Producer
 from schemas.envelope import DeliveryEnvelope
 from workers.broker import unacked_queues
-from workers.broker.keys import UNACKED
+from workers.broker.keys import UNACKED, queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
 from workers.stores.deadletter import DeadLetterStore
@@ -145,3 +145,8 @@ def test_unacked_queues_reads_the_queue_of_each_message_kombu_holds_unacked(
         assert unacked_queues(redis_client) == [QUEUE]
         message.ack()
         producer.close()
+
+
+def test_queue_list_is_the_list_kombu_puts_a_priority_0_message_on(redis_url: str) -> None:
+    with Connection(redis_url) as conn:
+        assert conn.default_channel._q_for_pri(QUEUE, 0) == queue_list(QUEUE)
