@@ -18,34 +18,8 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
+from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
-
-# Atomic per delivery: claim the dedupe key, and only if it was free, enqueue the message (on the
-# queue, or in the delay set when the route asks for a delivery delay) and record it in the
-# delivery ledger (workers/stores/ledger.py). A crash can therefore never leave a claimed key
-# without its message, which a later retry would then skip.
-_ENQUEUE_LUA = """
-local ttl, lease = ARGV[1], tonumber(ARGV[2])
-local out = {}
-for i = 1, (#KEYS - 2) / 2 do
-  local a = 3 + (i - 1) * 5
-  if redis.call('SET', KEYS[2 * i + 1], '1', 'NX', 'EX', ttl) then
-    if ARGV[a] == 'z' then
-      redis.call('ZADD', KEYS[2 * i + 2], ARGV[a + 1], ARGV[a + 2])
-    else
-      redis.call('LPUSH', KEYS[2 * i + 2], ARGV[a + 2])
-    end
-    if ARGV[a + 3] ~= '' then
-      redis.call('ZADD', KEYS[1], tonumber(ARGV[a + 1]) + lease, ARGV[a + 3])
-      redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 4] .. '\\n' .. ARGV[a + 2])
-    end
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
 
 MAX_BATCH = 500
 
@@ -63,40 +37,6 @@ class ProduceResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass(frozen=True)
-class Enqueue:
-    """A wire message for ``target_key`` (a queue, or a delay set when ``delayed``), sent only
-    if ``claim_key`` was free; the claim expires after the caller's TTL."""
-
-    claim_key: str
-    target_key: str
-    delayed: bool
-    due: float
-    wire: str
-    ledger_id: str = ""  # the delivery id, when the delivery ledger should track it
-    queue: str = ""  # the queue the message belongs to (target_key may be its delay set)
-
-
-class EnqueueOnce:
-    """Claim-then-enqueue for many messages in one atomic Lua call (one round trip)."""
-
-    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: float) -> None:
-        self._script = client.register_script(_ENQUEUE_LUA)
-        self.keys = keys
-        self.lease_seconds = lease_seconds
-
-    def __call__(self, items: Sequence[Enqueue], ttl_seconds: int) -> list[bool]:
-        if not items:
-            return []
-        keys: list[str] = [self.keys.ledger(), self.keys.ledger_messages()]
-        argv: list[Any] = [ttl_seconds, self.lease_seconds]
-        for item in items:
-            keys += [item.claim_key, item.target_key]
-            argv += ["z" if item.delayed else "l", repr(item.due), item.wire, item.ledger_id,
-                     item.queue]  # fmt: skip
-        return [bool(flag) for flag in self._script(keys=keys, args=argv)]
 
 
 @dataclass(frozen=True)

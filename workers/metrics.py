@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.outcomes import DELIVERY_STATUSES
+from workers.broker.keys import queue_list
 
 # Seconds. End-to-end latency includes retries, hence the long tail.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 86400)
@@ -65,7 +66,7 @@ class RedisStateCollector(Collector):
         queues = [queue_for(k) for k in self.kinds]
         with self.redis.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.llen(queue)
+                pipe.llen(queue_list(queue))
                 pipe.zcard(self.keys.delayed(queue))
             pipe.hgetall(self.keys.dead_letter_counts())
             pipe.hgetall(self.keys.metrics_counters())

@@ -16,7 +16,7 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import http_session
-from workers.delivery.pipeline import DeliveryPipeline, PipelineResult, Requeuer
+from workers.delivery.pipeline import DeliveryPipeline, PipelineResult
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds.base import mask_secrets
 from workers.kinds.redeliver.reconciler import Reconciler
@@ -27,6 +27,7 @@ from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetter, DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
+from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.worker")
 

@@ -185,7 +185,7 @@ def test_cli_dry_run_then_reconcile_redelivers_each_never_sent_postback_once(
     time.sleep(1.5)
     assert receiver.received() == []
     assert redis_client.llen(QUEUE) == 0
-    assert list(redis_client.scan_iter(match="pr:reconcile:main:done:*")) == []
+    assert list(redis_client.scan_iter(match="{pr}:reconcile:main:done:*")) == []
 
     real = run_cli(redis_url, path, "reconcile", "--source", "main")
     assert real.returncode == 0, real.stdout + real.stderr

@@ -202,7 +202,7 @@ def test_failed_then_sent_is_skipped_and_failed_only_is_redelivered_once(
     assert env_c.redelivery.conversion_time == datetime.fromtimestamp(NOW - 7200, UTC)
 
     # one claim per redelivered postback, kept for retention_days (30 by default)
-    claims = list(redis_client.scan_iter(match="pr:reconcile:main:done:*"))
+    claims = list(redis_client.scan_iter(match="{pr}:reconcile:main:done:*"))
     assert len(claims) == 3
     ttl = redis_client.ttl(claims[0])
     assert 30 * 86_400 - 60 <= ttl <= 30 * 86_400
@@ -222,7 +222,7 @@ def test_dry_run_counts_but_enqueues_and_claims_nothing(
     assert (report.rows_read, report.postbacks, report.already_sent) == (3, 2, 1)
     assert (report.to_redeliver, report.redelivered) == (1, 1)
     assert redis_client.llen(QUEUE) == 0
-    assert list(redis_client.scan_iter(match="pr:reconcile:main:*")) == []
+    assert list(redis_client.scan_iter(match="{pr}:reconcile:main:*")) == []
 
     real = reconciler.run(source_of(dests))
     assert (real.redelivered, real.skipped_already_redelivered) == (1, 0)

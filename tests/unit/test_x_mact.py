@@ -41,7 +41,7 @@ from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
 from workers.broker.wire import TaskMessageEncoder
 from workers.cli.main import main
-from workers.delivery.pipeline import DeliveryPipeline, Requeuer
+from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds.base import OutgoingRequest
 from workers.kinds.x_mact.adapter import XMactAdapter, price_micro
@@ -51,6 +51,7 @@ from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
+from workers.stores.requeue import Requeuer
 
 KEYS = RedisKeys("pr")
 ROOT = Path(__file__).resolve().parents[2]

@@ -41,7 +41,7 @@ from schemas.event import ConversionEvent
 from schemas.outcomes import Outcome, PermanentFailure
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.effects import OutcomeEffects
-from workers.delivery.pipeline import DeliveryPipeline, Requeuer
+from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds.xmp.adapter import dumps_exact
@@ -53,6 +53,7 @@ from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
+from workers.stores.requeue import Requeuer
 
 KEYS = RedisKeys("pr")
 TOKEN = "xmp-token-5e1f0c9a7b"

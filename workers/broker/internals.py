@@ -64,8 +64,8 @@ class Internal:
         return None
 
 
-TRANSPORT, EVENTS, CONSUMER = (
-    f"workers/broker/{name}.py: " for name in ("transport", "events", "consumer")
+TRANSPORT, EVENTS, CONSUMER, PUBLISH = (
+    f"workers/broker/{name}.py: " for name in ("transport", "events", "consumer", "publish")
 )
 
 INTERNALS = (
@@ -81,6 +81,12 @@ INTERNALS = (
              "connection", ("stderr",)),
     Internal(kombu_redis.QoS, "restore_by_tag", TRANSPORT + "requeue after a lost "
              "connection", ("tag", "client", "leftmost")),
+    # Our raw publish (publish.py, lua/kombu_publish.lua) writes what _put would: an LPUSH
+    # of the JSON message onto _q_for_pri(queue, 0), which is the queue's own name.
+    Internal(kombu_redis.Channel, "_put", PUBLISH + "publishes as kombu does",
+             ("queue", "message")),
+    Internal(kombu_redis.Channel, "_q_for_pri", PUBLISH + "the list of a priority-0 message",
+             ("queue", "pri")),
     Internal(kombu_redis.Transport, "brpop_timeout", TRANSPORT + "shutdown within 1 s"),
     Internal(virtual.Message, "__init__", TRANSPORT + "non-kombu payloads",
              ("payload", "channel")),

@@ -3,7 +3,6 @@ screen for on-call) and `metrics` (Prometheus)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from config.kinds import KINDS
 from config.reconcile import RECONCILE_KIND
+from workers.broker.keys import queue_list, unacked_queues
 from workers.cli.context import CliContext, console, context
 
 HEALTH_CHECKS = ("redis", "consumers", "dead-letters", "paused")
@@ -128,7 +128,7 @@ def status() -> None:
         hour[(record.get("destination", "?"), record.get("notifying_status", "?"))] += 1
     dead = ctx.dead_letters.counts_by_destination()
     pauses = ctx.pauses
-    in_flight = Counter(_unacked_queues(ctx))
+    in_flight = Counter(unacked_queues(ctx.redis))
     table = Table(title=f"postback-relay status at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
     for column in ("destination", "kind", "queued", "delayed", "in flight", "sent 1h",
                    "failed 1h", "dead letters", "paused"):  # fmt: skip
@@ -137,24 +137,13 @@ def status() -> None:
         queue = queue_for(dest.kind)
         until = pauses.paused_until(dest.name)
         table.add_row(
-            dest.name, dest.kind, str(ctx.redis.llen(queue)),
+            dest.name, dest.kind, str(ctx.redis.llen(queue_list(queue))),
             str(ctx.redis.zcard(ctx.keys.delayed(queue))), str(in_flight[queue]),
             str(hour[(dest.name, "sent")]), str(hour[(dest.name, "failed")]),
             str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",
         )  # fmt: skip
     console.print(table)
     console.print("queued/delayed/in flight are per kind queue, shared by its destinations")
-
-
-def _unacked_queues(ctx: CliContext) -> list[str]:
-    """The queue of each message a worker holds unacknowledged (kombu's `unacked` hash)."""
-    queues = []
-    for raw in ctx.redis.hvals("unacked"):
-        try:
-            queues.append(json.loads(raw)[2])  # [message, exchange, routing_key]
-        except (ValueError, IndexError, TypeError):
-            continue
-    return queues
 
 
 @click.command()

@@ -26,6 +26,7 @@ from workers.cli.context import EXIT_CONFIG, context
 from workers.cli.destinations import destinations
 from workers.cli.dlq import dlq
 from workers.cli.health import health, metrics, status
+from workers.cli.keys import migrate_keys
 from workers.kinds import kind_commands
 
 # Each kind's own commands, from its folder: they are registered on the group below.
@@ -277,7 +278,7 @@ def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -
     )
 
 
-for command in (dlq, attempts, destinations, health, status, metrics):
+for command in (dlq, attempts, destinations, health, status, metrics, migrate_keys):
     main.add_command(command)
 for module in KIND_COMMANDS.values():
     module.register(main)

@@ -17,7 +17,7 @@ import structlog
 
 from config.destination_base import DestinationBase
 from config.destinations import Destinations
-from config.keys import RedisKeys, queue_for
+from config.keys import RedisKeys
 from schemas.attempts import AttemptRecord
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from schemas.outcomes import (
@@ -28,7 +28,6 @@ from schemas.outcomes import (
     PermanentFailure,
     Skipped,
 )
-from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.effects import OutcomeEffects
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
@@ -37,8 +36,7 @@ from workers.kinds.base import EventAggregator, mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
-from workers.stores.delay import DelaySet
-from workers.stores.ledger import DeliveryLedger
+from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.pipeline")
 
@@ -50,31 +48,6 @@ class PipelineResult:
     status: DeliveryStatus
     detail: str = ""
     attempt: AttemptRecord | None = None  # when an HTTP attempt was made
-
-
-class Requeuer:
-    """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
-
-    def __init__(
-        self, delays: DelaySet, encoder: TaskMessageEncoder, ledger: DeliveryLedger
-    ) -> None:
-        self.delays = delays
-        self.encoder = encoder
-        self.ledger = ledger
-
-    def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
-        queue = queue_for(envelope.kind)
-        wire = self.encoder.encode_envelope(
-            envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
-        )
-        due = (time.time() if now is None else now) + max(0.0, delay)
-        with self.delays.redis.pipeline(transaction=True) as pipe:
-            if delay <= 0:
-                pipe.lpush(queue, wire)
-            else:
-                pipe.zadd(self.delays.keys.delayed(queue), {wire: due})
-            self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
-            pipe.execute()
 
 
 class DeliveryPipeline:

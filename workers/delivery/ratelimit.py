@@ -17,29 +17,7 @@ import limits.strategies
 import redis
 
 from config.keys import RedisKeys
-
-# The partner's own count of what is left (e.g. X's x-rate-limit-remaining), shared by every
-# worker: each send takes one; below zero, wait for the partner's reset time.
-_TAKE_FROM_BUDGET_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('DECR', KEYS[1]) >= 0 then return -1 end
-return redis.call('PTTL', KEYS[1])
-"""
-
-
-# Within one window (same reset time) keep the lower count: a late answer must not hand back
-# budget that other sends already used.
-_TIGHTEN_LUA = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ends_at = tonumber(ARGV[3]) + redis.call('PTTL', KEYS[1])
-  if math.abs(ends_at - tonumber(ARGV[2])) < 1000 and tonumber(current) <= tonumber(ARGV[1]) then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
-return 1
-"""
+from workers.broker.scripts import load_script
 
 
 class GlobalRateLimiter:
@@ -54,8 +32,8 @@ class GlobalRateLimiter:
         )
         self.strategy = limits.strategies.MovingWindowRateLimiter(self.storage)
         self.redis = client if client is not None else redis.Redis.from_url(redis_url)
-        self._take_from_budget = self.redis.register_script(_TAKE_FROM_BUDGET_LUA)
-        self._tighten = self.redis.register_script(_TIGHTEN_LUA)
+        self._take_from_budget = load_script(self.redis, "workers.delivery", "budget_take")
+        self._tighten = load_script(self.redis, "workers.delivery", "budget_tighten")
 
     def tighten(self, destination: str, remaining: int, reset_at: float) -> None:
         """Record what the partner says is left until ``reset_at`` (epoch seconds)."""
@@ -83,31 +61,13 @@ class GlobalRateLimiter:
         return max(0.01, float(stats.reset_time) - time.time())
 
 
-# KEYS[1]: the destination's pause. ARGV[1]: its new end (epoch seconds), ARGV[2]: the value
-# to store, ARGV[3]: the key's expiry (epoch ms). Keeps the later of the existing and the new
-# pause in one step: a shorter pause never overwrites a longer one that another worker wrote
-# between a read and a write, and the pause costs one round trip.
-_PAUSE_LUA = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, stored = pcall(cjson.decode, current)
-  if ok and type(stored) == 'table' and tonumber(stored['until'])
-      and tonumber(stored['until']) >= tonumber(ARGV[1]) then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
-return 1
-"""
-
-
 class PauseRegistry:
     """A paused destination receives nothing until the pause ends (429 Retry-After, 401)."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
-        self._pause = client.register_script(_PAUSE_LUA)
+        self._pause = load_script(client, "workers.delivery", "pause")
 
     def pause(self, destination: str, seconds: float, reason: str) -> bool:
         """Pause for ``seconds`` from now, unless a pause that ends later is already set;

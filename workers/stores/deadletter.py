@@ -2,7 +2,8 @@
 
 Redis has no dead-letter exchange (a rejected message is simply gone), so the store is ours:
 a hash of entries by delivery id, a sorted index by time for listing and --since, and a count
-per destination for metrics and health. Every change to the three is one Lua call.
+per destination for metrics and health. Every change to the three is one Lua call
+(lua/deadletter_*.lua).
 """
 
 from __future__ import annotations
@@ -23,33 +24,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.envelope import DeliveryEnvelope
+from workers.broker.keys import queue_list
+from workers.broker.scripts import load_script
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.ratelimit import GlobalRateLimiter
-
-_ADD_LUA = """
-if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
-end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 1
-"""
-
-# Enqueue first, then remove, in one atomic step: two replays of one entry deliver it once.
-_REPLAY_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[4], ARGV[2])
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[3], -1)
-return 1
-"""
-
-_REMOVE_LUA = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
-return 1
-"""
 
 
 class DeadLetter(BaseModel):
@@ -116,9 +94,9 @@ class DeadLetterStore:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
-        self._add = client.register_script(_ADD_LUA)
-        self._replay = client.register_script(_REPLAY_LUA)
-        self._remove = client.register_script(_REMOVE_LUA)
+        self._add = load_script(client, "workers.stores", "deadletter_add")
+        self._replay = load_script(client, "workers.stores", "deadletter_replay")
+        self._remove = load_script(client, "workers.stores", "deadletter_remove")
 
     def _keys(self) -> list[str]:
         return [
@@ -201,7 +179,8 @@ class DeadLetterStore:
         queue = queue_for(envelope.kind)
         return bool(
             self._replay(
-                keys=[*self._keys(), queue], args=[entry.delivery_id, wire, entry.destination]
+                keys=[*self._keys(), queue_list(queue)],
+                args=[entry.delivery_id, wire, entry.destination],
             )
         )
 

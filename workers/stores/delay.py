@@ -2,7 +2,8 @@
 
 A Celery countdown longer than the broker's visibility timeout is executed twice, and ETA tasks
 sit in worker memory, so nothing here ever uses them (ARCHITECTURE rule 2). A mover republishes
-what is due; the move is one Lua call, so two movers never publish the same item twice.
+what is due; the move is one Lua call (lua/move_due.lua), so two movers never publish the same
+item twice.
 """
 
 from __future__ import annotations
@@ -13,23 +14,16 @@ from collections.abc import Iterable
 import redis
 
 from config.keys import RedisKeys
+from workers.broker.keys import queue_list
+from workers.broker.scripts import load_script
 from workers.broker.wire import decode_task_args
-
-_MOVE_DUE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, message in ipairs(due) do
-  redis.call('ZREM', KEYS[1], message)
-  redis.call('LPUSH', KEYS[2], message)
-end
-return #due
-"""
 
 
 class DelaySet:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
-        self._move_due = client.register_script(_MOVE_DUE_LUA)
+        self._move_due = load_script(client, "workers.stores", "move_due")
 
     def schedule(self, queue: str, wire_message: str, due: float) -> None:
         self.redis.zadd(self.keys.delayed(queue), {wire_message: due})
@@ -39,7 +33,8 @@ class DelaySet:
         now = time.time() if now is None else now
         moved = 0
         for queue in queues:
-            moved += int(self._move_due(keys=[self.keys.delayed(queue), queue], args=[now, limit]))
+            keys = [self.keys.delayed(queue), queue_list(queue)]
+            moved += int(self._move_due(keys=keys, args=[now, limit]))
         return moved
 
     def release(self, queue: str, destination: str, now: float | None = None) -> int:

@@ -30,9 +30,9 @@ from redis.exceptions import LockError
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from config.reconcile import ReconcileSource
-from producers.produce import Enqueue, EnqueueOnce
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error
+from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
 from workers.kinds.base import retry_after_seconds
 

@@ -1,0 +1,10 @@
+-- kombu_publish.lua: the one Lua publish of a Celery task message, as kombu's Redis transport
+-- does it; included (--@include kombu_publish) by every script that puts a message on a queue.
+-- KEYS: none of its own. ``queue`` is a kombu queue list the including script declares in its
+--   KEYS (workers.broker.keys.queue_list); it cannot carry our hash tag.
+-- ARGV: none of its own. ``wire`` is a message from workers/broker/wire.py.
+local function kombu_publish(queue, wire)
+  -- kombu.transport.redis.Channel._put: LPUSH onto the priority's list; workers BRPOP the
+  -- other end, so a queue is first in, first out.
+  redis.call('LPUSH', queue, wire)
+end

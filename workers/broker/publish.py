@@ -1,0 +1,63 @@
+"""The one raw publish: every writer outside Celery's own API puts task messages on queues here.
+
+produce(), the reconciler, the delay mover, the ledger sweep, dead-letter replay and the
+requeue after a retry all publish messages from workers/broker/wire.py without going through
+kombu (they need a claim, a ledger entry or a removal in the same atomic step, which kombu's
+publish cannot give). In Python they call ``publish``; in Lua they ``--@include kombu_publish``
+(workers/broker/lua/kombu_publish.lua). Both push exactly as kombu's Redis transport would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from config.keys import RedisKeys
+from workers.broker.keys import queue_list
+from workers.broker.scripts import load_script
+
+
+def publish(pipe: Any, queue: str, wire: str) -> None:
+    """Queue ``wire`` on ``queue`` in ``pipe`` (a client or a pipeline), as kombu would."""
+    pipe.lpush(queue_list(queue), wire)
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """A wire message for ``target_key`` (a queue, or a delay set when ``delayed``), sent only
+    if ``claim_key`` was free; the claim expires after the caller's TTL."""
+
+    claim_key: str
+    target_key: str
+    delayed: bool
+    due: float
+    wire: str
+    ledger_id: str = ""  # the delivery id, when the delivery ledger should track it
+    queue: str = ""  # the queue the message belongs to (target_key may be its delay set)
+
+
+class EnqueueOnce:
+    """Claim-then-enqueue for many messages in one atomic Lua call (one round trip).
+
+    Used by produce() (claim: the delivery's dedupe key) and by the reconciler (claim: the
+    postback's identity, kept for the export's retention)."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: float) -> None:
+        self._script = load_script(client, "workers.broker", "enqueue_once")
+        self.keys = keys
+        self.lease_seconds = lease_seconds
+
+    def __call__(self, items: Sequence[Enqueue], ttl_seconds: int) -> list[bool]:
+        if not items:
+            return []
+        keys: list[str] = [self.keys.ledger(), self.keys.ledger_messages()]
+        argv: list[Any] = [ttl_seconds, self.lease_seconds]
+        for item in items:
+            target = item.target_key if item.delayed else queue_list(item.target_key)
+            keys += [item.claim_key, target]
+            argv += ["z" if item.delayed else "l", repr(item.due), item.wire, item.ledger_id,
+                     item.queue]  # fmt: skip
+        return [bool(flag) for flag in self._script(keys=keys, args=argv)]

@@ -1,0 +1,41 @@
+"""The requeue after a retry or a deferral: the envelope back on its queue, or in the delay set.
+
+The new message and the ledger's record of it go in one transaction, so the ledger always
+holds the message that would be published again (workers/stores/ledger.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from config.keys import queue_for
+from schemas.envelope import DeliveryEnvelope
+from workers.broker.publish import publish
+from workers.broker.wire import TaskMessageEncoder
+from workers.stores.delay import DelaySet
+from workers.stores.ledger import DeliveryLedger
+
+
+class Requeuer:
+    """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
+
+    def __init__(
+        self, delays: DelaySet, encoder: TaskMessageEncoder, ledger: DeliveryLedger
+    ) -> None:
+        self.delays = delays
+        self.encoder = encoder
+        self.ledger = ledger
+
+    def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
+        queue = queue_for(envelope.kind)
+        wire = self.encoder.encode_envelope(
+            envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
+        )
+        due = (time.time() if now is None else now) + max(0.0, delay)
+        with self.delays.redis.pipeline(transaction=True) as pipe:
+            if delay <= 0:
+                publish(pipe, queue, wire)
+            else:
+                pipe.zadd(self.delays.keys.delayed(queue), {wire: due})
+            self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+            pipe.execute()
