@@ -10,19 +10,25 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import DeliveryEnvelope
+from tests.unit.test_xmp import live_event, xmp_dest
 from workers.broker.keys import queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.scripts import load_script, script_text
 from workers.broker.wire import decode_task_args
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.delivery.sender import Sender
+from workers.kinds.xmp.aggregate import XmpAggregator
+from workers.kinds.xmp.flush import FlushReport, XmpFlusher
 from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
@@ -215,6 +221,18 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     watch.check(lambda: limiter.acquire("now", None, server_budget=True))
     pauses = PauseRegistry(redis_client, KEYS)
     watch.check(lambda: pauses.pause("now", 30, "HTTP 429"))
+
+    # XMP: count one event into its record, then mark the record sent.
+    now = datetime.now(UTC)
+    xmp = xmp_dest()
+    watch.check(lambda: XmpAggregator(redis_client, KEYS).add(xmp, live_event(now), now))
+    flusher = XmpFlusher(
+        redis_client, KEYS, Sender(requests.Session()), dead_letters=store, pauses=pauses
+    )
+    pending = flusher.pending(xmp)
+    assert len(pending) == 1
+    watch.check(lambda: flusher._sent(xmp, pending, FlushReport(), None))
+    assert flusher.pending(xmp) == []
 
     expected = {
         load_script(redis_client, *_package_and_name(path)).sha

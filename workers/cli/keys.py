@@ -25,4 +25,3 @@ def migrate_keys() -> None:
         click.echo(f"not moved (the new name already holds data): {old}", err=True)
     if report.conflicts:
         sys.exit(1)
-

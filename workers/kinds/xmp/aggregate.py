@@ -28,6 +28,7 @@ from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.event import ConversionEvent
 from schemas.outcomes import Aggregated, PermanentFailure, Skipped
+from workers.broker.scripts import load_script
 
 MICROS = 1_000_000
 MAX_ACTIVE_AGE_DAYS = 90
@@ -36,31 +37,9 @@ SEEN_TTL_SECONDS = 7 * 24 * 3600
 _LIMITS = {"campaign_id": 64, "adset_id": 64, "ad_id": 64, "event_name": 64,
            "subsource_id": 128, "app_id": 128}  # fmt: skip
 
+
 # Nothing is written unless all of it can be: Redis does not roll back a script that fails
 # half-way, and a 64-bit HINCRBY overflow would fail after the event was marked as counted.
-_ADD_LUA = """
-local limit = 9.0e18
-for i = 7, #ARGV, 2 do
-  local current = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
-  if math.abs(current + tonumber(ARGV[i + 1])) >= limit then return -1 end
-end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-redis.call('HSETNX', KEYS[2], 'dims', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'count', 1)
-for i = 7, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
-end
-redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-if ARGV[3] ~= '' then
-  redis.call('PFADD', KEYS[3], ARGV[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
-end
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
-return 1
-"""
-
-
 class XmpReject(ValueError):
     """This event cannot become an XMP record; dead-lettered with this reason."""
 
@@ -174,7 +153,7 @@ class XmpAggregator:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.redis = client
         self.keys = keys
-        self._add = client.register_script(_ADD_LUA)
+        self._add = load_script(client, "workers.kinds.xmp", "xmp_add")
 
     def accept(
         self, destination: DestinationBase, envelope: DeliveryEnvelope, now: datetime

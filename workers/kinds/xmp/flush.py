@@ -22,6 +22,7 @@ from config.keys import RedisKeys
 from config.kinds.xmp import XmpDestination
 from schemas.attempts import AttemptRecord
 from schemas.outcomes import Delivered, Outcome, PermanentFailure
+from workers.broker.scripts import load_script
 from workers.delivery.effects import OutcomeEffects
 from workers.delivery.ratelimit import PauseRegistry
 from workers.delivery.sender import Sender
@@ -32,19 +33,8 @@ from workers.stores.deadletter import DeadLetter, DeadLetterStore
 
 log = structlog.get_logger("postback_relay.xmp")
 
+
 # Clean only if nothing was added since the send started: a late event keeps the key dirty.
-_MARK_SENT_LUA = """
-local cleaned = 0
-for j = 1, #KEYS - 1 do
-  if redis.call('HGET', KEYS[j + 1], 'version') == ARGV[2 * j] then
-    redis.call('ZREM', KEYS[1], ARGV[2 * j - 1])
-    cleaned = cleaned + 1
-  end
-end
-return cleaned
-"""
-
-
 @dataclass
 class FlushReport:
     records: int = 0
@@ -93,7 +83,7 @@ class XmpFlusher:
         self.pauses = pauses
         self.effects = OutcomeEffects(pauses, dead_letters)
         self.attempts = attempts
-        self._mark_sent = client.register_script(_MARK_SENT_LUA)
+        self._mark_sent = load_script(client, "workers.kinds.xmp", "xmp_mark_sent")
 
     def pending(self, dest: XmpDestination, limit: int | None = None) -> list[XmpRecord]:
         ids: list[bytes] = self.redis.zrange(  # type: ignore[assignment]
