@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.errors import describe_validation_error
+from schemas.errors import PostbackRelayError, describe_validation_error
 from schemas.event import ConversionEvent
 from schemas.macros import Template, TemplateError, compile_template, compile_url_template
 
@@ -43,11 +43,11 @@ _NAME = r"^[a-z][a-z0-9_-]{0,63}$"
 _IOS_NUMERIC = re.compile(r"^\d{1,12}$")
 
 
-class ConfigError(Exception):
+class ConfigError(PostbackRelayError):
     """The destinations file or settings cannot be used; the message says where and why."""
 
 
-class SecretsNotResolved(RuntimeError):
+class SecretsNotResolved(PostbackRelayError, RuntimeError):
     """A credential was used in a process that never read it: a bug, never an empty value."""
 
 

@@ -32,6 +32,7 @@ from redis.exceptions import LockError
 
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
+from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
 from workers.kinds.base import mask_secrets
@@ -83,7 +84,7 @@ return cleaned
 """
 
 
-class XmpReject(ValueError):
+class XmpReject(PostbackRelayError, ValueError):
     """This event cannot become an XMP record; dead-lettered with this reason."""
 
 
@@ -272,7 +273,7 @@ class FlushReport:
         )
 
 
-class _Stop(Exception):
+class _Stop(PostbackRelayError):
     """The destination refused us as a whole (401): stop this flush."""
 
 
