@@ -13,6 +13,7 @@ import structlog
 from config.destinations import Destinations
 from config.keys import RedisKeys
 from config.settings import Settings
+from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import http_session
@@ -23,7 +24,7 @@ from workers.kinds.redeliver.reconciler import Reconciler
 from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
 

@@ -28,18 +28,13 @@ from config.destinations import (
     parse_destinations,
 )
 from config.keys import RedisKeys, queue_for
+from schemas.appmetrica import EXPORT_FIELDS, TIME_FORMAT, ExportRow
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.outcomes import PermanentFailure
 from workers.broker.wire import TaskMessageEncoder, decode_task_args
 from workers.kinds.base import OutgoingRequest
 from workers.kinds.redeliver.adapter import RedeliverAdapter
-from workers.kinds.redeliver.reconciler import (
-    EXPORT_FIELDS,
-    TIME_FORMAT,
-    ExportRow,
-    Reconciler,
-    RunReport,
-)
+from workers.kinds.redeliver.reconciler import Reconciler, RunReport
 from workers.kinds.redeliver.sandbox import SandboxAppMetrica
 
 TOKEN = "appmetrica-oauth-5b1e9c07d2"

@@ -19,7 +19,7 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
-from workers.stores.deadletter import DeadLetter
+from schemas.deadletter import DeadLetter
 
 log = structlog.get_logger("postback_relay.consumer")
 

@@ -15,10 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas.deadletter import DeadLetter
 from workers.cli.context import CliContext, context, parse_duration, parse_since
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.stores.attempts import AttemptLog
-from workers.stores.deadletter import DeadLetter, DeadLetterStore, Replayer
+from workers.stores.deadletter import DeadLetterStore, Replayer
 
 console = Console()
 

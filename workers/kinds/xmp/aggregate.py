@@ -32,11 +32,12 @@ from redis.exceptions import LockError
 
 from config.destinations import XmpDestination
 from config.keys import RedisKeys
+from schemas.deadletter import DeadLetter
 from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
 from workers.kinds.base import mask_secrets
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 
 log = structlog.get_logger("postback_relay.xmp")
 
