@@ -19,9 +19,9 @@ from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import http_session
 from workers.delivery.pipeline import DeliveryPipeline, PipelineResult, Requeuer
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.kinds.base import mask_secrets
 from workers.kinds.redeliver.reconciler import Reconciler
 from workers.kinds.xmp.aggregate import XmpAggregator, XmpFlusher
+from workers.logging import mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore

@@ -23,10 +23,10 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
+from workers.delivery.http import retry_after_seconds
 from workers.delivery.pipeline import retries_counted
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.dev.receiver import Answer, PostbackReceiver
-from workers.kinds.base import retry_after_seconds
 from workers.kinds.templated.adapter import TemplatedAdapter
 from workers.runtime import WorkerRuntime
 from workers.stores.deadletter import DeadLetterStore

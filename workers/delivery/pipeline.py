@@ -23,8 +23,9 @@ from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater, S
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.kinds import ADAPTERS, DestinationAdapter, adapter_for
-from workers.kinds.base import RESPONSE_READ_BYTES, OutgoingRequest, mask_secrets
+from workers.kinds.base import RESPONSE_READ_BYTES, OutgoingRequest
 from workers.kinds.xmp.aggregate import XmpAggregator, XmpReject
+from workers.logging import mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore

@@ -33,7 +33,7 @@ from schemas.appmetrica import EXPORT_FIELDS, TIME_FORMAT, ExportRow
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error
 from workers.broker.wire import TaskMessageEncoder
-from workers.kinds.base import retry_after_seconds
+from workers.delivery.http import retry_after_seconds
 
 log = structlog.get_logger("postback_relay.reconciler")
 

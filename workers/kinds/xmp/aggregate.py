@@ -36,7 +36,7 @@ from schemas.deadletter import DeadLetter
 from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 from workers.delivery.ratelimit import PauseRegistry
-from workers.kinds.base import mask_secrets
+from workers.logging import mask_secrets
 from workers.stores.deadletter import DeadLetterStore
 
 log = structlog.get_logger("postback_relay.xmp")
