@@ -159,15 +159,11 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"))
     def reconcile(source: str) -> str:
         rec = app.destinations.reconcile[source]
-        report = app.runtime.reconciler.run(rec)
+        reconciler = app.runtime.reconciler
+        report = reconciler.run(rec)
         if report.state in WAITING:
-            # Poll again later without holding a worker: park the task in the delay set.
-            wait = report.retry_after or (rec.poll_seconds if report.state == "pending" else 60)
-            queue = queue_for("redeliver")
-            wire = app.runtime.pipeline.requeuer.encoder.encode(
-                RECONCILE_TASK, queue, (source,), argsrepr=f"({source!r},)"
-            )
-            app.runtime.pipeline.requeuer.delays.schedule(queue, wire, time.time() + wait)
+            # Poll again later without holding a worker: the task waits in the delay set.
+            reconciler.poll_again_later(rec, report, RECONCILE_TASK, queue_for("redeliver"))
         summary = report.summary()
         log.info("reconcile.run", source=source, summary=summary)
         return summary

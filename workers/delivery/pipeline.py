@@ -92,6 +92,8 @@ class DeliveryPipeline:
         self.limiter = limiter
         self.pauses = pauses
         self.requeuer = requeuer
+        # One ledger: the requeuer parks a delivery in it, the pipeline touches and settles it.
+        self.ledger = requeuer.ledger
         self.dead_letters = dead_letters
         self.attempts = attempts
         self.metrics = metrics
@@ -111,7 +113,7 @@ class DeliveryPipeline:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.incr(started_key)
             pipe.expire(started_key, 7 * 24 * 3600)
-            self.requeuer.ledger.touch(pipe, envelope.delivery_id, self.clock())
+            self.ledger.touch(pipe, envelope.delivery_id, self.clock())
             pipe.get(self.keys.paused(envelope.destination))  # read here: one round trip less
             starts, *_, paused = pipe.execute()
             starts = int(starts)
@@ -126,7 +128,7 @@ class DeliveryPipeline:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(started_key)
             if result.status in TERMINAL:
-                self.requeuer.ledger.settle(pipe, envelope.delivery_id)
+                self.ledger.settle(pipe, envelope.delivery_id)
             self.metrics.count(pipe, envelope.destination, result.status)
             if result.attempt is not None:
                 self.attempts.record(pipe, *result.attempt)

@@ -34,6 +34,7 @@ from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import retry_after_seconds
+from workers.stores.delay import DelaySet
 
 log = structlog.get_logger("postback_relay.reconciler")
 
@@ -85,6 +86,7 @@ class AppMetricaExport:
         self.source = source
 
     def open(self, since: datetime, until: datetime) -> requests.Response:
+        timeout = self.source.timeout
         params = {
             "application_id": self.source.application_id,
             "date_since": since.strftime(TIME_FORMAT),
@@ -99,7 +101,7 @@ class AppMetricaExport:
                 "Authorization": f"OAuth {self.source.token_value()}",
                 "Accept-Encoding": "gzip",
             },
-            timeout=(self.source.timeout.connect, self.source.timeout.read),
+            timeout=(timeout.connect, timeout.read),
             stream=True,
         )
 
@@ -118,6 +120,7 @@ class Reconciler:
         *,
         destinations: Destinations,
         encoder: TaskMessageEncoder,
+        delays: DelaySet,
         ledger_lease_seconds: float = 7200,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -126,6 +129,7 @@ class Reconciler:
         self.session = session
         self.destinations = destinations
         self.encoder = encoder
+        self.delays = delays
         self.clock = clock
         self._enqueue_once = EnqueueOnce(client, keys, ledger_lease_seconds)
 
@@ -160,6 +164,19 @@ class Reconciler:
         """One request for the export; a 202 or 429 is reported, not waited for."""
         report = self._report_for(source, since, until)
         return self._request(source, report, dry_run, wait_for_lock)
+
+    def poll_again_later(
+        self, source: ReconcileSource, report: RunReport, task_name: str, queue: str
+    ) -> float:
+        """AppMetrica is still preparing the export (or has too many queued): park the task
+        ``task_name`` for ``source`` in the delay set, so no worker is held while it waits.
+
+        Due after AppMetrica's Retry-After, else the source's poll interval for an export being
+        prepared, else a minute. Returns the wait, in seconds."""
+        wait = report.retry_after or (source.poll_seconds if report.state == "pending" else 60)
+        wire = self.encoder.encode(task_name, queue, (source.name,), argsrepr=f"({source.name!r},)")
+        self.delays.schedule(queue, wire, self.clock() + wait)
+        return wait
 
     def run_until_ready(
         self,
