@@ -6,7 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 import redis
 import structlog
@@ -60,7 +60,15 @@ class built_once(Generic[_T]):
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, runtime: WorkerRuntime, owner: type | None = None) -> _T:
+    @overload
+    def __get__(self, runtime: None, owner: type) -> built_once[_T]: ...
+    @overload
+    def __get__(self, runtime: WorkerRuntime, owner: type | None = None) -> _T: ...
+    def __get__(
+        self, runtime: WorkerRuntime | None, owner: type | None = None
+    ) -> _T | built_once[_T]:
+        if runtime is None:  # looked up on the class (introspection, autospec)
+            return self
         with runtime._lock:
             # Kept in the instance's __dict__, where every later look-up finds it first.
             if self.name not in runtime.__dict__:

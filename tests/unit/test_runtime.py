@@ -12,7 +12,7 @@ import pytest
 
 import workers.runtime
 from workers.broker.consumer import DeadLetteringConsumer
-from workers.runtime import WorkerRuntime
+from workers.runtime import WorkerRuntime, built_once
 
 QUEUE = "postback_relay.templated"
 
@@ -92,3 +92,5 @@ def test_each_object_is_built_once_and_shared(
     reconciler = runtime.reconciler
     assert (reconciler.encoder, reconciler.delays) == (runtime.encoder, runtime.delays)
     assert reconciler.redis is runtime.redis
+    # Looked up on the class, an attribute is its descriptor (introspection builds nothing).
+    assert isinstance(WorkerRuntime.pipeline, built_once)
