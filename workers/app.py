@@ -193,7 +193,10 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
 
 class DelayMover(bootsteps.StartStopStep):
     """Every worker republishes due items from the delay set and sweeps the delivery ledger;
-    the Lua moves make both safe to run on many workers at once."""
+    the Lua moves make both safe to run on many workers at once. It builds its own client and
+    ledger, not the runtime's: this ledger waits a visibility timeout before it republishes from
+    a drained queue, and the step runs in the worker's main process, which (prefork) delivers
+    nothing."""
 
     requires = ("celery.worker.components:Timer",)
 
