@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 import workers.runtime
+from config.settings import Settings
+from workers.app import create_app
 from workers.broker.consumer import DeadLetteringConsumer
 from workers.runtime import WorkerRuntime, built_once
 
@@ -77,6 +79,16 @@ def test_a_task_argument_that_is_no_envelope_is_dead_lettered_without_building_t
     kept = runtime.dead_letters.get("poison-t-1")
     assert kept is not None
     assert kept.destination == "net"
+
+
+def test_creating_the_app_builds_nothing_of_the_runtime(
+    net_destination: Path, redis_url: str
+) -> None:
+    """The app is created before the pool forks: a client built then would cross the fork."""
+    app = create_app(Settings(redis_url=redis_url, destinations_file=net_destination))
+    built = {name for name, value in vars(WorkerRuntime).items() if isinstance(value, built_once)}
+    assert {"redis", "session", "pipeline", "dead_letters", "reconciler"} <= built
+    assert built.isdisjoint(vars(app.runtime))
 
 
 def test_each_object_is_built_once_and_shared(
