@@ -25,17 +25,18 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 _IOS_NUMERIC = re.compile(r"^\d{1,12}$")
 
 
-class ConfigError(Exception):
+class ConfigError(PostbackRelayError):
     """The destinations file or settings cannot be used; the message says where and why."""
 
 
-class SecretsNotResolved(RuntimeError):
+class SecretsNotResolved(PostbackRelayError, RuntimeError):
     """A credential was used in a process that never read it: a bug, never an empty value."""
 
 

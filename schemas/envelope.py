@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.errors import describe_validation_error
+from schemas.errors import PostbackRelayError, describe_validation_error
 from schemas.event import ConversionEvent
 
 # uuid5 namespace for delivery ids; changing it would break deduplication across a deploy.
@@ -27,7 +27,7 @@ def delivery_id_for(event_id: str, destination: str) -> str:
     return str(uuid.uuid5(_DELIVERY_NAMESPACE, f"{destination}\n{event_id}"))
 
 
-class PoisonMessage(ValueError):
+class PoisonMessage(PostbackRelayError, ValueError):
     """A queued message that cannot be decoded or validated; it is dead-lettered, never retried."""
 
 

@@ -1,8 +1,15 @@
-"""Turning pydantic's validation errors into messages that name the field and the rule."""
+"""The project's error base, and pydantic's validation errors as messages naming field and rule."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+
+
+class PostbackRelayError(Exception):
+    """Base of every error this project defines: a caller can catch ours apart from a library's.
+
+    Errors that are also a built-in kind keep that base too (``InvalidEvent`` is a
+    ``ValueError``), so code that catches the built-in one keeps working."""
 
 
 def describe_validation_error(exc: ValidationError, drop_loc: frozenset[str] = frozenset()) -> str:
@@ -26,7 +33,7 @@ def describe_validation_error(exc: ValidationError, drop_loc: frozenset[str] = f
     return "; ".join(lines)
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(PostbackRelayError, ValueError):
     """An event failed validation; ``str()`` names every field and rule that failed."""
 
     def __init__(self, message: str, errors: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from urllib.parse import quote, urlsplit
 
+from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 
 MASK = "***"
@@ -30,7 +31,7 @@ _URL_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(?P<path>[^?#]*)")
 _DOT_SEGMENT = re.compile(r"(?:\.|%2[eE]){1,2}")
 
 
-class TemplateError(ValueError):
+class TemplateError(PostbackRelayError, ValueError):
     """A template that cannot be used; the message names the macro or URL rule broken."""
 
 

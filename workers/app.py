@@ -155,15 +155,11 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
     @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"), shared=False)
     def reconcile(source: str) -> str:
         rec = app.destinations.reconcile[source]
-        report = app.runtime.reconciler.run(rec)
+        reconciler = app.runtime.reconciler
+        report = reconciler.run(rec)
         if report.state in WAITING:
-            # Poll again later without holding a worker: park the task in the delay set.
-            wait = report.retry_after or (rec.poll_seconds if report.state == "pending" else 60)
-            queue = queue_for("redeliver")
-            wire = app.runtime.pipeline.requeuer.encoder.encode(
-                RECONCILE_TASK, queue, (source,), argsrepr=f"({source!r},)"
-            )
-            app.runtime.pipeline.requeuer.delays.schedule(queue, wire, time.time() + wait)
+            # Poll again later without holding a worker: the task waits in the delay set.
+            reconciler.poll_again_later(rec, report, RECONCILE_TASK, queue_for("redeliver"))
         summary = report.summary()
         log.info("reconcile.run", source=source, summary=summary)
         return summary
@@ -193,7 +189,10 @@ def _register_periodic_tasks(app: PostbackRelay) -> None:
 
 class DelayMover(bootsteps.StartStopStep):
     """Every worker republishes due items from the delay set and sweeps the delivery ledger;
-    the Lua moves make both safe to run on many workers at once."""
+    the Lua moves make both safe to run on many workers at once. It builds its own client and
+    ledger, not the runtime's: this ledger waits a visibility timeout before it republishes from
+    a drained queue, and the step runs in the worker's main process, which (prefork) delivers
+    nothing."""
 
     requires = ("celery.worker.components:Timer",)
 

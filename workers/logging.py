@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines (pretty on a terminal), context on every line, secrets redacted."""
+"""structlog set-up: JSON lines (pretty on a terminal), context on every line, secrets redacted;
+and the masking that keeps secrets out of what we store (dead letters, attempt records)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 
@@ -53,6 +55,17 @@ class SecretRedactor:
             else:
                 event_dict[key] = self._clean(value)
         return event_dict
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Partners echo requests back in error bodies; what we store must not carry our secrets."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+            encoded = quote(secret, safe="")
+            if encoded != secret:
+                text = text.replace(encoded, REDACTED)
+    return text
 
 
 redactor = SecretRedactor()

@@ -1,11 +1,12 @@
-"""Per-process resources of a worker (Redis clients, HTTP session, pipeline), built after fork."""
+"""The composition root of a worker process: every object it uses, built once, after fork."""
 
 from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 import redis
 import structlog
@@ -13,23 +14,27 @@ import structlog
 from config.destinations import Destinations
 from config.keys import RedisKeys
 from config.settings import Settings
+from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import http_session
 from workers.delivery.pipeline import DeliveryPipeline, PipelineResult
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
-from workers.kinds.base import mask_secrets
+from workers.delivery.sender import Sender
 from workers.kinds.redeliver.reconciler import Reconciler
 from workers.kinds.xmp.aggregate import XmpAggregator
 from workers.kinds.xmp.flush import XmpFlusher
+from workers.logging import mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
 from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.worker")
+
+_T = TypeVar("_T")
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -49,82 +54,111 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+class built_once(Generic[_T]):
+    """A runtime attribute built on first use, once per process, under the runtime's lock."""
+
+    def __init__(self, build: Callable[[WorkerRuntime], _T]) -> None:
+        self.build = build
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, runtime: None, owner: type) -> built_once[_T]: ...
+    @overload
+    def __get__(self, runtime: WorkerRuntime, owner: type | None = None) -> _T: ...
+    def __get__(
+        self, runtime: WorkerRuntime | None, owner: type | None = None
+    ) -> _T | built_once[_T]:
+        if runtime is None:  # looked up on the class (introspection, autospec)
+            return self
+        with runtime._lock:
+            # Kept in the instance's __dict__, where every later look-up finds it first.
+            if self.name not in runtime.__dict__:
+                runtime.__dict__[self.name] = self.build(runtime)
+            return cast(_T, runtime.__dict__[self.name])
+
+
 class WorkerRuntime:
-    """Built once per worker process, lazily, so no connection crosses a fork."""
+    """The objects of one worker process, built lazily so no connection crosses a fork. Each is
+    built on first use and shared: tasks and steps take what they need from here, and a path
+    that needs only Redis (dead-lettering a poison message) builds no pipeline or HTTP session."""
 
     def __init__(self, settings: Settings, destinations: Destinations, app: Any) -> None:
         self.settings = settings
         self.destinations = destinations
         self.keys = RedisKeys(settings.key_prefix)
         self._app = app
-        self._lock = threading.Lock()
-        self._pipeline: DeliveryPipeline | None = None
-        self._xmp_flusher: XmpFlusher | None = None
-        self._reconciler: Reconciler | None = None
+        # Reentrant: building the pipeline builds the stores it is made of under the same lock.
+        self._lock = threading.RLock()
 
-    @property
+    redis = built_once(lambda rt: redis_client(rt.settings))
+    session = built_once(lambda rt: http_session(rt.settings))
+    encoder = built_once(lambda rt: TaskMessageEncoder(rt._app))
+    delays = built_once(lambda rt: DelaySet(rt.redis, rt.keys))
+    dead_letters = built_once(lambda rt: DeadLetterStore(rt.redis, rt.keys))
+    pauses = built_once(lambda rt: PauseRegistry(rt.redis, rt.keys))
+    ledger = built_once(
+        lambda rt: DeliveryLedger(rt.redis, rt.keys, rt.settings.ledger_lease_seconds)
+    )
+    attempts = built_once(
+        lambda rt: AttemptLog(
+            rt.redis,
+            rt.keys,
+            rt.settings.attempt_log_max_records,
+            rt.settings.attempt_log_max_age_seconds,
+        )
+    )
+
+    @built_once
     def pipeline(self) -> DeliveryPipeline:
-        with self._lock:
-            if self._pipeline is None:
-                client = redis_client(self.settings)
-                self._pipeline = DeliveryPipeline(
-                    destinations=self.destinations,
-                    session=http_session(self.settings),
-                    limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=client),
-                    pauses=PauseRegistry(client, self.keys),
-                    requeuer=Requeuer(
-                        DelaySet(client, self.keys),
-                        TaskMessageEncoder(self._app),
-                        DeliveryLedger(client, self.keys, self.settings.ledger_lease_seconds),
-                    ),
-                    dead_letters=DeadLetterStore(client, self.keys),
-                    attempts=AttemptLog(
-                        client,
-                        self.keys,
-                        self.settings.attempt_log_max_records,
-                        self.settings.attempt_log_max_age_seconds,
-                    ),
-                    metrics=MetricsRecorder(self.keys),
-                    redis_client=client,
-                    keys=self.keys,
-                    max_unfinished_starts=self.settings.max_unfinished_starts,
-                    aggregators=[XmpAggregator(client, self.keys)],
-                )
-            return self._pipeline
+        return DeliveryPipeline(
+            destinations=self.destinations,
+            session=self.session,
+            limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
+            pauses=self.pauses,
+            requeuer=Requeuer(self.delays, self.encoder, self.ledger),
+            dead_letters=self.dead_letters,
+            attempts=self.attempts,
+            metrics=MetricsRecorder(self.keys),
+            redis_client=self.redis,
+            keys=self.keys,
+            max_unfinished_starts=self.settings.max_unfinished_starts,
+            aggregators=[XmpAggregator(self.redis, self.keys)],
+        )
 
-    @property
+    @built_once
     def xmp_flusher(self) -> XmpFlusher:
-        pipeline = self.pipeline
-        with self._lock:
-            if self._xmp_flusher is None:
-                self._xmp_flusher = XmpFlusher(
-                    pipeline.redis,
-                    self.keys,
-                    pipeline.sender,
-                    dead_letters=pipeline.dead_letters,
-                    pauses=pipeline.pauses,
-                    attempts=pipeline.attempts,
-                )
-            return self._xmp_flusher
+        return XmpFlusher(
+            self.redis,
+            self.keys,
+            Sender(self.session),
+            dead_letters=self.dead_letters,
+            pauses=self.pauses,
+            attempts=self.attempts,
+        )
 
-    @property
+    @built_once
     def reconciler(self) -> Reconciler:
-        pipeline = self.pipeline
-        with self._lock:
-            if self._reconciler is None:
-                self._reconciler = Reconciler(
-                    pipeline.redis,
-                    self.keys,
-                    pipeline.session,
-                    destinations=self.destinations,
-                    encoder=pipeline.requeuer.encoder,
-                    ledger_lease_seconds=self.settings.ledger_lease_seconds,
-                )
-            return self._reconciler
+        return Reconciler(
+            self.redis,
+            self.keys,
+            self.session,
+            destinations=self.destinations,
+            encoder=self.encoder,
+            delays=self.delays,
+            ledger_lease_seconds=self.settings.ledger_lease_seconds,
+        )
 
-    def keep_unreadable_item(self, queue: str, item: bytes, reason: str) -> None:
-        """A queue item kombu could not decode (it is already off the queue): keep it raw."""
-        self.pipeline.dead_letters.add(DeadLetter.poison(reason, item, queue))
+    def keep_unreadable_item(
+        self, queue: str | None, item: bytes, reason: str, message_id: str | None = None
+    ) -> DeadLetter:
+        """A queue item that cannot be run (it is already off the queue): keep it raw. Under the
+        prefork pool the consumer calls this in the main process, which never delivers: so it
+        takes Redis and the dead-letter store, never the pipeline and its HTTP session."""
+        entry = DeadLetter.poison(reason, item, queue, message_id)
+        self.dead_letters.add(entry)
+        return entry
 
     def dead_letter_unexpected(
         self, raw: Any, task_id: str | None, exc: Exception
@@ -146,17 +180,16 @@ class WorkerRuntime:
             envelope=envelope,
             raw_message=None if envelope else repr(raw)[:4096],
         )
-        self.pipeline.dead_letters.add(entry)
+        self.dead_letters.add(entry)
         if envelope is not None:  # kept in the store now; the ledger must not publish it again
-            with self.pipeline.redis.pipeline() as pipe:
-                self.pipeline.requeuer.ledger.settle(pipe, envelope.delivery_id)
+            with self.redis.pipeline() as pipe:
+                self.ledger.settle(pipe, envelope.delivery_id)
                 pipe.execute()
         return PipelineResult("dead_lettered", reason)
 
     def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:
         """Decode, run the pipeline, map the outcome; a poison message is dead-lettered."""
         structlog.contextvars.clear_contextvars()
-        pipeline = self.pipeline
         try:
             envelope = DeliveryEnvelope.from_task_arg(raw)
         except PoisonMessage as exc:
@@ -167,7 +200,7 @@ class WorkerRuntime:
                 dead_at=datetime.now(UTC),
                 raw_message=repr(raw)[:4096],
             )
-            pipeline.dead_letters.add(entry)
+            self.dead_letters.add(entry)
             log.error("delivery.poison_message", alarm=True, reason=str(exc), message_id=task_id)
             return PipelineResult("dead_lettered", entry.reason)
         structlog.contextvars.bind_contextvars(
@@ -175,4 +208,4 @@ class WorkerRuntime:
             destination=envelope.destination,
             attempt=envelope.attempt + 1,
         )
-        return pipeline.run(envelope)
+        return self.pipeline.run(envelope)

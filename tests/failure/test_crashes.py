@@ -35,13 +35,14 @@ from config.destinations import load_destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from producers.produce import Producer
+from schemas.deadletter import DeadLetter
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import cli_env, run_cli, wait_until
 from workers.broker.wire import TaskMessageEncoder
 from workers.dev.embedded_redis import EmbeddedRedis
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

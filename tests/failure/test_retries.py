@@ -23,12 +23,13 @@ import redis
 
 from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
+from schemas.deadletter import DeadLetter
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.attempts import AttemptLog
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 
 pytestmark = pytest.mark.integration
 

@@ -22,11 +22,11 @@ import redis
 from config.destinations import load_destinations
 from config.keys import RedisKeys, queue_for
 from config.settings import Settings
+from schemas.appmetrica import TIME_FORMAT, ExportRow
 from schemas.envelope import delivery_id_for
 from tests import helpers
 from tests.conftest import WorkerProcess
 from workers.dev.receiver import PostbackReceiver
-from workers.kinds.redeliver.reconciler import TIME_FORMAT, ExportRow
 from workers.kinds.redeliver.sandbox import SandboxAppMetrica
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore

@@ -196,3 +196,9 @@ def test_one_version_source_and_typed_packages() -> None:
     assert f"## {declared} " in (ROOT / "CHANGELOG.md").read_text()
     for package in ("workers", "producers", "schemas", "config"):
         assert (ROOT / package / "py.typed").is_file(), package
+    # ... and every subpackage (workers/broker, workers/kinds/xmp, ...), each shipped in the wheel
+    for top in (ROOT / package for package in ("workers", "producers", "schemas", "config")):
+        for package_dir in (path.parent for path in top.rglob("__init__.py")):
+            assert (package_dir / "py.typed").is_file(), package_dir.relative_to(ROOT)
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in package_data["package-data"]["*"]

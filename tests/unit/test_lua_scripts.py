@@ -90,7 +90,7 @@ def _declared(header: list[str], table: str) -> tuple[set[int], list[int], bool]
 def test_there_are_scripts_and_every_one_ships_as_package_data() -> None:
     assert len(SCRIPTS) >= 10
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"*" = ["lua/*.lua"]' in pyproject
+    assert '"*" = ["py.typed", "lua/*.lua"]' in pyproject
     for path in SCRIPTS:
         # The package-data glob is relative to a package: lua/ must sit right inside one.
         assert (path.parent.parent / "__init__.py").exists(), path

@@ -25,19 +25,15 @@ from config.destinations import Destinations, parse_destinations
 from config.keys import RedisKeys, queue_for
 from config.kinds.redeliver import RedeliverDestination
 from config.reconcile import ReconcileSource
+from schemas.appmetrica import EXPORT_FIELDS, TIME_FORMAT, ExportRow
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.outcomes import PermanentFailure
 from workers.broker.wire import TaskMessageEncoder, decode_task_args
 from workers.kinds.base import OutgoingRequest
 from workers.kinds.redeliver.adapter import RedeliverAdapter
-from workers.kinds.redeliver.reconciler import (
-    EXPORT_FIELDS,
-    TIME_FORMAT,
-    ExportRow,
-    Reconciler,
-    RunReport,
-)
+from workers.kinds.redeliver.reconciler import Reconciler, RunReport
 from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.stores.delay import DelaySet
 
 TOKEN = "appmetrica-oauth-5b1e9c07d2"
 KEYS = RedisKeys("pr")
@@ -84,6 +80,7 @@ def make_reconciler(
         requests.Session(),
         destinations=destinations,
         encoder=TaskMessageEncoder(Celery("t", set_as_current=False)),
+        delays=DelaySet(client, KEYS),
         clock=clock,
     )
 
@@ -377,6 +374,41 @@ def test_202_is_polled_with_the_same_window_until_ready(
     checkpoint = redis_client.get(KEYS.reconcile_checkpoint("main"))
     assert checkpoint is not None
     assert float(checkpoint) == reports[2].until.timestamp()
+
+
+def test_a_pending_export_is_polled_again_by_a_task_parked_in_the_delay_set(
+    sandbox: SandboxAppMetrica, dests: Destinations, redis_client: redis.Redis
+) -> None:
+    sandbox.polls_before_ready = 10
+    now = float(NOW)
+    reconciler = make_reconciler(redis_client, dests, clock=lambda: now)
+    source = source_of(dests)
+    report = reconciler.run(source)
+    assert report.state == "pending"
+
+    wait = reconciler.poll_again_later(source, report, "postback_relay.reconcile", QUEUE)
+
+    assert wait == source.poll_seconds
+    ((wire, due),) = redis_client.zrange(KEYS.delayed(QUEUE), 0, -1, withscores=True)
+    assert due == now + source.poll_seconds
+    headers, args = decode_task_args(wire.decode())
+    assert (headers["task"], args) == ("postback_relay.reconcile", ["main"])
+    assert redis_client.llen(QUEUE) == 0  # no worker holds it while AppMetrica prepares
+
+
+def test_a_rate_limited_export_is_polled_again_after_retry_after(
+    dests: Destinations, redis_client: redis.Redis
+) -> None:
+    reconciler = make_reconciler(redis_client, dests, clock=lambda: float(NOW))
+    source = source_of(dests)
+    limited = RunReport("main", datetime.now(UTC), datetime.now(UTC), state="rate_limited")
+    assert reconciler.poll_again_later(source, limited, "t", QUEUE) == 60
+    limited.retry_after = 7.5
+    assert reconciler.poll_again_later(source, limited, "t", QUEUE) == 7.5
+    scores = [
+        score for _, score in redis_client.zrange(KEYS.delayed(QUEUE), 0, -1, withscores=True)
+    ]
+    assert sorted(scores) == [NOW + 7.5, NOW + 60]
 
 
 def test_an_operator_run_fixes_its_window_once_and_polls_the_identical_request(

@@ -19,16 +19,17 @@ from requests.structures import CaseInsensitiveDict
 
 from config.destinations import parse_destinations
 from config.keys import RedisKeys, queue_for
+from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
+from workers.delivery.http import retry_after_seconds
 from workers.delivery.pipeline import retries_counted
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.dev.receiver import Answer, PostbackReceiver
-from workers.kinds.base import retry_after_seconds
 from workers.kinds.templated.adapter import TemplatedAdapter
 from workers.runtime import WorkerRuntime
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 from workers.stores.delay import DelaySet
 
 KEYS = RedisKeys("pr")

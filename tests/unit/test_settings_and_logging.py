@@ -381,3 +381,10 @@ def test_tracebacks_and_positional_args_are_redacted(capsys: pytest.CaptureFixtu
     assert first["exception"].endswith("key=***")
     assert second["exception"].endswith("key=***")
     assert third["event"] == "value ***"
+
+
+def test_mask_secrets_masks_a_secret_as_written_and_as_url_encoded() -> None:
+    from workers.logging import mask_secrets
+
+    echoed = "bad token s3cr/t+k in https://p.example/?token=s3cr%2Ft%2Bk"
+    assert mask_secrets(echoed, ["s3cr/t+k", ""]) == "bad token *** in https://p.example/?token=***"

@@ -19,8 +19,6 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
-from workers.stores.deadletter import DeadLetter
-
 log = structlog.get_logger("postback_relay.consumer")
 
 
@@ -61,13 +59,15 @@ class DeadLetteringConsumer(Consumer):
         headers = getattr(message, "headers", None) or {}
         message_id = headers.get("id")
         delivery_info = getattr(message, "delivery_info", None) or {}
-        entry = DeadLetter.poison(
-            reason,
-            _raw_item(message),
+        # Kept with Redis alone (workers/runtime.py): under the prefork pool this runs in the
+        # main process, which never delivers and so never builds the pipeline or HTTP session.
+        keep = self.app.runtime.keep_unreadable_item  # type: ignore[attr-defined]
+        entry = keep(
             delivery_info.get("routing_key"),
+            _raw_item(message),
+            reason,
             str(message_id) if message_id else None,
         )
-        self.app.runtime.pipeline.dead_letters.add(entry)  # type: ignore[attr-defined]
         log.error("delivery.poison_message", alarm=True, reason=reason, message_id=message_id,
                   queue=entry.queue, dead_letter=entry.delivery_id)  # fmt: skip
 

@@ -43,6 +43,8 @@ from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from schemas.errors import PostbackRelayError
+
 log = structlog.get_logger("postback_relay.transport")
 
 UnreadableItemHandler = Callable[[str, bytes, str], object]
@@ -65,7 +67,7 @@ class KeepUnreadable:
         return self.name
 
 
-class NotAKombuMessage(Exception):
+class NotAKombuMessage(PostbackRelayError):
     """A queue item that decodes as JSON but is not kombu's message envelope."""
 
 

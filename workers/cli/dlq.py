@@ -13,9 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas.deadletter import DeadLetter
 from workers.cli.context import console, context, parse_since
 from workers.delivery.ratelimit import GlobalRateLimiter
-from workers.stores.deadletter import DeadLetter, DeadLetterStore, Replayer
+from workers.stores.deadletter import DeadLetterStore, Replayer
 
 
 def _matching(

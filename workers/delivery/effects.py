@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import structlog
 
+from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Outcome, PermanentFailure, RetryLater
 from workers.delivery.ratelimit import PauseRegistry
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 
 log = structlog.get_logger("postback_relay.pipeline")
 

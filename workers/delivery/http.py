@@ -11,6 +11,9 @@ The URL an adapter builds is the URL sent: requests prepares a URL by undoing th
 of every unreserved character, '.' included, so a path segment written "%2E%2E" (an event value,
 sent as data) would leave as "..", which the partner resolves as "up one level". The session
 keeps such segments encoded, and ``wire_url`` gives adapters the prepared form to log.
+
+``retry_after_seconds`` reads a Retry-After answer as HTTP defines it, for every adapter's
+classification and for the reconciler.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 import urllib.request
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -99,3 +104,19 @@ def http_session(settings: Settings) -> StartupEnvSession:
     session.headers["User-Agent"] = settings.http_user_agent
     session.max_redirects = 5
     return session
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

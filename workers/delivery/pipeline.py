@@ -32,7 +32,8 @@ from workers.delivery.effects import OutcomeEffects
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds import DestinationAdapter, adapter_for
-from workers.kinds.base import EventAggregator, mask_secrets
+from workers.kinds.base import EventAggregator
+from workers.logging import mask_secrets
 from workers.metrics import MetricsRecorder
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
@@ -73,6 +74,8 @@ class DeliveryPipeline:
         self.limiter = limiter
         self.pauses = pauses
         self.requeuer = requeuer
+        # One ledger: the requeuer parks a delivery in it, the pipeline touches and settles it.
+        self.ledger = requeuer.ledger
         self.dead_letters = dead_letters
         self.attempts = attempts
         self.metrics = metrics
@@ -94,7 +97,7 @@ class DeliveryPipeline:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.incr(started_key)
             pipe.expire(started_key, 7 * 24 * 3600)
-            self.requeuer.ledger.touch(pipe, envelope.delivery_id, self.clock())
+            self.ledger.touch(pipe, envelope.delivery_id, self.clock())
             pipe.get(self.keys.paused(envelope.destination))  # read here: one round trip less
             starts, *_, paused = pipe.execute()
             starts = int(starts)
@@ -109,7 +112,7 @@ class DeliveryPipeline:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(started_key)
             if result.status in TERMINAL_STATUSES:
-                self.requeuer.ledger.settle(pipe, envelope.delivery_id)
+                self.ledger.settle(pipe, envelope.delivery_id)
             self.metrics.count(pipe, envelope.destination, result.status)
             if result.attempt is not None:
                 self.attempts.record(pipe, result.attempt)

@@ -9,12 +9,8 @@ import requests
 from urllib3.util import Timeout
 
 from schemas.outcomes import Outcome
-from workers.kinds.base import (
-    RESPONSE_READ_BYTES,
-    DestinationAdapter,
-    OutgoingRequest,
-    mask_secrets,
-)
+from workers.kinds.base import RESPONSE_READ_BYTES, DestinationAdapter, OutgoingRequest
+from workers.logging import mask_secrets
 
 
 class Sender:

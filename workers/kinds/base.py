@@ -5,18 +5,16 @@ format, classifies."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from typing import ClassVar, Protocol
-from urllib.parse import quote
 
 import requests
 
 from config.destination_base import DestinationBase
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Aggregated, Delivered, Outcome, PermanentFailure, RetryLater, Skipped
+from workers.delivery.http import retry_after_seconds
 
 # Enough to parse a partner's JSON answer (X's attribution); records keep a shorter excerpt.
 RESPONSE_READ_BYTES = 64 * 1024
@@ -88,30 +86,3 @@ class EventAggregator(Protocol):
     ) -> Aggregated | Skipped | PermanentFailure:
         """Counted, already counted (Skipped), or never countable (dead-lettered)."""
         ...
-
-
-def mask_secrets(text: str, secrets: Iterable[str]) -> str:
-    """Partners echo requests back in error bodies; what we store must not carry our secrets."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-            encoded = quote(secret, safe="")
-            if encoded != secret:
-                text = text.replace(encoded, "***")
-    return text
-
-
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())

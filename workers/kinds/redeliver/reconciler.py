@@ -11,70 +11,33 @@ however runs overlap and however many reconcilers run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import ijson
 import redis
 import requests
 import structlog
 import urllib3
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from redis.exceptions import LockError
 
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from config.reconcile import ReconcileSource
+from schemas.appmetrica import EXPORT_FIELDS, TIME_FORMAT, ExportRow
 from schemas.envelope import DeliveryEnvelope, Redelivery, delivery_id_for
 from schemas.errors import describe_validation_error
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
-from workers.kinds.base import retry_after_seconds
+from workers.delivery.http import retry_after_seconds
+from workers.stores.delay import DelaySet
 
 log = structlog.get_logger("postback_relay.reconciler")
-
-EXPORT_FIELDS = (
-    "application_id", "postback_url", "conversion_timestamp", "event_name", "cost_model",
-    "notifying_status", "attempt_timestamp", "response_code", "google_aid", "ios_ifa",
-    "appmetrica_device_id", "click_id",
-)  # fmt: skip
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def _blank_to_none(value: Any) -> Any:
-    return None if isinstance(value, str) and not value.strip() else value
-
-
-class ExportRow(BaseModel):
-    """One attempt row. The docs say integers; the official example sends strings: both parse."""
-
-    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True, str_strip_whitespace=True)
-
-    application_id: str = ""
-    postback_url: str = Field(min_length=1)
-    conversion_timestamp: int = Field(ge=0)
-    event_name: str = ""
-    cost_model: str = ""
-    notifying_status: Literal["sent", "failed"]
-    attempt_timestamp: Annotated[int | None, BeforeValidator(_blank_to_none)] = None
-    response_code: Annotated[int | None, BeforeValidator(_blank_to_none)] = None
-    google_aid: str = ""
-    ios_ifa: str = ""
-    appmetrica_device_id: str = ""
-    click_id: str = ""
-
-    @property
-    def identity(self) -> str:
-        """One postback: its URL, conversion time, device (or click) and cost model."""
-        who = self.google_aid or self.ios_ifa or self.appmetrica_device_id or self.click_id
-        raw = "\n".join([self.postback_url, str(self.conversion_timestamp), who, self.cost_model])
-        return hashlib.sha256(raw.encode()).hexdigest()[:40]
-
 
 # AppMetrica has not answered with the export yet: ask again, with the identical request.
 WAITING = frozenset({"pending", "rate_limited"})
@@ -124,6 +87,7 @@ class AppMetricaExport:
         self.source = source
 
     def open(self, since: datetime, until: datetime) -> requests.Response:
+        timeout = self.source.timeout
         params = {
             "application_id": self.source.application_id,
             "date_since": since.strftime(TIME_FORMAT),
@@ -138,7 +102,7 @@ class AppMetricaExport:
                 "Authorization": f"OAuth {self.source.token_value()}",
                 "Accept-Encoding": "gzip",
             },
-            timeout=(self.source.timeout.connect, self.source.timeout.read),
+            timeout=(timeout.connect, timeout.read),
             stream=True,
         )
 
@@ -157,6 +121,7 @@ class Reconciler:
         *,
         destinations: Destinations,
         encoder: TaskMessageEncoder,
+        delays: DelaySet,
         ledger_lease_seconds: float = 7200,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -165,6 +130,7 @@ class Reconciler:
         self.session = session
         self.destinations = destinations
         self.encoder = encoder
+        self.delays = delays
         self.clock = clock
         self._enqueue_once = EnqueueOnce(client, keys, ledger_lease_seconds)
 
@@ -199,6 +165,19 @@ class Reconciler:
         """One request for the export; a 202 or 429 is reported, not waited for."""
         report = self._report_for(source, since, until)
         return self._request(source, report, dry_run, wait_for_lock)
+
+    def poll_again_later(
+        self, source: ReconcileSource, report: RunReport, task_name: str, queue: str
+    ) -> float:
+        """AppMetrica is still preparing the export (or has too many queued): park the task
+        ``task_name`` for ``source`` in the delay set, so no worker is held while it waits.
+
+        Due after AppMetrica's Retry-After, else the source's poll interval for an export being
+        prepared, else a minute. Returns the wait, in seconds."""
+        wait = report.retry_after or (source.poll_seconds if report.state == "pending" else 60)
+        wire = self.encoder.encode(task_name, queue, (source.name,), argsrepr=f"({source.name!r},)")
+        self.delays.schedule(queue, wire, self.clock() + wait)
+        return wait
 
     def run_until_ready(
         self,

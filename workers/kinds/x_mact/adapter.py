@@ -32,7 +32,8 @@ from schemas.outcomes import (
     RetryLater,
     Skipped,
 )
-from workers.kinds.base import DestinationAdapter, OutgoingRequest, retry_after_seconds
+from workers.delivery.http import retry_after_seconds
+from workers.kinds.base import DestinationAdapter, OutgoingRequest
 
 # A 401 means the credentials are wrong: every further request would fail the same way.
 UNAUTHORIZED_PAUSE_SECONDS = 24 * 3600

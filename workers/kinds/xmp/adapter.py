@@ -19,14 +19,10 @@ import requests
 from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater
-from workers.kinds.base import (
-    RETRYABLE_STATUSES,
-    DestinationAdapter,
-    OutgoingRequest,
-    mask_secrets,
-    retry_after_seconds,
-)
+from workers.delivery.http import retry_after_seconds
+from workers.kinds.base import RETRYABLE_STATUSES, DestinationAdapter, OutgoingRequest
 from workers.kinds.xmp.aggregate import XmpRecord
+from workers.logging import mask_secrets
 
 UNAUTHORIZED_PAUSE_SECONDS = 24 * 3600  # until an operator fixes the token and resumes
 

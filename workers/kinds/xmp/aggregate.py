@@ -26,6 +26,7 @@ from config.destination_base import DestinationBase
 from config.keys import RedisKeys
 from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
+from schemas.errors import PostbackRelayError
 from schemas.event import ConversionEvent
 from schemas.outcomes import Aggregated, PermanentFailure, Skipped
 from workers.broker.scripts import load_script
@@ -40,7 +41,7 @@ _LIMITS = {"campaign_id": 64, "adset_id": 64, "ad_id": 64, "event_name": 64,
 
 # Nothing is written unless all of it can be: Redis does not roll back a script that fails
 # half-way, and a 64-bit HINCRBY overflow would fail after the event was marked as counted.
-class XmpReject(ValueError):
+class XmpReject(PostbackRelayError, ValueError):
     """This event cannot become an XMP record; dead-lettered with this reason."""
 
 

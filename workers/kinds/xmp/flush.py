@@ -21,6 +21,8 @@ from redis.exceptions import LockError
 from config.keys import RedisKeys
 from config.kinds.xmp import XmpDestination
 from schemas.attempts import AttemptRecord
+from schemas.deadletter import DeadLetter
+from schemas.errors import PostbackRelayError
 from schemas.outcomes import Delivered, Outcome, PermanentFailure
 from workers.broker.scripts import load_script
 from workers.delivery.effects import OutcomeEffects
@@ -29,7 +31,7 @@ from workers.delivery.sender import Sender
 from workers.kinds.xmp.adapter import XmpAdapter, dumps_exact
 from workers.kinds.xmp.aggregate import MAX_ACTIVE_AGE_DAYS, XmpRecord, active_date_too_old
 from workers.stores.attempts import AttemptLog
-from workers.stores.deadletter import DeadLetter, DeadLetterStore
+from workers.stores.deadletter import DeadLetterStore
 
 log = structlog.get_logger("postback_relay.xmp")
 
@@ -55,7 +57,7 @@ class FlushReport:
         )
 
 
-class _Stop(Exception):
+class _Stop(PostbackRelayError):
     """The rest of this flush waits for the next one: XMP could not take a batch now, or it
     refused us as a whole (``paused``: bad token)."""
 
