@@ -13,6 +13,25 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).parent / "postback-relay"
 
 
+# Two templated destinations for installs: one sends at once, one after a route delay.
+NOW_AND_LATER = """
+[[destination]]
+name = "now"
+kind = "templated"
+url = "https://a.example/i"
+[[destination.routes]]
+type = "install"
+
+[[destination]]
+name = "later"
+kind = "templated"
+url = "https://b.example/i"
+[[destination.routes]]
+type = "install"
+delay_seconds = 60
+"""
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05
 ) -> bool:

@@ -15,13 +15,12 @@ from kombu import Queue
 from config.destinations import Destinations, check_timeouts_nest, load_destinations
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.kinds import KINDS
-from config.kinds.xmp import XmpDestination
 from config.settings import Settings
 from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
 from workers.broker.internals import check_internals
 from workers.broker.transport import Channel, KeepUnreadable
-from workers.kinds.redeliver.reconciler import WAITING
+from workers.kinds import kind_tasks
 from workers.runtime import WorkerRuntime, redis_client
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
@@ -136,55 +135,15 @@ def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
     deliver.__doc__ = f"Deliver one postback to a `{kind}` destination."
 
 
-XMP_FLUSH_TASK = "postback_relay.xmp_flush"
-RECONCILE_TASK = "postback_relay.reconcile"
-
-
 def _register_periodic_tasks(app: PostbackRelay) -> None:
-    """Periodic work: beat publishes, any worker on the queue runs it, a Redis lock inside
-    makes sure it never runs twice at once (ARCHITECTURE rule 8)."""
-
-    @app.task(name=XMP_FLUSH_TASK, queue=queue_for("xmp"), shared=False)
-    def xmp_flush(destination: str) -> str:
-        dest = app.destinations.get(destination)
-        assert isinstance(dest, XmpDestination)
-        summary = app.runtime.xmp_flusher.flush(dest).summary()
-        log.info("xmp.flush", destination=destination, summary=summary)
-        return summary
-
-    @app.task(name=RECONCILE_TASK, queue=queue_for("redeliver"), shared=False)
-    def reconcile(source: str) -> str:
-        rec = app.destinations.reconcile[source]
-        reconciler = app.runtime.reconciler
-        report = reconciler.run(rec)
-        if report.state in WAITING:
-            # Poll again later without holding a worker: the task waits in the delay set.
-            reconciler.poll_again_later(rec, report, RECONCILE_TASK, queue_for("redeliver"))
-        summary = report.summary()
-        log.info("reconcile.run", source=source, summary=summary)
-        return summary
-
-    schedule: dict[str, Any] = {
-        f"reconcile-{rec.name}": {
-            "task": RECONCILE_TASK,
-            "schedule": rec.interval_seconds,
-            "args": (rec.name,),
-            "options": {"queue": queue_for("redeliver"), "expires": rec.interval_seconds},
-        }
-        for rec in app.destinations.reconcile.values()
-        if rec.active
-    }
-    app.conf.beat_schedule = schedule | {
-        f"xmp-flush-{dest.name}": {
-            "task": XMP_FLUSH_TASK,
-            "schedule": dest.flush_interval_seconds,
-            "args": (dest.name,),
-            # A flush that could not start before the next one is due is simply dropped.
-            "options": {"queue": queue_for("xmp"), "expires": dest.flush_interval_seconds},
-        }
-        for dest in app.destinations
-        if isinstance(dest, XmpDestination)
-    }
+    """Periodic work belongs to its kind (workers/kinds/<kind>/tasks.py): beat publishes, any
+    worker on the kind's queue runs it, a Redis lock inside keeps it from running twice at once."""
+    schedule: dict[str, Any] = {}
+    for kind in KINDS:
+        module = kind_tasks(kind)
+        if module is not None:
+            schedule |= module.register(app)
+    app.conf.beat_schedule = schedule
 
 
 class DelayMover(bootsteps.StartStopStep):

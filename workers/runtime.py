@@ -117,7 +117,7 @@ class WorkerRuntime:
             session=self.session,
             limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
             pauses=self.pauses,
-            requeuer=Requeuer(self.delays, self.encoder, self.ledger),
+            requeuer=Requeuer(self.redis, self.delays, self.encoder, self.ledger),
             dead_letters=self.dead_letters,
             attempts=self.attempts,
             metrics=MetricsRecorder(self.keys),

@@ -411,7 +411,8 @@ def test_periodic_reconcile_task_polls_by_itself_and_redelivers(
     redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    from workers.app import RECONCILE_TASK, create_app
+    from workers.app import create_app
+    from workers.kinds.redeliver.tasks import RECONCILE_TASK
 
     never, _late = scenario
     sandbox.polls_before_ready = 2

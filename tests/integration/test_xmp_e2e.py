@@ -30,10 +30,10 @@ from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
 from tests import helpers
 from tests.conftest import WorkerProcess
-from workers.app import XMP_FLUSH_TASK
 from workers.broker.wire import TaskMessageEncoder
 from workers.kinds.xmp.aggregate import record_key_for
 from workers.kinds.xmp.sandbox import SandboxXmp
+from workers.kinds.xmp.tasks import XMP_FLUSH_TASK
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
 

@@ -20,6 +20,7 @@ import requests
 from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import DeliveryEnvelope
+from tests.helpers import NOW_AND_LATER
 from tests.unit.test_xmp import live_event, xmp_dest
 from workers.broker.keys import queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
@@ -37,25 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("workers", "producers", "config", "schemas")
 SCRIPTS = sorted(p for top in PACKAGES for p in (ROOT / top).glob("**/lua/*.lua"))
 SNIPPETS = {"kombu_publish"}  # included by other scripts, never run alone
+
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")
-
-DESTINATIONS = """
-[[destination]]
-name = "now"
-kind = "templated"
-url = "https://a.example/i"
-[[destination.routes]]
-type = "install"
-
-[[destination]]
-name = "later"
-kind = "templated"
-url = "https://b.example/i"
-[[destination.routes]]
-type = "install"
-delay_seconds = 60
-"""
 
 
 def _package_and_name(path: Path) -> tuple[str, str]:
@@ -184,7 +169,7 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     make_producer: Callable[[Path], Producer],
     write_destinations: Callable[[str], Path],
 ) -> None:
-    producer = make_producer(write_destinations(DESTINATIONS))
+    producer = make_producer(write_destinations(NOW_AND_LATER))
     watch.check(lambda: producer.produce({
         "event_id": "e1", "app_id": "id1", "platform": "ios", "event_name": "install",
         "event_time": "2026-11-22T10:00:00Z",

@@ -22,6 +22,7 @@ from kombu import Connection
 from config.keys import RedisKeys, queue_for, task_name_for
 from producers.produce import Producer
 from schemas.envelope import DeliveryEnvelope
+from tests.helpers import NOW_AND_LATER
 from workers.broker import unacked_queues
 from workers.broker.keys import UNACKED, queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
@@ -34,23 +35,6 @@ from workers.stores.requeue import Requeuer
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")
 TASK = task_name_for("templated")
-
-DESTINATIONS = """
-[[destination]]
-name = "now"
-kind = "templated"
-url = "https://a.example/i"
-[[destination.routes]]
-type = "install"
-
-[[destination]]
-name = "later"
-kind = "templated"
-url = "https://b.example/i"
-[[destination.routes]]
-type = "install"
-delay_seconds = 60
-"""
 
 
 @pytest.fixture
@@ -75,7 +59,7 @@ def kombu_queue(redis_url: str) -> Iterator[Callable[[], tuple[str, DeliveryEnve
 def producer(
     make_producer: Callable[[Path], Producer], write_destinations: Callable[[str], Path]
 ) -> Producer:
-    return make_producer(write_destinations(DESTINATIONS))
+    return make_producer(write_destinations(NOW_AND_LATER))
 
 
 def install(event_id: str) -> dict[str, str]:
@@ -104,7 +88,9 @@ def test_a_message_from_each_writer_is_read_by_kombu_as_the_task_it_carries(
     assert set(result.accepted) == {envelope.delivery_id, later.delivery_id}
 
     # 3. the requeue after a retry, for now.
-    Requeuer(delays, encoder, ledger).later(envelope.model_copy(update={"attempt": 1}), 0)
+    Requeuer(redis_client, delays, encoder, ledger).later(
+        envelope.model_copy(update={"attempt": 1}), 0
+    )
     task_id, again = kombu_queue()
     assert (task_id, again.attempt) == (f"{envelope.delivery_id}.1", 1)
 

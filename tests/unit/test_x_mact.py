@@ -595,6 +595,7 @@ def pipeline_for(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
             limiter=GlobalRateLimiter(redis_url, KEYS),
             pauses=PauseRegistry(redis_client, KEYS),
             requeuer=Requeuer(
+                redis_client,
                 DelaySet(redis_client, KEYS),
                 TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
                 DeliveryLedger(redis_client, KEYS, 600),

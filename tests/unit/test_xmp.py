@@ -980,6 +980,7 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
         limiter=GlobalRateLimiter(redis_url, KEYS),
         pauses=PauseRegistry(redis_client, KEYS),
         requeuer=Requeuer(
+            redis_client,
             DelaySet(redis_client, KEYS),
             TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
             DeliveryLedger(redis_client, KEYS, 600),

@@ -1,6 +1,7 @@
 """The workers' side of each destination kind, found by convention from the one list of kinds
 (config/kinds): the package workers/kinds/<kind>/ names its per-delivery adapter as ``ADAPTER``,
-and its commands, if it has any, live in workers/kinds/<kind>/cli.py."""
+its commands, if it has any, live in workers/kinds/<kind>/cli.py, and its periodic Celery tasks, if
+it has any, in workers/kinds/<kind>/tasks.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from config.destination_base import DestinationBase
 from config.kinds import KINDS
 from workers.kinds.base import DestinationAdapter
 
-__all__ = ["ADAPTERS", "DestinationAdapter", "adapter_class", "adapter_for", "kind_commands"]
+__all__ = [
+    "ADAPTERS",
+    "DestinationAdapter",
+    "adapter_class",
+    "adapter_for",
+    "kind_commands",
+    "kind_tasks",
+]
 
 
 def adapter_class(kind: str) -> type[DestinationAdapter]:
@@ -22,11 +30,21 @@ def adapter_class(kind: str) -> type[DestinationAdapter]:
     return cast("type[DestinationAdapter]", package.ADAPTER)
 
 
+def _kind_module(kind: str, module: str) -> ModuleType | None:
+    name = f"{__name__}.{kind}.{module}"
+    return importlib.import_module(name) if importlib.util.find_spec(name) else None
+
+
 def kind_commands(kind: str) -> ModuleType | None:
     """workers/kinds/<kind>/cli.py when the kind has commands of its own: it has ``register(group)``
     and ``SECRETS_READ_BY`` (file section -> its commands that read that section's secrets)."""
-    name = f"{__name__}.{kind}.cli"
-    return importlib.import_module(name) if importlib.util.find_spec(name) else None
+    return _kind_module(kind, "cli")
+
+
+def kind_tasks(kind: str) -> ModuleType | None:
+    """workers/kinds/<kind>/tasks.py when the kind has periodic work of its own: its
+    ``register(app)`` adds the tasks to the app and returns their beat schedule entries."""
+    return _kind_module(kind, "tasks")
 
 
 ADAPTERS: dict[str, type[DestinationAdapter]] = {kind: adapter_class(kind) for kind in KINDS}

@@ -25,8 +25,12 @@ class DelaySet:
         self.keys = keys
         self._move_due = load_script(client, "workers.stores", "move_due")
 
-    def schedule(self, queue: str, wire_message: str, due: float) -> None:
-        self.redis.zadd(self.keys.delayed(queue), {wire_message: due})
+    def schedule(
+        self, queue: str, wire_message: str, due: float, pipe: redis.client.Pipeline | None = None
+    ) -> None:
+        """Hold ``wire_message`` until ``due``; on ``pipe`` inside the caller's transaction."""
+        target = pipe if pipe is not None else self.redis
+        target.zadd(self.keys.delayed(queue), {wire_message: due})
 
     def move_due(self, queues: Iterable[str], now: float | None = None, limit: int = 1000) -> int:
         """Publish every message whose time has come; returns how many moved."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import redis
+
 from config.keys import queue_for
 from schemas.envelope import DeliveryEnvelope
 from workers.broker.publish import publish
@@ -20,8 +22,13 @@ class Requeuer:
     """Puts an envelope back for later: on the queue now, or in the delay set until it is due."""
 
     def __init__(
-        self, delays: DelaySet, encoder: TaskMessageEncoder, ledger: DeliveryLedger
+        self,
+        client: redis.Redis,
+        delays: DelaySet,
+        encoder: TaskMessageEncoder,
+        ledger: DeliveryLedger,
     ) -> None:
+        self.redis = client
         self.delays = delays
         self.encoder = encoder
         self.ledger = ledger
@@ -32,10 +39,10 @@ class Requeuer:
             envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
         )
         due = (time.time() if now is None else now) + max(0.0, delay)
-        with self.delays.redis.pipeline(transaction=True) as pipe:
+        with self.redis.pipeline(transaction=True) as pipe:
             if delay <= 0:
                 publish(pipe, queue, wire)
             else:
-                pipe.zadd(self.delays.keys.delayed(queue), {wire: due})
+                self.delays.schedule(queue, wire, due, pipe=pipe)
             self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
             pipe.execute()
