@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 from config.destination_base import DestinationBase
 from config.kinds import KINDS
@@ -19,6 +19,7 @@ __all__ = [
     "DestinationAdapter",
     "adapter_class",
     "adapter_for",
+    "beat_entry",
     "kind_commands",
     "kind_tasks",
 ]
@@ -28,6 +29,17 @@ def adapter_class(kind: str) -> type[DestinationAdapter]:
     """The kind's adapter: ``ADAPTER`` in workers/kinds/<kind>/__init__.py."""
     package = importlib.import_module(f"{__name__}.{kind}")
     return cast("type[DestinationAdapter]", package.ADAPTER)
+
+
+def beat_entry(task: str, name: str, every: float, queue: str) -> dict[str, Any]:
+    """Beat runs ``task(name)`` every ``every`` seconds on ``queue``; a run that could not start
+    before the next one is due is dropped (it expires), so a backlog never piles up runs."""
+    return {
+        "task": task,
+        "schedule": every,
+        "args": (name,),
+        "options": {"queue": queue, "expires": every},
+    }
 
 
 def _kind_module(kind: str, module: str) -> ModuleType | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -112,27 +112,22 @@ class AppMetricaExport:
         yield from ijson.items(response.raw, "data.item")
 
 
+@dataclass(eq=False)
 class Reconciler:
-    def __init__(
-        self,
-        client: redis.Redis,
-        keys: RedisKeys,
-        session: requests.Session,
-        *,
-        destinations: Destinations,
-        encoder: TaskMessageEncoder,
-        delays: DelaySet,
-        ledger_lease_seconds: float = 7200,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.redis = client
-        self.keys = keys
-        self.session = session
-        self.destinations = destinations
-        self.encoder = encoder
-        self.delays = delays
-        self.clock = clock
-        self._enqueue_once = EnqueueOnce(client, keys, ledger_lease_seconds)
+    """One run per call: read a source's export window, redeliver what failed and never went out."""
+
+    redis: redis.Redis
+    keys: RedisKeys
+    session: requests.Session
+    _: KW_ONLY
+    destinations: Destinations
+    encoder: TaskMessageEncoder
+    delays: DelaySet
+    ledger_lease_seconds: float = 7200
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self._enqueue_once = EnqueueOnce(self.redis, self.keys, self.ledger_lease_seconds)
 
     def window(self, source: ReconcileSource) -> tuple[datetime, datetime]:
         """From the checkpoint minus the overlap (or the first look-back) to now minus settle.

@@ -9,6 +9,7 @@ import structlog
 
 from config.keys import queue_for
 from config.reconcile import RECONCILE_KIND
+from workers.kinds import beat_entry
 from workers.kinds.redeliver.reconciler import WAITING
 
 if TYPE_CHECKING:
@@ -36,12 +37,7 @@ def register(app: PostbackRelay) -> dict[str, Any]:
         return summary
 
     return {
-        f"reconcile-{rec.name}": {
-            "task": RECONCILE_TASK,
-            "schedule": rec.interval_seconds,
-            "args": (rec.name,),
-            "options": {"queue": queue, "expires": rec.interval_seconds},
-        }
+        f"reconcile-{rec.name}": beat_entry(RECONCILE_TASK, rec.name, rec.interval_seconds, queue)
         for rec in app.destinations.reconcile.values()
         if rec.active
     }

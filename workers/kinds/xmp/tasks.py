@@ -9,6 +9,7 @@ import structlog
 
 from config.keys import queue_for
 from config.kinds.xmp import XmpDestination
+from workers.kinds import beat_entry
 
 if TYPE_CHECKING:
     from workers.app import PostbackRelay
@@ -32,13 +33,9 @@ def register(app: PostbackRelay) -> dict[str, Any]:
         return summary
 
     return {
-        f"xmp-flush-{dest.name}": {
-            "task": XMP_FLUSH_TASK,
-            "schedule": dest.flush_interval_seconds,
-            "args": (dest.name,),
-            # A flush that could not start before the next one is due is simply dropped.
-            "options": {"queue": queue, "expires": dest.flush_interval_seconds},
-        }
+        f"xmp-flush-{dest.name}": beat_entry(
+            XMP_FLUSH_TASK, dest.name, dest.flush_interval_seconds, queue
+        )
         for dest in app.destinations
         if isinstance(dest, XmpDestination)
     }
