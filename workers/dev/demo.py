@@ -206,6 +206,8 @@ def _produce_and_watch(
                 break
             time.sleep(0.5)
         live.update(tally.table("done"))
+    if not console.is_terminal:
+        console.line()  # Live leaves its last frame without a line end when output is not a tty
 
 
 def _redis_for_demo(stack: ExitStack, data_dir: Path, console: Console) -> str | None:
