@@ -17,7 +17,7 @@ from config.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
-from workers.delivery.http import http_session
+from workers.delivery.http import http_client, http_session
 from workers.delivery.pipeline import DeliveryPipeline, PipelineResult
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
@@ -93,6 +93,10 @@ class WorkerRuntime:
         self._lock = threading.RLock()
 
     redis = built_once(lambda rt: redis_client(rt.settings))
+    # Deliveries and XMP's flush share one sender on urllib3's pools; the reconciler streams
+    # AppMetrica's export through a requests session (workers/delivery/http.py says why).
+    http = built_once(lambda rt: http_client(rt.settings))
+    sender = built_once(lambda rt: Sender(rt.http))
     session = built_once(lambda rt: http_session(rt.settings))
     encoder = built_once(lambda rt: TaskMessageEncoder(rt._app))
     delays = built_once(lambda rt: DelaySet(rt.redis, rt.keys))
@@ -114,7 +118,7 @@ class WorkerRuntime:
     def pipeline(self) -> DeliveryPipeline:
         return DeliveryPipeline(
             destinations=self.destinations,
-            session=self.session,
+            sender=self.sender,
             limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
             pauses=self.pauses,
             requeuer=Requeuer(self.redis, self.delays, self.encoder, self.ledger),
@@ -132,7 +136,7 @@ class WorkerRuntime:
         return XmpFlusher(
             self.redis,
             self.keys,
-            Sender(self.session),
+            self.sender,
             dead_letters=self.dead_letters,
             pauses=self.pauses,
             attempts=self.attempts,

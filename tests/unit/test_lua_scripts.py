@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 
 from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
@@ -26,6 +25,7 @@ from workers.broker.keys import queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.scripts import load_script, script_text
 from workers.broker.wire import decode_task_args
+from workers.delivery.http import HttpClient
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds.xmp.aggregate import XmpAggregator
@@ -212,7 +212,7 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     xmp = xmp_dest()
     watch.check(lambda: XmpAggregator(redis_client, KEYS).add(xmp, live_event(now), now))
     flusher = XmpFlusher(
-        redis_client, KEYS, Sender(requests.Session()), dead_letters=store, pauses=pauses
+        redis_client, KEYS, Sender(HttpClient("test")), dead_letters=store, pauses=pauses
     )
     pending = flusher.pending(xmp)
     assert len(pending) == 1

@@ -14,8 +14,6 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-import requests
-from requests.structures import CaseInsensitiveDict
 
 from config.destinations import parse_destinations
 from config.keys import RedisKeys, queue_for
@@ -23,7 +21,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
-from workers.delivery.http import retry_after_seconds
+from workers.delivery.http import HttpAnswer, HttpFailure, retry_after_seconds
 from workers.delivery.pipeline import retries_counted
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.dev.receiver import Answer, PostbackReceiver
@@ -85,11 +83,8 @@ def adapter() -> TemplatedAdapter:
     return TemplatedAdapter(dest)  # type: ignore[arg-type]
 
 
-def response(status: int, headers: dict[str, str] | None = None) -> requests.Response:
-    resp = requests.Response()
-    resp.status_code = status
-    resp.headers = CaseInsensitiveDict(headers or {})
-    return resp
+def response(status: int, headers: dict[str, str] | None = None) -> HttpAnswer:
+    return HttpAnswer.of(status, headers or {})
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 299])
@@ -140,19 +135,19 @@ def test_classify_auth_failures_are_permanent_with_alarm(
 @pytest.mark.parametrize(
     "exc",
     [
-        requests.Timeout("t"),
-        requests.ConnectTimeout("t"),
-        requests.ReadTimeout("t"),
-        requests.ConnectionError("refused"),
+        HttpFailure("timeout", "Timeout"),
+        HttpFailure("timeout", "ConnectTimeout"),
+        HttpFailure("timeout", "ReadTimeout"),
+        HttpFailure("connection", "ConnectionError"),
     ],
 )
 def test_classify_error_timeouts_and_connection_errors_retry(
-    adapter: TemplatedAdapter, exc: requests.RequestException
+    adapter: TemplatedAdapter, exc: HttpFailure
 ) -> None:
     outcome = adapter.classify_error(exc)
     assert isinstance(outcome, RetryLater)
     assert outcome.status is None
-    assert type(exc).__name__ in outcome.reason
+    assert exc.name in outcome.reason
 
 
 # --- DelaySet --------------------------------------------------------------------------------

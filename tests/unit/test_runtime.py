@@ -32,6 +32,7 @@ def runtime(
 
     monkeypatch.setattr(workers.runtime, "DeliveryPipeline", must_not_build)
     monkeypatch.setattr(workers.runtime, "http_session", must_not_build)
+    monkeypatch.setattr(workers.runtime, "http_client", must_not_build)
     return make_runtime(net_destination)
 
 
@@ -87,7 +88,7 @@ def test_creating_the_app_builds_nothing_of_the_runtime(
     """The app is created before the pool forks: a client built then would cross the fork."""
     app = create_app(Settings(redis_url=redis_url, destinations_file=net_destination))
     built = {name for name, value in vars(WorkerRuntime).items() if isinstance(value, built_once)}
-    assert {"redis", "session", "pipeline", "dead_letters", "reconciler"} <= built
+    assert {"redis", "http", "sender", "session", "pipeline", "dead_letters", "reconciler"} <= built
     assert built.isdisjoint(vars(app.runtime))
 
 
@@ -99,7 +100,8 @@ def test_each_object_is_built_once_and_shared(
     assert runtime.pipeline is pipeline
     assert pipeline.dead_letters is runtime.dead_letters
     assert pipeline.ledger is runtime.ledger
-    assert pipeline.session is runtime.session
+    assert pipeline.sender is runtime.sender
+    assert runtime.xmp_flusher.sender is runtime.sender
     assert pipeline.redis is runtime.redis
     reconciler = runtime.reconciler
     assert (reconciler.encoder, reconciler.delays) == (runtime.encoder, runtime.delays)

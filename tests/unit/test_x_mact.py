@@ -29,20 +29,22 @@ import redis
 import requests
 from celery import Celery
 from click.testing import CliRunner
-from requests.structures import CaseInsensitiveDict
 
 from config.destination_base import ConfigError
 from config.destinations import Destinations, load_destinations, parse_destinations
 from config.keys import RedisKeys, queue_for
 from config.kinds import KINDS
 from config.kinds.x_mact import DEFAULT_X_CONVERSIONS, X_CREDENTIALS, XMactDestination
+from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
 from workers.broker.wire import TaskMessageEncoder
 from workers.cli.main import main
+from workers.delivery.http import HttpAnswer, HttpClient, http_client
 from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.delivery.sender import Sender
 from workers.kinds.base import OutgoingRequest
 from workers.kinds.x_mact.adapter import XMactAdapter, price_micro
 from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
@@ -475,7 +477,7 @@ def test_wrong_credentials_get_401_unauthorized_access(
     assert response.status_code == 401
     assert [e["code"] for e in response.json()["errors"]] == ["UNAUTHORIZED_ACCESS"]
     assert len(sandbox.requests) == 1
-    outcome = adapter.classify(response, response.text)
+    outcome = adapter.classify(HttpAnswer.of(response.status_code, response.headers), response.text)
     assert isinstance(outcome, PermanentFailure)
     assert outcome.status == 401
     assert "UNAUTHORIZED_ACCESS" in outcome.reason
@@ -584,14 +586,14 @@ def test_no_usable_device_id_is_skipped(event: dict[str, Any]) -> None:
 
 @pytest.fixture
 def pipeline_for(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
-    sessions: list[requests.Session] = []
+    clients: list[HttpClient] = []
 
     def make(destinations: Destinations) -> DeliveryPipeline:
-        session = requests.Session()
-        sessions.append(session)
+        client = http_client(Settings())
+        clients.append(client)
         return DeliveryPipeline(
             destinations=destinations,
-            session=session,
+            sender=Sender(client),
             limiter=GlobalRateLimiter(redis_url, KEYS),
             pauses=PauseRegistry(redis_client, KEYS),
             requeuer=Requeuer(
@@ -608,8 +610,8 @@ def pipeline_for(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
         )
 
     yield make
-    for session in sessions:
-        session.close()
+    for client in clients:
+        client.close()
 
 
 def test_pipeline_records_a_skip_not_an_error(
@@ -860,11 +862,8 @@ routes = [{ type = "install" }]
 RESET = 2_000_000_000  # far in the future: epoch seconds of 2033
 
 
-def response(status: int, headers: dict[str, str] | None = None) -> requests.Response:
-    resp = requests.Response()
-    resp.status_code = status
-    resp.headers = CaseInsensitiveDict(headers or {})
-    return resp
+def response(status: int, headers: dict[str, str] | None = None) -> HttpAnswer:
+    return HttpAnswer.of(status, headers or {})
 
 
 def rate(remaining: int, reset: float = RESET) -> dict[str, str]:
@@ -957,7 +956,7 @@ def test_classify_400_from_the_sandbox_names_the_missing_parameter(sandbox: Sand
     resigned = adapter._signed("POST", "conversion_event", params)
     answer = send(resigned)
     assert answer.status_code == 400
-    outcome = adapter.classify(answer, answer.text)
+    outcome = adapter.classify(HttpAnswer.of(answer.status_code, answer.headers), answer.text)
     assert isinstance(outcome, PermanentFailure)
     assert "MISSING_PARAMETER (app_id)" in outcome.reason
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import redis
-import requests
 import structlog
 from celery import Celery
 
@@ -41,6 +40,7 @@ from schemas.event import ConversionEvent
 from schemas.outcomes import Outcome, PermanentFailure
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.effects import OutcomeEffects
+from workers.delivery.http import HttpClient, http_client
 from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
@@ -140,9 +140,9 @@ def count_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Harness:
-    """An aggregator and a flusher on the test's Redis, sending with a plain requests.Session."""
+    """An aggregator and a flusher on the test's Redis, sending with a worker's HTTP client."""
 
-    def __init__(self, client: redis.Redis, session: requests.Session | None = None) -> None:
+    def __init__(self, client: redis.Redis, http: HttpClient | None = None) -> None:
         self.redis = client
         self.sleeps = SLEEPS
         self.dead_letters = DeadLetterStore(client, KEYS)
@@ -152,7 +152,7 @@ class Harness:
         self.flusher = XmpFlusher(
             client,
             KEYS,
-            Sender(session or requests.Session()),
+            Sender(http or http_client(Settings())),
             dead_letters=self.dead_letters,
             pauses=self.pauses,
             attempts=self.attempts,
@@ -684,17 +684,15 @@ def test_an_event_added_while_a_flush_is_in_progress_keeps_its_key_dirty(
     now = datetime.now(UTC)
     hooks: list[Callable[[], None]] = []
 
-    class AddsWhileSending(requests.Session):
+    class AddsWhileSending(HttpClient):
         """The event arrives after the flush read the totals and before it marks them sent."""
 
-        def request(  # type: ignore[override]
-            self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
-        ) -> requests.Response:
+        def open(self, method: str, url: str, **kwargs: Any) -> Any:
             while hooks:
                 hooks.pop()()
-            return super().request(method, url, *args, **kwargs)
+            return super().open(method, url, **kwargs)
 
-    harness = Harness(redis_client, AddsWhileSending())
+    harness = Harness(redis_client, AddsWhileSending("test"))
     for number in range(3):
         harness.aggregator.add(dest, live_event(now, event_id=f"f-{number}"), now)
     (rid,) = harness.dirty(dest)
@@ -931,12 +929,10 @@ def test_the_flush_lock_is_held_for_as_long_as_a_slow_flush_runs(
     lock_key = KEYS.lock("xmp-flush:xmp")
     held: list[bool] = []
 
-    class Slow(requests.Session):
+    class Slow(HttpClient):
         """Let 50 s pass for the lock's TTL at each send, without waiting them out."""
 
-        def request(  # type: ignore[override]
-            self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
-        ) -> requests.Response:
+        def open(self, method: str, url: str, **kwargs: Any) -> Any:
             held.append(bool(redis_client.exists(lock_key)))
             ttl = int(redis_client.pttl(lock_key))
             if ttl > 0:
@@ -945,9 +941,9 @@ def test_the_flush_lock_is_held_for_as_long_as_a_slow_flush_runs(
                     redis_client.delete(lock_key)
                 else:
                     redis_client.pexpire(lock_key, left)
-            return super().request(method, url, *args, **kwargs)
+            return super().open(method, url, **kwargs)
 
-    harness = Harness(redis_client, Slow())
+    harness = Harness(redis_client, Slow("test"))
     for number in range(5):
         ev = live_event(now, event_id=f"z-{number}", campaign_id=f"c{number}")
         assert harness.aggregator.add(dest, ev, now)
@@ -976,7 +972,7 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
     dead_letters = DeadLetterStore(redis_client, KEYS)
     pipeline = DeliveryPipeline(
         destinations=destinations,
-        session=requests.Session(),
+        sender=Sender(http_client(Settings())),
         limiter=GlobalRateLimiter(redis_url, KEYS),
         pauses=PauseRegistry(redis_client, KEYS),
         requeuer=Requeuer(

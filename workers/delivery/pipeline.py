@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import redis
-import requests
 import structlog
 
 from config.destination_base import DestinationBase
@@ -56,7 +55,7 @@ class DeliveryPipeline:
         self,
         *,
         destinations: Destinations,
-        session: requests.Session,
+        sender: Sender,
         limiter: GlobalRateLimiter,
         pauses: PauseRegistry,
         requeuer: Requeuer,
@@ -70,7 +69,6 @@ class DeliveryPipeline:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.destinations = destinations
-        self.session = session
         self.limiter = limiter
         self.pauses = pauses
         self.requeuer = requeuer
@@ -83,7 +81,7 @@ class DeliveryPipeline:
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
-        self.sender = Sender(session)
+        self.sender = sender
         self.effects = OutcomeEffects(pauses, dead_letters)
         # A kind that takes totals (XMP) counts each delivery; its periodic flush does the sending.
         self.aggregators = {aggregator.kind: aggregator for aggregator in aggregators}

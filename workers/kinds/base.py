@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Protocol
 
-import requests
-
 from config.destination_base import DestinationBase
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Aggregated, Delivered, Outcome, PermanentFailure, RetryLater, Skipped
-from workers.delivery.http import retry_after_seconds
+from workers.delivery.http import HttpAnswer, HttpFailure, retry_after_seconds
 
 # Enough to parse a partner's JSON answer (X's attribution); records keep a shorter excerpt.
 RESPONSE_READ_BYTES = 64 * 1024
@@ -52,9 +50,9 @@ class DestinationAdapter(ABC):
         """Which shared limiter this delivery counts against (the destination, by default)."""
         return self.destination.name
 
-    def classify(self, response: requests.Response, body_excerpt: str) -> Outcome:
+    def classify(self, answer: HttpAnswer, body_excerpt: str) -> Outcome:
         """2xx delivered; 408/425/429/5xx retry; other 4xx permanent (401/403 also alarm)."""
-        status = response.status_code
+        status = answer.status
         if 200 <= status < 300:
             return Delivered(status, body_excerpt)
         if status in RETRYABLE_STATUSES or status >= 500:
@@ -62,17 +60,17 @@ class DestinationAdapter(ABC):
                 f"HTTP {status}",
                 status,
                 body_excerpt,
-                retry_after_seconds(response.headers.get("Retry-After")),
+                retry_after_seconds(answer.header("Retry-After")),
             )
         return PermanentFailure(f"HTTP {status}", status, body_excerpt, alarm=status in {401, 403})
 
-    def classify_error(self, exc: requests.RequestException) -> Outcome:
+    def classify_error(self, failure: HttpFailure) -> Outcome:
         """Timeouts, refused connections and DNS failures are transient."""
-        if isinstance(exc, requests.Timeout):
-            return RetryLater(f"timeout ({type(exc).__name__})")
-        if isinstance(exc, requests.ConnectionError):
-            return RetryLater(f"connection error ({type(exc).__name__})")
-        return PermanentFailure(f"request error ({type(exc).__name__})")
+        if failure.kind == "timeout":
+            return RetryLater(f"timeout ({failure.name})")
+        if failure.kind == "connection":
+            return RetryLater(f"connection error ({failure.name})")
+        return PermanentFailure(f"request error ({failure.name})")
 
 
 class EventAggregator(Protocol):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from config.kinds.redeliver import RedeliverDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import PermanentFailure
+from workers.delivery.http import wire_url
 from workers.kinds.base import DestinationAdapter, OutgoingRequest
 
 
@@ -62,5 +63,7 @@ class RedeliverAdapter(DestinationAdapter):
         if why is not None:
             return PermanentFailure(why)
         headers = {"X-Idempotency-Key": envelope.delivery_id}
-        # A redirect's target was never checked: it is not followed (an answer of 3xx fails).
-        return OutgoingRequest("GET", url, url, headers, None, follow_redirects=False)
+        # Sent in the form requests sent it (an export's URL may hold characters to encode);
+        # logged as the export recorded it. A redirect's target was never checked: it is not
+        # followed (an answer of 3xx fails).
+        return OutgoingRequest("GET", wire_url(url), url, headers, None, follow_redirects=False)

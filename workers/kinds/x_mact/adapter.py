@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlencode
 
-import requests
 from oauthlib.oauth1 import SIGNATURE_HMAC_SHA1, SIGNATURE_TYPE_AUTH_HEADER, Client
 
 from config.kinds.x_mact import XMactDestination
@@ -32,7 +31,7 @@ from schemas.outcomes import (
     RetryLater,
     Skipped,
 )
-from workers.delivery.http import retry_after_seconds
+from workers.delivery.http import HttpAnswer, retry_after_seconds
 from workers.kinds.base import DestinationAdapter, OutgoingRequest
 
 # A 401 means the credentials are wrong: every further request would fail the same way.
@@ -129,10 +128,10 @@ class XMactAdapter(DestinationAdapter):
             return params
         return self._signed("GET", "conversion_attribution", params)
 
-    def classify(self, response: requests.Response, body_excerpt: str) -> Outcome:
-        status = response.status_code
-        budget = _budget(response.headers)
-        body = _json(response, body_excerpt)
+    def classify(self, answer: HttpAnswer, body_excerpt: str) -> Outcome:
+        status = answer.status
+        budget = _budget(answer)
+        body = _json(body_excerpt)
         if 200 <= status < 300:
             data = body.get("data") if isinstance(body, dict) else None
             attribution = None
@@ -144,12 +143,12 @@ class XMactAdapter(DestinationAdapter):
             return Delivered(status, body_excerpt, attribution, budget)
         reason = f"HTTP {status} {_x_errors(body)}".rstrip()
         if status == 429:
-            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            wait = retry_after_seconds(answer.header("Retry-After"))
             if wait is None and budget is not None:
                 wait = max(0.0, budget.reset_at - time.time())
             return RetryLater(reason, status, body_excerpt, wait, budget)
         if status >= 500 or status in {408, 425}:
-            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            wait = retry_after_seconds(answer.header("Retry-After"))
             return RetryLater(reason, status, body_excerpt, wait, budget)
         if status == 401:
             return PermanentFailure(
@@ -159,7 +158,7 @@ class XMactAdapter(DestinationAdapter):
         return PermanentFailure(reason, status, body_excerpt, alarm=status == 403, budget=budget)
 
 
-def _json(response: requests.Response, excerpt: str) -> Any:
+def _json(excerpt: str) -> Any:
     try:
         return json.loads(excerpt)
     except ValueError:
@@ -180,8 +179,8 @@ def _x_errors(body: Any) -> str:
     return "; ".join(parts)
 
 
-def _budget(headers: Any) -> RateBudget | None:
-    remaining, reset = headers.get("x-rate-limit-remaining"), headers.get("x-rate-limit-reset")
+def _budget(answer: HttpAnswer) -> RateBudget | None:
+    remaining, reset = answer.header("x-rate-limit-remaining"), answer.header("x-rate-limit-reset")
     if remaining is None or reset is None:
         return None
     try:

@@ -14,12 +14,10 @@ from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
-import requests
-
 from config.kinds.xmp import XmpDestination
 from schemas.envelope import DeliveryEnvelope
 from schemas.outcomes import Delivered, Outcome, PermanentFailure, RetryLater
-from workers.delivery.http import retry_after_seconds
+from workers.delivery.http import HttpAnswer, retry_after_seconds
 from workers.kinds.base import RETRYABLE_STATUSES, DestinationAdapter, OutgoingRequest
 from workers.kinds.xmp.aggregate import XmpRecord
 from workers.logging import mask_secrets
@@ -47,11 +45,11 @@ class XmpAdapter(DestinationAdapter):
             body=dumps_exact(body),
         )
 
-    def classify(self, response: requests.Response, body_excerpt: str) -> Outcome:
-        status = response.status_code
-        answer = _parse(body_excerpt)
-        code = answer.get("code") if isinstance(answer.get("code"), int) else status
-        msg = str(answer.get("msg", ""))[:500]
+    def classify(self, answer: HttpAnswer, body_excerpt: str) -> Outcome:
+        status = answer.status
+        said = _parse(body_excerpt)
+        code = said.get("code") if isinstance(said.get("code"), int) else status
+        msg = str(said.get("msg", ""))[:500]
         if status == 200 and code == 200:
             return Delivered(status, body_excerpt)
         if code == 401 or status in {401, 403}:
@@ -65,7 +63,7 @@ class XmpAdapter(DestinationAdapter):
             f"XMP answered HTTP {status} code {code} {msg}".strip(),
             status,
             body_excerpt,
-            retry_after_seconds(response.headers.get("Retry-After")),
+            retry_after_seconds(answer.header("Retry-After")),
         )
 
     @staticmethod
