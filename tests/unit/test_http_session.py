@@ -1,12 +1,14 @@
-"""The worker's HTTP session reads proxy and CA settings from the environment once, at start-up."""
+"""The worker's HTTP session reads proxy and CA settings from the environment once, at start-up
+(deliveries' client too: tests/unit/test_http_client.py)."""
 
 from __future__ import annotations
 
 import pytest
 import requests
+import urllib3
 
 from config.settings import Settings
-from workers.delivery.http import StartupEnvSession, http_session, wire_url
+from workers.delivery.http import StartupEnvSession, http_client, http_session, wire_url
 from workers.dev.receiver import PostbackReceiver
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -20,28 +22,41 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def status_of_get(via: str, url: str) -> int:
+    """GET ``url`` with a client built now: the reconciler's session or deliveries' client."""
+    if via == "session":
+        return http_session(Settings()).get(url, timeout=5).status_code
+    response = http_client(Settings()).open(
+        "GET", url, headers={}, body=None, timeout=urllib3.Timeout(5), follow_redirects=True
+    )
+    return response.status
+
+
+@pytest.mark.parametrize("via", ["session", "client"])
 def test_a_proxy_from_the_environment_carries_the_request(
-    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver, via: str
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", receiver.url)
-    session = http_session(Settings())
     # partner.invalid cannot resolve: the request can only arrive through the proxy.
-    response = session.get("http://partner.invalid/pb?idfa=1", timeout=5)
-    assert response.status_code == 200
+    assert status_of_get(via, "http://partner.invalid/pb?idfa=1") == 200
     (got,) = receiver.wait_for(1, timeout=5)
     assert got.raw_target == "http://partner.invalid/pb?idfa=1"  # absolute form: a proxy request
     assert got.headers["Host"] == "partner.invalid"
 
 
+@pytest.mark.parametrize("via", ["session", "client"])
 def test_no_proxy_hosts_are_reached_directly(
-    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver
+    monkeypatch: pytest.MonkeyPatch, receiver: PostbackReceiver, via: str
 ) -> None:
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens: would fail
     monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
     session = http_session(Settings())
     assert session.proxies_for(receiver.url + "/pb") == {}
     assert session.proxies_for("http://partner.example/pb") == {"http": "http://127.0.0.1:9"}
-    assert session.get(receiver.url + "/pb?x=1", timeout=5).status_code == 200
+    client = http_client(Settings())
+    assert client.proxy_for(receiver.url + "/pb") is None
+    assert client.proxy_for("http://partner.example/pb") == "http://127.0.0.1:9"
+    assert status_of_get(via, receiver.url + "/pb?x=1") == 200
     (got,) = receiver.wait_for(1, timeout=5)
     assert got.raw_target == "/pb?x=1"
 
@@ -72,16 +87,17 @@ def test_an_explicit_proxies_argument_wins(
     assert session.get(receiver.url + "/pb", proxies={}, timeout=5).status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("written", "sent"),
-    [
-        ("/pb/%2E%2E/end", "/pb/%2E%2E/end"),
-        ("/pb/%2e/end", "/pb/%2E/end"),
-        ("/pb/.%2E?x=..", "/pb/%2E%2E?x=.."),  # the query has no segments to resolve
-        ("/pb/x/../end", "/pb/end"),  # written as a dot segment: resolved, as requests always did
-        ("/pb/caf\u00e9/a[1]#frag", "/pb/caf%C3%A9/a%5B1%5D"),  # encoded; a fragment is not sent
-    ],
-)
+# (a URL as written, its request target as the partner receives it): also tests/unit/test_http_client.py
+DOT_SEGMENT_CASES = [
+    ("/pb/%2E%2E/end", "/pb/%2E%2E/end"),
+    ("/pb/%2e/end", "/pb/%2E/end"),
+    ("/pb/.%2E?x=..", "/pb/%2E%2E?x=.."),  # the query has no segments to resolve
+    ("/pb/x/../end", "/pb/end"),  # written as a dot segment: resolved, as requests always did
+    ("/pb/caf\u00e9/a[1]#frag", "/pb/caf%C3%A9/a%5B1%5D"),  # encoded; a fragment is not sent
+]
+
+
+@pytest.mark.parametrize(("written", "sent"), DOT_SEGMENT_CASES)
 def test_a_percent_encoded_dot_segment_is_sent_as_written_and_wire_url_says_so(
     receiver: PostbackReceiver, written: str, sent: str
 ) -> None:

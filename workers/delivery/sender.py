@@ -11,6 +11,7 @@ from schemas.outcomes import Outcome
 from workers.delivery.http import (
     HttpAnswer,
     HttpClient,
+    TooManyRedirects,
     body_encoding,
     failure_of,
     read_excerpt,
@@ -49,7 +50,7 @@ class Sender:
                 follow_redirects=request.follow_redirects,
             )
             excerpt = read_excerpt(response, RESPONSE_READ_BYTES)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError, TooManyRedirects) as exc:
             outcome = adapter.classify_error(failure_of(exc))
         else:
             encoding = body_encoding(response.headers.get("Content-Type"))
