@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-import requests
 from common import (
     CORES,
     IDFA_NS,
@@ -55,6 +54,7 @@ from common import (
 from config.keys import RedisKeys
 from config.kinds.xmp import XmpDestination
 from schemas.event import ConversionEvent
+from workers.delivery.http import HttpClient
 from workers.delivery.ratelimit import PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds.xmp.aggregate import XmpAggregator
@@ -200,7 +200,7 @@ def main() -> None:
         flusher = XmpFlusher(
             info.client,
             keys,
-            Sender(requests.Session()),
+            Sender(HttpClient("postback-relay-bench")),
             dead_letters=DeadLetterStore(info.client, keys),
             pauses=PauseRegistry(info.client, keys),
         )
