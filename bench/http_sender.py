@@ -24,13 +24,8 @@ from common import Receiver, header, machine, row, run_main, workspace
 from requests.exceptions import RequestException
 
 from schemas.outcomes import Outcome
-from workers.delivery.http import (
-    HttpAnswer,
-    HttpFailure,
-    StartupEnvSession,
-    http_client,
-    http_session,
-)
+from workers.delivery.client import http_client
+from workers.delivery.http import HttpAnswer, HttpFailure, StartupEnvSession, http_session
 from workers.delivery.sender import Sender
 from workers.kinds.base import RESPONSE_READ_BYTES, DestinationAdapter, OutgoingRequest
 from workers.logging import mask_secrets

@@ -54,7 +54,7 @@ from common import (
 from config.keys import RedisKeys
 from config.kinds.xmp import XmpDestination
 from schemas.event import ConversionEvent
-from workers.delivery.http import HttpClient
+from workers.delivery.client import HttpClient
 from workers.delivery.ratelimit import PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds.xmp.aggregate import XmpAggregator

@@ -17,7 +17,8 @@ from config.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
-from workers.delivery.http import http_client, http_session
+from workers.delivery.client import http_client
+from workers.delivery.http import http_session
 from workers.delivery.pipeline import DeliveryPipeline, PipelineResult
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender

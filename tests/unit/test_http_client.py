@@ -5,23 +5,27 @@ the environment read once, at start-up."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import certifi
 import pytest
 
 from config.settings import Settings
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
 from tests.unit.test_http_session import DOT_SEGMENT_CASES
-from workers.delivery.http import HttpClient, body_encoding, http_client, wire_url
+from workers.delivery.client import CaBundleError, HttpClient, body_encoding, http_client
+from workers.delivery.http import wire_url
 from workers.delivery.sender import Sender
 from workers.dev.receiver import PostbackReceiver
 from workers.kinds.base import RESPONSE_READ_BYTES, DestinationAdapter, OutgoingRequest
@@ -350,20 +354,65 @@ def test_no_request_reads_the_environment(
     assert isinstance(outcome, Delivered)
 
 
-def test_ca_bundle_variables_set_verification(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert HttpClient("ua").pool_kwargs["ca_certs"] == certifi.where()  # requests' default
-    assert HttpClient("ua").pool_kwargs["cert_reqs"] == "CERT_REQUIRED"
-    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/curl.pem")
-    assert HttpClient("ua").pool_kwargs["ca_certs"] == "/etc/ssl/curl.pem"
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/requests.pem")
-    assert HttpClient("ua").pool_kwargs["ca_certs"] == "/etc/ssl/requests.pem"  # requests' order
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs")  # a directory
-    assert HttpClient("ua").pool_kwargs["ca_cert_dir"] == "/etc/ssl/certs"
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl makes the test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out",
+         cert, "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_partner(partner: Partner, certificate: tuple[Path, Path]) -> Partner:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    partner.server.socket = context.wrap_socket(partner.server.socket, server_side=True)
+    partner.url = partner.url.replace("http://", "https://")
+    return partner
+
+
+def test_https_is_verified_against_the_ca_bundle_named_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, tls_partner: Partner, certificate: tuple[Path, Path]
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
+    sender = Sender(http_client(Settings()))
+    for _ in range(3):
+        outcome, _ = sender.send(Probe(), get(tls_partner.url + "/ok"))
+        assert outcome == Delivered(200, '{"ok":true}')
+    assert len(tls_partner.ports()) == 1  # one TLS handshake, then keep-alive
+
+
+def test_https_to_a_certificate_no_bundle_trusts_is_a_retryable_ssl_error(
+    tls_partner: Partner,
+) -> None:
+    outcome, _ = Sender(http_client(Settings())).send(Probe(), get(tls_partner.url + "/ok"))
+    assert outcome == RetryLater("connection error (SSLError)")  # certifi's bundle, as requests
+
+
+def test_ca_bundle_variables_set_verification(
+    monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assert HttpClient("ua").ca_bundle is None  # certifi's bundle, as requests (not the system's)
+    assert len(HttpClient("ua").ssl_context.get_ca_certs()) > 50
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(certificate[0]))
+    assert HttpClient("ua").ca_bundle == str(certificate[0])
+    assert len(HttpClient("ua").ssl_context.get_ca_certs()) == 1
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(CaBundleError, match=r"missing\.pem"):  # requests' order: this one wins
+        HttpClient("ua")
 
 
 def test_the_pools_are_sized_as_the_session_was() -> None:
     client = http_client(Settings(worker_concurrency=64))
     assert (client.direct.pools._maxsize, client.pool_kwargs["maxsize"]) == (32, 64)
+    assert client.pool_kwargs["ssl_context"] is client.ssl_context  # one, for every connection
     assert client.pool_kwargs["block"] is False
 
 

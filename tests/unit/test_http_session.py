@@ -8,7 +8,8 @@ import requests
 import urllib3
 
 from config.settings import Settings
-from workers.delivery.http import StartupEnvSession, http_client, http_session, wire_url
+from workers.delivery.client import http_client
+from workers.delivery.http import StartupEnvSession, http_session, wire_url
 from workers.dev.receiver import PostbackReceiver
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",

@@ -25,7 +25,7 @@ from workers.broker.keys import queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.scripts import load_script, script_text
 from workers.broker.wire import decode_task_args
-from workers.delivery.http import HttpClient
+from workers.delivery.client import HttpClient
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds.xmp.aggregate import XmpAggregator

@@ -41,7 +41,8 @@ from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RateBudget, RetryLater, Skipped
 from workers.broker.wire import TaskMessageEncoder
 from workers.cli.main import main
-from workers.delivery.http import HttpAnswer, HttpClient, http_client
+from workers.delivery.client import HttpClient, http_client
+from workers.delivery.http import HttpAnswer
 from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender

@@ -39,8 +39,8 @@ from schemas.envelope import delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Outcome, PermanentFailure
 from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.client import HttpClient, http_client
 from workers.delivery.effects import OutcomeEffects
-from workers.delivery.http import HttpClient, http_client
 from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender

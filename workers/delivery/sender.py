@@ -8,14 +8,14 @@ import time
 import urllib3
 
 from schemas.outcomes import Outcome
-from workers.delivery.http import (
-    HttpAnswer,
+from workers.delivery.client import (
     HttpClient,
     TooManyRedirects,
     body_encoding,
     failure_of,
     read_excerpt,
 )
+from workers.delivery.http import HttpAnswer
 from workers.kinds.base import RESPONSE_READ_BYTES, DestinationAdapter, OutgoingRequest
 from workers.logging import mask_secrets
 
