@@ -760,12 +760,12 @@ def comparison_table(rows: Sequence[tuple[str, float, float]]) -> None:
     each with its ratios to that first row."""
     _, relay_rate, relay_cpu = rows[0]
     print(
-        f"  {'system':<52} {'deliveries/s':>12} {'worker CPU':>12} {'rate':>8} {'CPU':>8}\n"
-        f"  {'':<52} {'':>12} {'/delivery':>12} {'/ relay':>8} {'/ relay':>8}"
+        f"  {'system':<58} {'deliveries/s':>12} {'worker CPU':>12} {'rate':>8} {'CPU':>8}\n"
+        f"  {'':<58} {'':>12} {'/delivery':>12} {'/ relay':>8} {'/ relay':>8}"
     )
     for system, per_second, cpu_ms in rows:
         print(
-            f"  {system:<52} {per_second:>10,.0f}/s {cpu_ms:>9.2f} ms "
+            f"  {system:<58} {per_second:>10,.0f}/s {cpu_ms:>9.2f} ms "
             f"{per_second / relay_rate:>7.2f}x {cpu_ms / relay_cpu:>7.2f}x"
         )
     sys.stdout.flush()
