@@ -579,6 +579,198 @@ def measure_bare(
         info.client.delete(bare_celery.QUEUE)
 
 
+# --- the arq + httpx reference -------------------------------------------------------------
+
+ARQ_VENV_PYTHON = BENCH_DIR / ".venv-arq" / "bin" / "python"
+ARQ_INSTALL = (
+    "python3 -m venv bench/.venv-arq && bench/.venv-arq/bin/pip install 'pip>=25.1' "
+    "&& bench/.venv-arq/bin/pip install --group bench"
+)
+ARQ_VERSIONS = (
+    "import arq, httpx, redis; "
+    "print(f'arq {arq.VERSION}, httpx {httpx.__version__}, redis-py {redis.__version__}')"
+)
+# arq sleeps poll_delay between polls of its queue (default 0.5 s). With 64 jobs of 100 ms in
+# flight a worker would start at most ~64 jobs per 0.5 s; a short poll is arq tuned for rate.
+ARQ_POLL_DELAY = 0.01
+
+
+def add_arq_args(parser: argparse.ArgumentParser) -> None:
+    """--no-arq-reference and --arq-poll-delay, for the scripts that add the arq reference row."""
+    parser.add_argument(
+        "--no-arq-reference", action="store_true", help="skip the arq + httpx reference"
+    )
+    parser.add_argument(
+        "--arq-poll-delay",
+        type=float,
+        default=ARQ_POLL_DELAY,
+        help="arq's poll_delay in seconds (arq's own default: 0.5)",
+    )
+
+
+@dataclass
+class ArqPython:
+    path: str
+    versions: str
+
+    def describe(self) -> str:
+        return f"{self.versions} ({os.path.relpath(self.path, ROOT)})"
+
+
+def arq_python() -> ArqPython | None:
+    """The interpreter that has the ``bench`` group (arq, httpx): $BENCH_ARQ_PYTHON when set,
+    otherwise bench/.venv-arq's, otherwise this one. None when it cannot import both."""
+    named = os.environ.get("BENCH_ARQ_PYTHON")
+    for python in [named] if named else [str(ARQ_VENV_PYTHON), sys.executable]:
+        if Path(python).exists():
+            check = subprocess.run(
+                [python, "-c", ARQ_VERSIONS], capture_output=True, text=True, check=False
+            )
+            if check.returncode == 0:
+                return ArqPython(python, check.stdout.strip())
+    return None
+
+
+def arq_missing() -> str:
+    where = os.environ.get("BENCH_ARQ_PYTHON") or str(ARQ_VENV_PYTHON.relative_to(ROOT))
+    return (
+        f"arq + httpx reference skipped: {where} cannot import arq and httpx (the bench "
+        f"dependency group). Install it: {ARQ_INSTALL}"
+    )
+
+
+def arq_describe() -> str:
+    """One line for a results header: the arq reference's versions, or why it is skipped."""
+    found = arq_python()
+    return arq_missing() if found is None else found.describe()
+
+
+class ArqReference:
+    """bench/arq_reference.py: ``workers`` arq worker processes (``max_jobs`` = ``concurrency``
+    each) and their producer process, all on ``python``, on the same Redis and receiver as the
+    system under test. Measure it with the same functions as postback-relay: ``enqueue`` is its
+    send-these-events callable, ``workers`` its worker processes."""
+
+    def __init__(
+        self,
+        python: str,
+        redis_url: str,
+        workdir: Path,
+        receiver_url: str,
+        *,
+        workers: int = 1,
+        concurrency: int = DEFAULT_CONCURRENCY[DEFAULT_POOL],
+        poll_delay: float = ARQ_POLL_DELAY,
+    ) -> None:
+        env = {
+            **os.environ,
+            "BENCH_REDIS_URL": redis_url,
+            "BENCH_CONCURRENCY": str(concurrency),
+            "BENCH_ARQ_POLL_DELAY": str(poll_delay),
+        }
+        self.workdir = workdir
+        self.receiver_url = receiver_url
+        args = [python, "-m", "arq", "bench.arq_reference.WorkerSettings"]
+        self.workers = [
+            WorkerProc(args, env, workdir / f"worker-arq-{i}.log") for i in range(workers)
+        ]
+        wait_ready(self.workers)
+        self._producer_log = (workdir / "arq-producer.log").open("wb")
+        self._producer = subprocess.Popen(
+            [python, str(BENCH_DIR / "arq_reference.py"), "produce", redis_url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._producer_log, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self._sent = 0
+        self._expect("ready")
+
+    def _expect(self, prefix: str) -> None:
+        assert self._producer.stdout is not None
+        line = self._producer.stdout.readline()
+        if not line.startswith(prefix):
+            self.stop()
+            log = (self.workdir / "arq-producer.log").read_text(errors="replace")
+            raise RuntimeError(f"arq producer: expected {prefix!r}, got {line!r}\n{log[-3000:]}")
+
+    def enqueue(self, events: Sequence[dict[str, Any]]) -> None:
+        """One job per event, a GET to the receiver carrying its id (bare Celery's arguments),
+        all in the queue when this returns."""
+        assert self._producer.stdin is not None
+        self._sent += 1
+        path = self.workdir / f"arq-jobs-{self._sent}.json"
+        url = self.receiver_url + "/arq?id="
+        path.write_text(json.dumps([[url + e["event_id"], e] for e in events]))
+        self._producer.stdin.write(f"{path}\n")
+        self._producer.stdin.flush()
+        self._expect("enqueued")
+
+    def stop(self) -> None:
+        if self._producer.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                assert self._producer.stdin is not None
+                self._producer.stdin.close()
+            try:
+                self._producer.wait(15)
+            except subprocess.TimeoutExpired:
+                stop_process_group(self._producer)
+        self._producer_log.close()
+        stop_all(self.workers)
+
+    def __enter__(self) -> ArqReference:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def start_arq_reference(
+    args: argparse.Namespace,
+    redis_url: str,
+    workdir: Path,
+    receiver_url: str,
+    *,
+    workers: int,
+    concurrency: int,
+) -> ArqReference | None:
+    """The arq reference as ``add_arq_args`` asked for it; None (the reason printed) if skipped."""
+    if args.no_arq_reference:
+        return None
+    python = arq_python()
+    if python is None:
+        print(f"  {arq_missing()}", flush=True)
+        return None
+    print(
+        f"  arq reference: {python.describe()}; {workers} process(es), max_jobs {concurrency}, "
+        f"poll_delay {args.arq_poll_delay:g} s",
+        flush=True,
+    )
+    return ArqReference(
+        python.path,
+        redis_url,
+        workdir,
+        receiver_url,
+        workers=workers,
+        concurrency=concurrency,
+        poll_delay=args.arq_poll_delay,
+    )
+
+
+def comparison_table(rows: Sequence[tuple[str, float, float]]) -> None:
+    """(system, deliveries/s, worker CPU ms per delivery) rows, the first being postback-relay;
+    each with its ratios to that first row."""
+    _, relay_rate, relay_cpu = rows[0]
+    print(
+        f"  {'system':<58} {'deliveries/s':>12} {'worker CPU':>12} {'rate':>8} {'CPU':>8}\n"
+        f"  {'':<58} {'':>12} {'/delivery':>12} {'/ relay':>8} {'/ relay':>8}"
+    )
+    for system, per_second, cpu_ms in rows:
+        print(
+            f"  {system:<58} {per_second:>10,.0f}/s {cpu_ms:>9.2f} ms "
+            f"{per_second / relay_rate:>7.2f}x {cpu_ms / relay_cpu:>7.2f}x"
+        )
+    sys.stdout.flush()
+
+
 @contextlib.contextmanager
 def workspace(keep: bool = False) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="postback-bench-"))

@@ -12,12 +12,21 @@ makes one pooled ``requests`` GET to the same receiver (the least any delivery c
 tells postback-relay's own overhead apart from the price of an HTTP request), and the bare
 no-op on postback-relay's kombu transport with its task-event batching (how much of Celery's
 own per-message cost postback-relay trims, so the ratio is not read as pipeline work alone).
+
+A third reference, another system a user could choose: arq + httpx (bench/arq_reference.py),
+W arq worker processes with max_jobs = the concurrency, jobs pipelined into the same Redis,
+one pooled GET each to the same receiver; measured by the very code that measures
+postback-relay (``measure_delivery``). Skipped, with the reason, when the ``bench`` dependency
+group is not installed (bench/README.md). A table ends the output: each system's
+deliveries/s, worker CPU per delivery and both as ratios to postback-relay.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from common import (
@@ -26,8 +35,10 @@ from common import (
     RedisInfo,
     Timed,
     WorkerProc,
+    add_arq_args,
     add_common_args,
     add_pool_args,
+    comparison_table,
     effective_settings,
     header,
     log_warning_count,
@@ -43,6 +54,7 @@ from common import (
     relay_env,
     row,
     run_main,
+    start_arq_reference,
     start_relay_workers,
     stop_all,
     templated_toml,
@@ -53,27 +65,28 @@ from common import (
     write_destinations,
 )
 
-from producers.produce import Producer
-
 TARGET_RATIO = 0.8
 POOL_FULL = "Connection pool is full"
 
 
-def measure_relay(
+def measure_delivery(
     info: RedisInfo,
     receiver: Receiver,
-    producer: Producer,
+    send: Callable[[Sequence[dict[str, Any]]], object],
     workers: list[WorkerProc],
     warm: int,
     count: int,
 ) -> Timed:
-    produce_all(producer, make_events(warm, "warm-" + new_run_id()))
+    """``send`` events -> the receiver has counted them all: postback-relay (produce_many) and
+    the arq reference (its producer) measured by the same code."""
+    receiver.reset()
+    send(make_events(warm, "warm-" + new_run_id()))
     wait_for_count(receiver.count, warm, 30)
     receiver.reset()
     events = make_events(count, new_run_id())
     cpu, redis_cpu = worker_cpu_seconds(workers), redis_cpu_seconds(info.client)
     started = time.monotonic()
-    produce_all(producer, events)
+    send(events)
     enqueued = time.monotonic() - started
     done, ended, got = wait_for_count(receiver.count, count, timeout=max(60.0, count / 50))
     stats = receiver.stats()
@@ -91,6 +104,21 @@ def measure_relay(
     )
 
 
+def measure_arq(
+    args: argparse.Namespace, info: RedisInfo, receiver: Receiver, workdir: Path
+) -> Timed | None:
+    """The arq + httpx reference: as many processes and jobs at once as postback-relay's
+    workers, measured by the same code (None when skipped)."""
+    arq = start_arq_reference(
+        args, info.url, workdir, receiver.url, workers=args.workers, concurrency=args.concurrency
+    )
+    if arq is None:
+        return None
+    with arq:
+        warm = 2 * args.workers * args.concurrency
+        return measure_delivery(info, receiver, arq.enqueue, arq.workers, warm, args.deliveries)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deliveries", type=int, default=5_000)
@@ -99,6 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--no-http-reference", action="store_true", help="skip the bare Celery + GET reference"
     )
+    add_arq_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
     args.pool, args.concurrency = pool_args(args)
@@ -123,10 +152,10 @@ def main() -> None:
                 args.workers, env, workdir, pool=args.pool, concurrency=args.concurrency
             )
             try:
-                relay = measure_relay(
+                relay = measure_delivery(
                     info,
                     receiver,
-                    producer,
+                    lambda events: produce_all(producer, events),
                     workers,
                     2 * args.workers * args.concurrency,
                     args.deliveries,
@@ -150,6 +179,7 @@ def main() -> None:
             bare = bare_run()
             tuned = bare_run(tuned=True)
             http_ref = None if args.no_http_reference else bare_run(http_url=receiver.url)
+            arq_ref = measure_arq(args, info, receiver, workdir)
         finally:
             receiver.stop()
 
@@ -210,6 +240,20 @@ def main() -> None:
         )
         if pool_full:
             row("urllib3 'Connection pool is full' warnings", f"{pool_full:,}")
+        each = f"{args.workers} process(es) x{args.concurrency}"
+        comparison_table(
+            [
+                (system + ("" if m.done else " INCOMPLETE"), m.per_second, m.extra["cpu_ms"])
+                for system, m in [
+                    (f"postback-relay ({args.pool}, {each})", relay),
+                    ("bare Celery no-op task, no HTTP", bare),
+                    ("bare Celery no-op, relay transport+events", tuned),
+                    ("bare Celery + one requests GET", http_ref),
+                    (f"arq + httpx ({each})", arq_ref),
+                ]
+                if m is not None
+            ]
+        )
         verdict(
             f">= {TARGET_RATIO:g}x the bare Celery figure",
             relay.done and ratio >= TARGET_RATIO,

@@ -11,19 +11,29 @@ Target: >= 500 deliveries/s per worker process.
 A reference for the best configuration: bare Celery (bench/bare_celery.py) with the same pool
 and concurrency in one process, whose task makes one pooled ``requests`` GET to the same slow
 receiver: what a Celery worker that does nothing but the HTTP request reaches on this machine.
+And another system a user could choose: arq + httpx (bench/arq_reference.py) in one process
+with max_jobs = that concurrency, measured over the same steady window by the same code as
+postback-relay (``measure_window``); skipped, with the reason, when the ``bench`` dependency
+group is not installed (bench/README.md). A table ends the output: deliveries/s, worker CPU
+per delivery and both as ratios to the best postback-relay configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import (
     Receiver,
     RedisInfo,
+    WorkerProc,
+    add_arq_args,
     add_common_args,
+    comparison_table,
     header,
     log_warning_count,
     machine,
@@ -36,6 +46,7 @@ from common import (
     relay_env,
     row,
     run_main,
+    start_arq_reference,
     start_relay_workers,
     stop_all,
     templated_toml,
@@ -80,6 +91,37 @@ def parse_configs(text: str) -> list[Config]:
     return configs
 
 
+@dataclass
+class Window:
+    rate: float  # deliveries/s the receiver counted in the window
+    cpu_ms: float  # worker CPU (user+sys, pool children included) per delivery in the window
+
+
+def measure_window(
+    receiver: Receiver,
+    workers: Sequence[WorkerProc],
+    send: Callable[[Sequence[dict[str, Any]]], object],
+    backlog: int,
+    args: argparse.Namespace,
+) -> Window:
+    """``send`` a backlog, wait out the warm-up, then count and take the CPU over the window:
+    postback-relay and the arq reference measured by the same code."""
+    send(make_events(backlog, new_run_id()))
+    time.sleep(args.warmup)
+    first_count, first_at = receiver.count(), time.monotonic()
+    first_cpu = worker_cpu_seconds(workers)
+    time.sleep(args.window)
+    last_count, last_at = receiver.count(), time.monotonic()
+    cpu = worker_cpu_seconds(workers) - first_cpu
+    delivered = last_count - first_count
+    return Window(delivered / (last_at - first_at), cpu * 1000 / max(1, delivered))
+
+
+def backlog_for(concurrency: int, args: argparse.Namespace) -> int:
+    """Enough that the queue never runs dry at the ideal rate during warm-up + window."""
+    return int(concurrency / args.latency * (args.warmup + args.window) * 1.3) + concurrency
+
+
 def run_config(
     config: Config, info: RedisInfo, receiver: Receiver, path: Path, args: argparse.Namespace
 ) -> Outcome:
@@ -107,31 +149,39 @@ def run_config(
         tag=tag,
     )
     try:
-        # Enough that the queue never runs dry at the ideal rate during warm-up + window.
-        backlog = int(ideal * (args.warmup + args.window) * 1.3) + config.concurrency
-        produce_all(producer, make_events(backlog, new_run_id()))
-        time.sleep(args.warmup)
-        first_count, first_at = receiver.count(), time.monotonic()
-        first_cpu = worker_cpu_seconds(workers)
-        time.sleep(args.window)
-        last_count, last_at = receiver.count(), time.monotonic()
-        cpu = worker_cpu_seconds(workers) - first_cpu
+        window = measure_window(
+            receiver,
+            workers,
+            lambda events: produce_all(producer, events),
+            backlog_for(config.concurrency, args),
+            args,
+        )
         rss = workers[0].pss_bytes() / 2**20
         processes = 1 + len(workers[0].process().children(recursive=True))
         pool_full = log_warning_count(workers, POOL_FULL)
     finally:
         stop_all(workers)
     receiver.reset()
-    delivered = last_count - first_count
-    return Outcome(
-        config,
-        delivered / (last_at - first_at),
-        ideal,
-        rss,
-        pool_full,
-        processes,
-        cpu * 1000 / max(1, delivered),
+    return Outcome(config, window.rate, ideal, rss, pool_full, processes, window.cpu_ms)
+
+
+def run_arq(
+    concurrency: int, info: RedisInfo, receiver: Receiver, workdir: Path, args: argparse.Namespace
+) -> Window | None:
+    """The arq + httpx reference in one process, ``max_jobs`` = ``concurrency`` (None: skipped)."""
+    info.client.flushdb()  # the last configuration's backlog
+    receiver.reset()
+    arq = start_arq_reference(
+        args, info.url, workdir, receiver.url, workers=1, concurrency=concurrency
     )
+    if arq is None:
+        return None
+    with arq:
+        window = measure_window(
+            receiver, arq.workers, arq.enqueue, backlog_for(concurrency, args), args
+        )
+    receiver.reset()
+    return window
 
 
 def main() -> None:
@@ -144,6 +194,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="partner answer delay (s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
     parser.add_argument("--window", type=float, default=4.0, help="seconds measured")
+    add_arq_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
     configs = parse_configs(args.configs)
@@ -171,6 +222,7 @@ def main() -> None:
                 concurrency=best.config.concurrency,
                 http_url=receiver.url,
             )
+            arq = run_arq(best.config.concurrency, info, receiver, workdir, args)
         finally:
             receiver.stop()
 
@@ -188,6 +240,12 @@ def main() -> None:
             f"{bare.per_second:,.0f} /s",
             f"{bare.count:,} in {bare.seconds:.2f} s; worker CPU {bare.extra['cpu_ms']:.2f} ms "
             "per task; one process, the same slow receiver",
+        )
+        one = f"one process x{best.config.concurrency}"
+        comparison_table(
+            [(f"postback-relay ({best.config.label})", best.rate, best.cpu_ms)]
+            + [(f"bare Celery + one requests GET ({one})", bare.per_second, bare.extra["cpu_ms"])]
+            + ([] if arq is None else [(f"arq + httpx ({one})", arq.rate, arq.cpu_ms)])
         )
         print(f"  choose: {best.config.label}")
         print(

@@ -21,6 +21,8 @@ fi
     "$(awk '/MemTotal/ {printf "%.0f GB RAM", $2 / 1048576}' /proc/meminfo)"
   echo "python: $("$PY" -V 2>&1), redis-server: $("$PY" -c 'from workers.dev.embedded_redis import redis_server_binary; print(redis_server_binary())' 2>/dev/null)"
   echo "REDIS_URL: ${REDIS_URL:-unset (embedded redis-server per script)}"
+  echo "arq + httpx reference (deliver_fast, deliver_slow):" \
+    "$("$PY" -c 'import sys; sys.path.insert(0, "bench"); import common; print(common.arq_describe())' 2>&1 | tail -1)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   for script in "${SCRIPTS[@]}"; do
     started=$(date +%s)
