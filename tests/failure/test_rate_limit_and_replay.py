@@ -28,7 +28,7 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import ROOT, WorkerProcess
-from tests.helpers import run_cli, wait_until
+from tests.helpers import max_in_any_window, run_cli, wait_until
 from workers.dev.embedded_redis import free_port
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.attempts import AttemptLog
@@ -73,17 +73,6 @@ def relay_env(redis_url: str, destinations: Path, **extra: str) -> dict[str, str
 
 def keys_of(requests: list[ReceivedRequest]) -> Counter[str]:
     return Counter(r.headers[KEY_HEADER] for r in requests)
-
-
-def max_in_any_window(times: list[float], width: float = 1.0) -> int:
-    """The most timestamps in any window [t, t + width) that starts at one of them."""
-    times = sorted(times)
-    best, end = 0, 0
-    for start, t in enumerate(times):
-        while end < len(times) and times[end] < t + width:
-            end += 1
-        best = max(best, end - start)
-    return best
 
 
 # --- 1. one global rate limit across three worker processes ----------------------------------

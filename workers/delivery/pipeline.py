@@ -68,6 +68,9 @@ class DeliveryPipeline:
         max_unfinished_starts: int = 3,
         aggregators: Iterable[EventAggregator] = (),
         clock: Callable[[], float] = time.time,
+        rate_limit_max_sleep: float = 1.0,
+        delay_mover_interval: float = 0.5,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.destinations = destinations
         self.session = session
@@ -83,6 +86,15 @@ class DeliveryPipeline:
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
+        self.max_sleep = rate_limit_max_sleep
+        # A parked delivery is due this early: the delay-set mover runs every interval, so it
+        # comes back before its reserved time and sleeps the rest, rather than up to one late.
+        self.park_lead = min(rate_limit_max_sleep, delay_mover_interval + 0.1)
+        # A reserved time this far past is void (the slot went by unused while the delivery
+        # waited): sending now would crowd the slots others hold now, so it reserves again.
+        self.reservation_grace = max(rate_limit_max_sleep, delay_mover_interval)
+        # time.sleep as it is when the pipeline is built: gevent's under a patched worker.
+        self.sleep = sleep if sleep is not None else time.sleep
         self.sender = Sender(session)
         self.effects = OutcomeEffects(pauses, dead_letters)
         # A kind that takes totals (XMP) counts each delivery; its periodic flush does the sending.
@@ -167,16 +179,10 @@ class DeliveryPipeline:
         if isinstance(request, PermanentFailure):
             return self._dead_letter(envelope, request.reason)
 
-        wait = self.limiter.acquire(
-            adapter.rate_limit_key(envelope),
-            dest.rate_limit_item,
-            server_budget=adapter.uses_server_budget,
-        )
-        if wait is not None:
-            # Not an attempt: the partner never saw it. Park it until a slot should be free.
-            self.requeuer.later(envelope, wait)
-            return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
-
+        parked = self._wait_for_send_time(adapter, envelope)
+        if parked is not None:
+            return parked
+        now = self.clock()  # the attempt's time is when it went, after any wait for its turn
         outcome, duration = self.sender.send(adapter, request)
         self.effects.pause_if_asked(dest.name, outcome)
         budget = getattr(outcome, "budget", None)
@@ -201,6 +207,35 @@ class DeliveryPipeline:
         )
         result = self._settle(envelope.after_attempt(summary), outcome)
         return replace(result, attempt=record)
+
+    def _wait_for_send_time(
+        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
+    ) -> PipelineResult | None:
+        """Wait for this attempt's send time under its destination's rate limit: None when it
+        may be sent now (after a short sleep); "deferred" when it was parked until its time.
+
+        The time is reserved once per attempt. A long wait parks the delivery once, with the
+        reservation on its envelope, so it comes back and sends without asking again."""
+        reserved_at = envelope.reserved_at  # taken when it was parked
+        wait = 0.0 if reserved_at is None else reserved_at - self.limiter.now()
+        if reserved_at is None or wait < -self.reservation_grace:
+            reservation = self.limiter.reserve(
+                adapter.rate_limit_key(envelope),
+                adapter.destination.rate_limit_item,
+                server_budget=adapter.uses_server_budget,
+            )
+            if reservation is None:
+                return None
+            reserved_at, wait = reservation.send_at, reservation.wait
+        if wait > self.max_sleep:
+            # Not an attempt: the partner never saw it. Its slot is taken and kept.
+            self.requeuer.later(
+                envelope.model_copy(update={"reserved_at": reserved_at}), wait - self.park_lead
+            )
+            return PipelineResult("deferred", f"rate limited: sends in {wait:.2f}s")
+        if wait > 0:
+            self.sleep(wait)
+        return None
 
     def _aggregate(
         self,
