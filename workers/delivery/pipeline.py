@@ -41,6 +41,11 @@ from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.pipeline")
 
+# How late past its reserved time a parked delivery may still send (seconds). Each late send
+# lands beside the sends reserved for now: if every slot of the last 50 ms went late, a 1-s
+# window would see 5 % more than the limit, the most the partner's windows may be over.
+LATE_GRACE = 0.05
+
 
 @dataclass(frozen=True)
 class PipelineResult:
@@ -87,12 +92,10 @@ class DeliveryPipeline:
         self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
         self.max_sleep = rate_limit_max_sleep
-        # A parked delivery is due this early: the delay-set mover runs every interval, so it
-        # comes back before its reserved time and sleeps the rest, rather than up to one late.
-        self.park_lead = min(rate_limit_max_sleep, delay_mover_interval + 0.1)
-        # A reserved time this far past is void (the slot went by unused while the delivery
-        # waited): sending now would crowd the slots others hold now, so it reserves again.
-        self.reservation_grace = max(rate_limit_max_sleep, delay_mover_interval)
+        # A parked delivery is due this long before its reserved time, and sleeps the rest when
+        # it is back: the delay-set mover runs once an interval, and a queue with a backlog
+        # holds it up further; back after its time, it would have lost its slot.
+        self.park_lead = max(rate_limit_max_sleep, delay_mover_interval + 0.1)
         # time.sleep as it is when the pipeline is built: gevent's under a patched worker.
         self.sleep = sleep if sleep is not None else time.sleep
         self.sender = Sender(session)
@@ -218,7 +221,15 @@ class DeliveryPipeline:
         reservation on its envelope, so it comes back and sends without asking again."""
         reserved_at = envelope.reserved_at  # taken when it was parked
         wait = 0.0 if reserved_at is None else reserved_at - self.limiter.now()
-        if reserved_at is None or wait < -self.reservation_grace:
+        if reserved_at is not None and wait < -LATE_GRACE:
+            # Its slot went by unused while it waited (a backlog, an outage): sent now, it
+            # would crowd the slots others hold now, so it takes a new one.
+            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
+            reserved_at = None
+        # Back from parking it was due park_lead early: it sleeps that, or parks again only
+        # when it came back far too early (a mover whose clock is ahead).
+        longest_sleep = self.max_sleep if reserved_at is None else self.park_lead + self.max_sleep
+        if reserved_at is None:
             reservation = self.limiter.reserve(
                 adapter.rate_limit_key(envelope),
                 adapter.destination.rate_limit_item,
@@ -227,7 +238,7 @@ class DeliveryPipeline:
             if reservation is None:
                 return None
             reserved_at, wait = reservation.send_at, reservation.wait
-        if wait > self.max_sleep:
+        if wait > longest_sleep:
             # Not an attempt: the partner never saw it. Its slot is taken and kept.
             self.requeuer.later(
                 envelope.model_copy(update={"reserved_at": reserved_at}), wait - self.park_lead
