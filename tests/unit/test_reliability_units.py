@@ -182,6 +182,21 @@ def test_delay_set_moves_only_due_items(redis_client: redis.Redis) -> None:
     assert delays.next_due(QUEUE) is None
 
 
+def test_due_items_go_ahead_of_the_queues_backlog_the_earliest_first(
+    redis_client: redis.Redis,
+) -> None:
+    # A delivery back for its reserved send time must not wait behind a burst of new ones: it
+    # would miss its slot and reserve again (workers take from the right end: BRPOP).
+    delays = DelaySet(redis_client, KEYS)
+    now = 1_000_000.0
+    redis_client.lpush(QUEUE, "backlog-1", "backlog-2")
+    delays.schedule(QUEUE, "due-second", now - 1)
+    delays.schedule(QUEUE, "due-first", now - 2)
+    assert delays.move_due([QUEUE], now=now) == 2
+    taken = [redis_client.rpop(QUEUE) for _ in range(4)]
+    assert taken == [b"due-first", b"due-second", b"backlog-1", b"backlog-2"]
+
+
 def test_racing_movers_publish_each_item_exactly_once(
     redis_client: redis.Redis, redis_url: str
 ) -> None:
