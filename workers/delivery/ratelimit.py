@@ -4,9 +4,10 @@ Celery's own ``rate_limit`` is per worker process, so it cannot hold a partner's
 delivery reserves its send time (GCRA, lua/reserve.lua) instead of asking yes or no: the old
 moving window (the `limits` package) answered "no" to all but N a window, and each "no" cost a
 Celery round trip to ask again later (4,190 of them for 1,500 deliveries at 50/s); its grants
-also bunched at the start of each window. A reservation is one Lua call, is never repeated,
-and spaces requests one emission interval apart. `limits` still parses the ``rate_limit``
-setting ("50/second", "60000 per 15 minutes"): that syntax is the documented one.
+also bunched at the start of each window. A reservation is one Lua call made once per
+attempt (again only when a parked delivery came back after its slot), and spaces requests one
+emission interval apart: "60000 per 15 minutes" is one request every 15 ms, not 60,000 at
+once. `limits` still parses the ``rate_limit`` setting: its syntax is the documented one.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ if ARGV[3] == '1' then
   end
 end
 if interval > 0 then
-  -- Integers as text ('%d'): Lua would print a large number in exponent form, rounding it.
+  -- Whole numbers as digits ('%d'): how Redis turns a Lua number into an argument differs
+  -- between versions, and PXAT takes no exponent form.
   local next_tat = math.max(tat, send_at) + interval
   redis.call('SET', KEYS[1], string.format('%d', next_tat),
              'PXAT', string.format('%d', math.floor(next_tat / 1000) + 1))
