@@ -2,10 +2,11 @@
 
 ``GcraModel`` is GCRA's virtual-scheduling algorithm written out in Python, with the partner's
 announced budget beside it. Hypothesis draws limits, burst tolerances, budgets and arrival
-sequences; the script must hand out the same send times as the model, and no 1-s window of send
-times may hold more than the limit plus the burst. On fakeredis (with Lua) the clock is ours, so
-arrivals are exactly the drawn ones; on the suite's real Redis, the arrivals are the instants the
-script itself reports (its TIME), which is what the model is then fed.
+sequences (now and then a batch of several requests at once); the script must hand out the
+same send times as the model, and no 1-s window of send times may hold more than the limit
+plus the burst. On fakeredis (with Lua) the clock is ours, so arrivals are exactly the drawn
+ones; on the suite's real Redis, the arrivals are the instants the script itself reports (its
+TIME), which is what the model is then fed.
 """
 
 from __future__ import annotations
@@ -125,12 +126,15 @@ def test_reservations_match_the_model_and_no_window_holds_more_than_limit_plus_b
         sent: list[int] = []
         for gap in gaps:
             now[0] += gap
-            reservation = limiter.reserve("net", item, server_budget=budget is not None)
-            assert reservation is not None
-            expected = model.reserve(now[0])
-            assert round(reservation.send_at * SECOND_US) == expected
-            assert math.isclose(reservation.wait, (expected - now[0]) / SECOND_US, abs_tol=1e-6)
-            sent.append(expected)
+            # Mostly one at a time (a delivery); now and then a batch's deliveries in one call.
+            count = data.draw(st.sampled_from([1, 1, 1, 1, 2, 5]))
+            taken = limiter.reserve_many("net", item, count, server_budget=budget is not None)
+            assert taken is not None
+            expected = [model.reserve(now[0]) for _ in range(count)]
+            assert [round(r.send_at * SECOND_US) for r in taken] == expected
+            for reservation, at in zip(taken, expected, strict=True):
+                assert math.isclose(reservation.wait, (at - now[0]) / SECOND_US, abs_tol=1e-6)
+            sent.extend(expected)
     assert sent == sorted(sent)  # first come, first served
     assert max_in_any_window(sent, SECOND_US) <= window_bound(interval, interval * burst)
     if period == 1:

@@ -76,15 +76,23 @@ class GlobalRateLimiter:
     ) -> Reservation | None:
         """Take the next send time under ``key``'s limit (``item``) and, with
         ``server_budget``, the partner's announced budget. None when neither applies."""
+        taken = self.reserve_many(key, item, 1, server_budget)
+        return None if taken is None else taken[0]
+
+    def reserve_many(
+        self, key: str, item: limits.RateLimitItem | None, count: int, server_budget: bool = False
+    ) -> list[Reservation] | None:
+        """``count`` consecutive send times in one round trip (a batch's deliveries to one
+        limit key), in order. None when neither a limit nor the partner's budget applies."""
         if item is None and not server_budget:
             return None
         interval = 0 if item is None else emission_interval_us(item)
-        send_at_us, now_us = self._reserve(
+        now_us, *times = self._reserve(
             keys=[self.keys.rate_limit(key), self.keys.server_budget(key)],
-            args=[interval, interval * self.burst, 1 if server_budget else 0],
+            args=[interval, interval * self.burst, 1 if server_budget else 0, count],
         )
         self._offset = now_us / 1e6 - time.time()
-        return Reservation(send_at_us / 1e6, max(0.0, (send_at_us - now_us) / 1e6))
+        return [Reservation(t / 1e6, max(0.0, (t - now_us) / 1e6)) for t in times]
 
     def now(self) -> float:
         """Redis's clock (epoch seconds), the one reservations are in."""
