@@ -220,33 +220,37 @@ class DeliveryPipeline:
         The time is reserved once per attempt. A long wait parks the delivery once, with the
         reservation on its envelope, so it comes back and sends without asking again."""
         reserved_at = envelope.reserved_at  # taken when it was parked
-        wait = 0.0 if reserved_at is None else reserved_at - self.limiter.now()
-        if reserved_at is not None and wait < -LATE_GRACE:
-            # Its slot went by unused while it waited (a backlog, an outage): sent now, it
-            # would crowd the slots others hold now, so it takes a new one.
-            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
-            reserved_at = None
         # Back from parking it was due park_lead early: it sleeps that, or parks again only
         # when it came back far too early (a mover whose clock is ahead).
         longest_sleep = self.max_sleep if reserved_at is None else self.park_lead + self.max_sleep
-        if reserved_at is None:
-            reservation = self.limiter.reserve(
-                adapter.rate_limit_key(envelope),
-                adapter.destination.rate_limit_item,
-                server_budget=adapter.uses_server_budget,
-            )
-            if reservation is None:
+        for _ in range(3):
+            if reserved_at is None:
+                reservation = self.limiter.reserve(
+                    adapter.rate_limit_key(envelope),
+                    adapter.destination.rate_limit_item,
+                    server_budget=adapter.uses_server_budget,
+                )
+                if reservation is None:
+                    return None
+                reserved_at = reservation.send_at
+            wait = reserved_at - self.limiter.now()
+            if wait > longest_sleep:
+                # Not an attempt: the partner never saw it. Its slot is taken and kept.
+                self.requeuer.later(
+                    envelope.model_copy(update={"reserved_at": reserved_at}),
+                    wait - self.park_lead,
+                )
+                return PipelineResult("deferred", f"rate limited: sends in {wait:.2f}s")
+            if wait > 0:
+                self.sleep(wait)
+                wait = reserved_at - self.limiter.now()
+            if wait >= -LATE_GRACE:
                 return None
-            reserved_at, wait = reservation.send_at, reservation.wait
-        if wait > longest_sleep:
-            # Not an attempt: the partner never saw it. Its slot is taken and kept.
-            self.requeuer.later(
-                envelope.model_copy(update={"reserved_at": reserved_at}), wait - self.park_lead
-            )
-            return PipelineResult("deferred", f"rate limited: sends in {wait:.2f}s")
-        if wait > 0:
-            self.sleep(wait)
-        return None
+            # Its slot went by before it could go (a backlog held it up, or a busy worker woke
+            # it late): sent now, it would crowd the slots others hold now. It takes a new one.
+            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
+            reserved_at, longest_sleep = None, self.max_sleep
+        return None  # three slots missed in a row: an overloaded worker sends rather than spin
 
     def _aggregate(
         self,
