@@ -283,12 +283,15 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> 
 class WorkerProc:
     """A worker subprocess in its own process group; its output goes to a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT
+    ) -> None:
+        """``cwd``: the checkout whose code runs (``python -m`` imports from it first)."""
         self.args = args
         self.log_path = log_path
         with log_path.open("wb") as out:
             self.proc = subprocess.Popen(
-                args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                 start_new_session=True,
             )  # fmt: skip
 
@@ -374,8 +377,10 @@ def start_relay_workers(
     pool: str | None = None,
     concurrency: int | None = None,
     tag: str = "relay",
+    cwd: Path = ROOT,
 ) -> list[WorkerProc]:
-    """``pool``/``concurrency`` None: not on the command line (POSTBACK_RELAY_WORKER_* decide)."""
+    """``pool``/``concurrency`` None: not on the command line (POSTBACK_RELAY_WORKER_* decide).
+    ``cwd``: another checkout's code (an older commit, for a before/after in one run)."""
     options = [] if pool is None else ["--pool", pool]
     options += [] if concurrency is None else ["--concurrency", str(concurrency)]
     workers = []
@@ -384,7 +389,7 @@ def start_relay_workers(
             sys.executable, "-m", "workers.cli.main", "worker", "--queues", queues, *options,
             "--hostname", f"bench-{tag}-{i}@%h",
         ]  # fmt: skip
-        workers.append(WorkerProc(args, env, workdir / f"worker-{tag}-{i}.log"))
+        workers.append(WorkerProc(args, env, workdir / f"worker-{tag}-{i}.log", cwd))
     wait_ready(workers)
     return workers
 

@@ -1,21 +1,30 @@
-"""The global rate limit under load: 3 worker processes, one destination at "200/second".
+"""The global rate limit under load: 3 worker processes, one destination at "50/second".
 
 Baseline first: the same workers deliver --baseline events to an unlimited destination (what
-they can do without the limiter). Then --events are produced at once for the limited one; the
-receiver (its own process) stamps every arrival. Reported: the achieved rate over the run
-(first to last arrival), the busiest and the emptiest sliding one-second windows, a per-second
-histogram, how often deliveries were parked by the limiter (``deferred``), and duplicates.
-Target: achieved rate within 5 % of the limit, and no one-second window more than 5 % over it.
+they can do without the limiter, and its worker CPU per delivery). Then --events are produced
+at once for the limited one; the receiver (its own process) stamps every arrival. Reported: the
+achieved rate over the run (first to last arrival), the busiest and the emptiest sliding
+one-second windows, a per-second histogram, how often deliveries were parked by the limiter
+(``deferred``, per delivery), worker CPU per delivery against the unlimited figure, duplicates.
+``--old-ref REF`` runs the same measurement first with the workers of an older commit (its
+files from ``git archive``, same Redis, receiver and machine): before and after in one run.
+Target: achieved rate within 5 % of the limit, no one-second window more than 5 % over it, and
+worker CPU per delivery at most 1.2x the unlimited figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from common import (
+    ROOT,
     Receiver,
     add_common_args,
     add_pool_args,
@@ -36,6 +45,7 @@ from common import (
     stop_all,
     verdict,
     wait_for_count,
+    worker_cpu_seconds,
     workspace,
     write_destinations,
 )
@@ -43,6 +53,7 @@ from common import (
 from config.keys import RedisKeys
 
 TOLERANCE = 0.05
+CPU_RATIO = 1.2
 FREE_APP = "id1111111111"
 LIMITED_APP = "id2222222222"
 
@@ -84,104 +95,181 @@ def min_in_any_window(times: list[float], width: float = 1.0) -> int:
     return worst
 
 
+@dataclass
+class LimitedRun:
+    """One set of workers (this checkout's or an older commit's): unlimited, then limited."""
+
+    label: str
+    baseline_rate: float
+    baseline_cpu_ms: float  # worker CPU per delivery, unlimited
+    idle_cpu_per_s: float  # what the idle workers burn (mover, heartbeats, event flushes)
+    times: list[float]
+    done: bool
+    seconds: float  # produce -> last arrival
+    cpu_s: float  # worker CPU over the limited run
+    deferred: int
+    duplicates: int
+
+
+def checkout(ref: str, workdir: Path) -> Path:
+    """The tracked files of ``ref`` in a folder of their own (code only: the same venv runs it)."""
+    target = workdir / f"code-{ref}"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def measure(
+    label: str, cwd: Path, info: Any, receiver: Receiver, path: Path, args: argparse.Namespace
+) -> LimitedRun:
+    prefix = "bench" + label.replace("-", "")[:8].lower()
+    env = relay_env(info.url, path, POSTBACK_RELAY_KEY_PREFIX=prefix)
+    keys = RedisKeys(prefix)
+    workers = start_relay_workers(
+        args.workers, env, args.workdir, pool=args.pool, concurrency=args.concurrency,
+        tag=label, cwd=cwd,
+    )  # fmt: skip
+    producer = make_producer(info.url, path)
+    try:
+        receiver.reset()
+        free = make_events(args.baseline, "free-" + new_run_id(), app_id=FREE_APP)
+        started, cpu = time.monotonic(), worker_cpu_seconds(workers)
+        produce_all(producer, free)
+        _, ended, got = wait_for_count(receiver.count, args.baseline, 120)
+        baseline_rate = got / (ended - started)
+        baseline_cpu_ms = (worker_cpu_seconds(workers) - cpu) * 1000 / max(1, got)
+        time.sleep(1.0)  # the last acks and events
+        idle_from, cpu = time.monotonic(), worker_cpu_seconds(workers)
+        time.sleep(2.0)
+        idle_cpu_per_s = (worker_cpu_seconds(workers) - cpu) / (time.monotonic() - idle_from)
+        receiver.reset()
+
+        limited = make_events(args.events, "lim-" + new_run_id(), app_id=LIMITED_APP)
+        started, cpu = time.monotonic(), worker_cpu_seconds(workers)
+        produce_all(producer, limited)
+        timeout = args.events / args.limit * 3 + 30
+        done, ended, _ = wait_for_count(receiver.count, args.events, timeout, poll=0.1)
+        cpu_s = worker_cpu_seconds(workers) - cpu
+        dump = receiver.dump()
+        deferred = int(info.client.hget(keys.metrics_counters(), "limited|deferred") or 0)
+    finally:
+        stop_all(workers)
+    ids = Counter(parse_qs(urlsplit(t).query)["id"][0] for t in dump["targets"])
+    return LimitedRun(
+        label, baseline_rate, baseline_cpu_ms, idle_cpu_per_s, sorted(dump["times"]), done,
+        ended - started, cpu_s, deferred, sum(n - 1 for n in ids.values() if n > 1),
+    )  # fmt: skip
+
+
+def report(run: LimitedRun, args: argparse.Namespace) -> tuple[float, int, float]:
+    """Print one run's rows; (achieved rate, busiest window, CPU per delivery vs unlimited)."""
+    times = run.times
+    delivered = max(1, len(times))
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    achieved = (len(times) - 1) / span
+    busiest, busiest_at = max_in_any_window(times)
+    per_second = Counter(int(t - times[0]) for t in times)
+    cpu_ms = run.cpu_s * 1000 / delivered
+    # The limited run lasts events / limit seconds: the idle workers' own CPU over that time
+    # is not the deliveries' (the unlimited run is too short for it to show).
+    busy_cpu_ms = max(0.0, run.cpu_s - run.idle_cpu_per_s * run.seconds) * 1000 / delivered
+    ratio = busy_cpu_ms / run.baseline_cpu_ms
+    print(f"  --- {run.label} ---")
+    row(
+        "baseline: same workers, no limit",
+        f"{run.baseline_rate:,.0f} deliveries/s",
+        f"{args.baseline:,} events; {run.baseline_cpu_ms:.2f} ms worker CPU per delivery",
+    )
+    row(
+        "achieved rate (first -> last arrival)",
+        f"{achieved:,.1f} /s",
+        f"{len(times):,} of {args.events:,} in {span:.2f} s; "
+        f"{achieved / args.limit - 1:+.1%} vs the limit" + ("" if run.done else " - INCOMPLETE"),
+    )
+    row(
+        "partner's busiest sliding 1 s window",
+        f"{busiest:,} requests",
+        f"{busiest / args.limit - 1:+.1%} vs the limit of {args.limit}, "
+        f"at +{busiest_at - times[0]:.2f} s",
+    )
+    row("emptiest full 1 s window", f"{min_in_any_window(times):,} requests")
+    row(
+        "per second since the first arrival",
+        " ".join(str(per_second[s]) for s in range(int(span) + 1)),
+    )
+    row(
+        "deferrals (parked by the limiter)",
+        f"{run.deferred:,}",
+        f"{run.deferred / delivered:.2f} per delivery; each costs a task run",
+    )
+    row(
+        "worker CPU per delivery, limited",
+        f"{cpu_ms:.2f} ms",
+        f"{busy_cpu_ms:.2f} ms without the idle workers' "
+        f"{run.idle_cpu_per_s * 1000:.0f} ms/s: {ratio:.2f}x the unlimited "
+        f"{run.baseline_cpu_ms:.2f} ms",
+    )
+    row("duplicate requests", f"{run.duplicates:,}")
+    return achieved, busiest, ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--limit", type=int, default=200, help="per second")
-    parser.add_argument("--events", type=int, default=3_000)
+    parser.add_argument("--limit", type=int, default=50, help="per second")
+    parser.add_argument("--events", type=int, default=1_500)
     parser.add_argument("--baseline", type=int, default=2_000, help="events, unlimited")
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--old-ref",
+        help="also measure the workers of this commit first (e.g. the yes/no limiter's: 5100cfd)",
+    )
     add_pool_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
     args.pool, args.concurrency = pool_args(args)
-    keys = RedisKeys()
 
     with workspace(args.keep) as workdir, redis_server(workdir, args.appendfsync) as info:
+        args.workdir = workdir
         receiver = Receiver(workdir, targets=True)
         try:
             path = write_destinations(workdir, destinations(receiver.url, args.limit))
-            env = relay_env(info.url, path)
-            settings = effective_settings(env)
+            settings = effective_settings(relay_env(info.url, path))
             header(
                 f"rate_limit: {args.workers} worker processes, one destination at "
                 f'"{args.limit}/second"',
                 machine=machine(),
                 redis=info.describe(),
                 workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}; "
-                f"delay_mover_interval={settings.delay_mover_interval:g} s",
+                f"delay_mover_interval={settings.delay_mover_interval:g} s, "
+                f"rate_limit_max_sleep={settings.rate_limit_max_sleep:g} s",
                 events=f"{args.events:,} produced at once (ideal run: "
                 f"{args.events / args.limit:.1f} s)",
             )
-            producer = make_producer(info.url, path)
-            workers = start_relay_workers(
-                args.workers, env, workdir, pool=args.pool, concurrency=args.concurrency
-            )
-            try:
-                free = make_events(args.baseline, "free-" + new_run_id(), app_id=FREE_APP)
-                started = time.monotonic()
-                produce_all(producer, free)
-                _, ended, got = wait_for_count(receiver.count, args.baseline, 120)
-                baseline_rate = got / (ended - started)
-                receiver.reset()
-
-                limited = make_events(args.events, "lim-" + new_run_id(), app_id=LIMITED_APP)
-                produce_all(producer, limited)
-                timeout = args.events / args.limit * 3 + 30
-                done, _, got = wait_for_count(receiver.count, args.events, timeout, poll=0.1)
-                dump = receiver.dump()
-                counters = {
-                    k.decode(): int(v)
-                    for k, v in info.client.hgetall(keys.metrics_counters()).items()
-                }
-            finally:
-                stop_all(workers)
+            runs = []
+            if args.old_ref:
+                runs.append(measure(f"old-{args.old_ref}", checkout(args.old_ref, workdir),
+                                    info, receiver, path, args))  # fmt: skip
+            runs.append(measure("this-checkout", ROOT, info, receiver, path, args))
         finally:
             receiver.stop()
 
-        times = sorted(dump["times"])
-        ids = Counter(parse_qs(urlsplit(t).query)["id"][0] for t in dump["targets"])
-        duplicates = sum(n - 1 for n in ids.values() if n > 1)
-        span = times[-1] - times[0] if len(times) > 1 else float("nan")
-        achieved = (len(times) - 1) / span
-        busiest, busiest_at = max_in_any_window(times)
-        emptiest = min_in_any_window(times)
-        per_second = Counter(int(t - times[0]) for t in times)
-        deferred = counters.get("limited|deferred", 0)
-
-        row("baseline: same workers, no limit", f"{baseline_rate:,.0f} deliveries/s",
-            f"{args.baseline:,} events")  # fmt: skip
-        row(
-            "achieved rate (first -> last arrival)",
-            f"{achieved:,.1f} /s",
-            f"{len(times):,} of {args.events:,} in {span:.2f} s; "
-            f"{achieved / args.limit - 1:+.1%} vs the limit" + ("" if done else " - INCOMPLETE"),
-        )
-        row(
-            "busiest sliding 1 s window",
-            f"{busiest:,} requests",
-            f"{busiest / args.limit - 1:+.1%} vs the limit, at +{busiest_at - times[0]:.2f} s",
-        )
-        row("emptiest full 1 s window", f"{emptiest:,} requests")
-        row(
-            "per second since the first arrival",
-            " ".join(str(per_second[s]) for s in range(int(span) + 1)),
-        )
-        row(
-            "deliveries parked by the limiter",
-            f"{deferred:,}",
-            f"{deferred / max(1, args.events):.1f} per delivery; each costs a task run",
-        )
-        row("duplicate requests", f"{duplicates:,}")
+        results = [report(run, args) for run in runs]
+        achieved, busiest, ratio = results[-1]
         met = (
-            done
+            runs[-1].done
             and abs(achieved / args.limit - 1) <= TOLERANCE
             and busiest <= args.limit * (1 + TOLERANCE)
+            and ratio <= CPU_RATIO
         )
         verdict(
-            f"achieved within {TOLERANCE:.0%} of {args.limit}/s and no 1 s window above "
-            f"{args.limit * (1 + TOLERANCE):.0f}",
+            f"achieved within {TOLERANCE:.0%} of {args.limit}/s, no 1 s window above "
+            f"{args.limit * (1 + TOLERANCE):.0f}, worker CPU per delivery <= {CPU_RATIO}x the "
+            "unlimited figure",
             met,
-            f"{achieved:,.1f}/s, busiest window {busiest}",
+            f"{achieved:,.1f}/s, busiest window {busiest}, CPU {ratio:.2f}x",
         )
 
 

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # each time) is dead-lettered instead of being redelivered forever.
     max_unfinished_starts: int = Field(default=3, ge=1, le=100)
     delay_mover_interval: float = Field(default=0.5, gt=0, le=10)
+    # A delivery whose reserved send time (its destination's rate limit) is at most this far
+    # off sleeps in its greenlet; a later one is parked once in the delay set until that time.
+    rate_limit_max_sleep: float = Field(default=1.0, ge=0, le=30)
 
     # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).
     attempt_log_max_records: int = Field(default=200_000, ge=1000)

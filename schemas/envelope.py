@@ -73,6 +73,10 @@ class DeliveryEnvelope(BaseModel):
     created_at: AwareDatetime
     not_after: AwareDatetime | None = None
     history: list[AttemptSummary] = Field(default_factory=list, max_length=20)
+    # The send time this attempt reserved under its destination's rate limit (epoch seconds,
+    # Redis's clock), set when the delivery was parked to wait for it: it then sends without
+    # asking again. Left out of the message when None, so workers before 0.4 still read it.
+    reserved_at: float | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @model_validator(mode="after")
     def _one_payload(self) -> DeliveryEnvelope:
@@ -109,7 +113,11 @@ class DeliveryEnvelope(BaseModel):
     def after_attempt(self, summary: AttemptSummary) -> DeliveryEnvelope:
         """The envelope for the next try: attempt counted, this attempt remembered."""
         return self.model_copy(
-            update={"attempt": self.attempt + 1, "history": [*self.history, summary][-20:]}
+            update={
+                "attempt": self.attempt + 1,
+                "history": [*self.history, summary][-20:],
+                "reserved_at": None,  # spent: the next attempt reserves its own time
+            }
         )
 
     def task_argsrepr(self) -> str:

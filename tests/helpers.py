@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,17 @@ def wait_until(
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def max_in_any_window(times: Sequence[float], width: float = 1.0) -> int:
+    """The most timestamps in any window [t, t + width) that starts at one of them."""
+    ordered = sorted(times)
+    best, end = 0, 0
+    for start, t in enumerate(ordered):
+        while end < len(ordered) and ordered[end] < t + width:
+            end += 1
+        best = max(best, end - start)
+    return best
 
 
 def net_destination_toml(receiver_url: str) -> str:

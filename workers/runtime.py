@@ -130,6 +130,8 @@ class WorkerRuntime:
             keys=self.keys,
             max_unfinished_starts=self.settings.max_unfinished_starts,
             aggregators=[XmpAggregator(self.redis, self.keys)],
+            rate_limit_max_sleep=self.settings.rate_limit_max_sleep,
+            delay_mover_interval=self.settings.delay_mover_interval,
         )
 
     @built_once

@@ -3,6 +3,7 @@ answer classification, the delay-set mover, the dead-letter store, pauses and th
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +22,10 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
+from tests.helpers import net_destination_toml
+from workers.broker.wire import decode_task_args
 from workers.delivery.http import HttpAnswer, HttpFailure, retry_after_seconds
-from workers.delivery.pipeline import retries_counted
+from workers.delivery.pipeline import DeliveryPipeline, retries_counted
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.dev.receiver import Answer, PostbackReceiver
 from workers.kinds.templated.adapter import TemplatedAdapter
@@ -172,6 +175,21 @@ def test_delay_set_moves_only_due_items(redis_client: redis.Redis) -> None:
     assert redis_client.llen(QUEUE) == 3
     assert delays.depth(QUEUE) == 0
     assert delays.next_due(QUEUE) is None
+
+
+def test_due_items_go_ahead_of_the_queues_backlog_the_earliest_first(
+    redis_client: redis.Redis,
+) -> None:
+    # A delivery back for its reserved send time must not wait behind a burst of new ones: it
+    # would miss its slot and reserve again (workers take from the right end: BRPOP).
+    delays = DelaySet(redis_client, KEYS)
+    now = 1_000_000.0
+    redis_client.lpush(QUEUE, "backlog-1", "backlog-2")
+    delays.schedule(QUEUE, "due-second", now - 1)
+    delays.schedule(QUEUE, "due-first", now - 2)
+    assert delays.move_due([QUEUE], now=now) == 2
+    taken = [redis_client.rpop(QUEUE) for _ in range(4)]
+    assert taken == [b"due-first", b"due-second", b"backlog-1", b"backlog-2"]
 
 
 def test_racing_movers_publish_each_item_exactly_once(
@@ -522,29 +540,155 @@ def test_pause_expires(pause_backend: redis.Redis) -> None:
     assert pauses.paused_until("net") is None
 
 
-def test_rate_limiter_denies_the_sixth_hit_within_a_second(
+def test_rate_limiter_reserves_times_one_interval_apart_so_the_sixth_waits_a_second(
     redis_client: redis.Redis, redis_url: str
 ) -> None:
     import limits
 
     limiter = GlobalRateLimiter(redis_url, KEYS)
     item = limits.parse("5/second")
-    granted = [limiter.acquire("net", item) for _ in range(5)]
-    wait = limiter.acquire("net", item)
-    assert granted == [None] * 5
-    assert wait is not None
-    assert 0 < wait <= 1.0
-    # Other destinations have their own windows.
-    assert limiter.acquire("other", item) is None
-    assert limiter.acquire("replay:net", item) is None
-    # No limit configured: always granted.
-    assert all(limiter.acquire("net", None) is None for _ in range(20))
-    # A second limiter (another worker process) shares the same window.
+    reserved = [limiter.reserve("net", item) for _ in range(6)]
+    times = [r.send_at for r in reserved if r is not None]
+    assert len(times) == 6
+    # The first goes at once, each next one 200 ms (1 s / 5) after it: five in any second.
+    assert reserved[0] is not None
+    assert reserved[0].wait == 0
+    assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [0.2] * 5
+    sixth = reserved[5]
+    assert sixth is not None
+    assert 0.9 < sixth.wait <= 1.0
+    # Other destinations have their own schedules.
+    other = limiter.reserve("other", item)
+    replay = limiter.reserve("replay:net", item)
+    assert other is not None
+    assert other.wait == 0
+    assert replay is not None
+    assert replay.wait == 0
+    # No limit configured: nothing to reserve, no wait.
+    assert all(limiter.reserve("net", None) is None for _ in range(20))
+    # A second limiter (another worker process) shares the same schedule.
     other_process = GlobalRateLimiter(redis_url, KEYS)
-    assert other_process.acquire("net", item) is not None
-    # After the window has moved on, hits are granted again.
-    time.sleep(wait + 0.05)
-    assert limiter.acquire("net", item) is None
+    seventh = other_process.reserve("net", item)
+    assert seventh is not None
+    assert round(seventh.send_at - sixth.send_at, 6) == 0.2
+    # Once the schedule has run out, a request goes at once again.
+    time.sleep(seventh.wait + 0.25)
+    again = limiter.reserve("net", item)
+    assert again is not None
+    assert again.wait == 0
+    # Redis's clock: what a parked delivery compares its reserved time with.
+    assert abs(limiter.now() - time.time()) < 0.5
+
+
+def limited_net_pipeline(
+    make_runtime: Callable[[Path], WorkerRuntime],
+    tmp_path: Path,
+    receiver: PostbackReceiver,
+    settings: str,
+) -> DeliveryPipeline:
+    """A worker's pipeline with one destination, "net", with these settings (its rate limit)."""
+    toml = net_destination_toml(receiver.url).replace(
+        "[[destination.routes]]", f"{settings}\n[[destination.routes]]"
+    )
+    path = tmp_path / "destinations.toml"
+    path.write_text(toml)
+    return make_runtime(path).pipeline
+
+
+def test_pipeline_sleeps_a_short_wait_and_parks_a_long_one_once_with_its_reservation(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
+) -> None:
+    pipeline = limited_net_pipeline(make_runtime, tmp_path, receiver, 'rate_limit = "2/second"')
+    slept: list[float] = []
+    pipeline.sleep = slept.append  # the greenlet's sleep, recorded instead of slept
+    reserve = pipeline.limiter.reserve
+    reservations: list[Any] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reservations.append(reserve(*args, **kwargs))
+        return reservations[-1]
+
+    pipeline.limiter.reserve = counted  # type: ignore[method-assign]
+    first = [pipeline.run(envelope(f"rl-{i}").model_copy(update={"attempt": 0})) for i in range(3)]
+    # 0 s, 0.5 s and 1 s away (one emission interval of 1 s / 2 apart): the last two waited
+    # in the worker (<= POSTBACK_RELAY_RATE_LIMIT_MAX_SLEEP, 1 s), then went.
+    assert [r.status for r in first] == ["delivered"] * 3
+    times = [r.send_at for r in reservations]
+    assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [0.5, 0.5]
+    assert reservations[0].wait == 0
+    assert slept == pytest.approx([reservations[1].wait, reservations[2].wait], abs=0.01)
+    assert slept == pytest.approx([0.5, 1.0], abs=0.2)
+    assert len(receiver.received()) == 3
+
+    fourth = envelope("rl-3").model_copy(update={"attempt": 0})
+    parked = pipeline.run(fourth)
+    assert parked.status == "deferred", parked
+    assert parked.attempt is None  # the partner never saw it: no attempt spent
+    assert len(reservations) == 4
+    reserved_at = reservations[3].send_at
+    queue = queue_for("templated")
+    [(wire, due)] = redis_client.zrange(KEYS.delayed(queue), 0, -1, withscores=True)
+    back = DeliveryEnvelope.from_task_arg(decode_task_args(wire.decode())[1][0])
+    assert back.reserved_at == reserved_at
+    assert back.attempt == 0
+    # Due before its time (by the sleep bound, 1 s), to sleep the rest when it is back.
+    assert due == pytest.approx(reserved_at - 1.0, abs=0.1)
+
+    # Back from the delay set, shortly before its time: it sleeps the rest and sends without
+    # reserving again (deferred once).
+    real_now = pipeline.limiter.now
+    pipeline.limiter.now = lambda: reserved_at - 0.3  # type: ignore[method-assign]
+    slept.clear()
+    result = pipeline.run(back)
+    assert result.status == "delivered", result
+    assert len(reservations) == 4
+    assert slept == [pytest.approx(0.3)]
+    assert len(receiver.received()) == 4
+
+    # A reservation long past (the delivery sat out an outage) is void: it reserves again.
+    pipeline.limiter.now = real_now  # type: ignore[method-assign]
+    stale = envelope("rl-4").model_copy(update={"attempt": 0, "reserved_at": real_now() - 30})
+    assert pipeline.run(stale).status == "deferred"
+    assert len(reservations) == 5
+    assert reservations[4].send_at == pytest.approx(reserved_at + 0.5, abs=1e-6)
+
+
+def test_a_reservation_is_spent_even_when_the_attempt_fails_and_the_retry_reserves_anew(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
+) -> None:
+    receiver.responder = lambda req, seen: Answer(503)
+    pipeline = limited_net_pipeline(
+        make_runtime,
+        tmp_path,
+        receiver,
+        'rate_limit = "1/second"\nretry = { max_attempts = 3, schedule = [60], jitter = 0 }',
+    )
+    pipeline.sleep = lambda seconds: None
+    item = pipeline.destinations.get("net").rate_limit_item
+    reserved = envelope("rl-f").model_copy(
+        update={"attempt": 0, "max_attempts": 3, "reserved_at": pipeline.limiter.now()}
+    )
+    before = pipeline.limiter.reserve("net", item)
+    result = pipeline.run(reserved)
+    assert result.status == "retry_scheduled", result
+    assert len(receiver.received()) == 1
+    # The failed attempt used the reservation it carried; the retry carries none.
+    [(wire, _)] = redis_client.zrange(KEYS.delayed(queue_for("templated")), 0, -1, withscores=True)
+    retry = DeliveryEnvelope.from_task_arg(decode_task_args(wire.decode())[1][0])
+    assert retry.attempt == 1
+    assert retry.reserved_at is None
+    assert "reserved_at" not in retry.to_task_arg()  # old workers read it (extra="forbid")
+    assert '"reserved_at"' not in wire.decode()
+    after = pipeline.limiter.reserve("net", item)
+    assert before is not None
+    assert after is not None
+    assert after.send_at == pytest.approx(before.send_at + 1.0, abs=1e-6)
 
 
 def test_exhausted_reasons_count_retries_as_the_destinations_file_does() -> None:

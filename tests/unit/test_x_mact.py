@@ -44,7 +44,7 @@ from workers.cli.main import main
 from workers.delivery.client import HttpClient, http_client
 from workers.delivery.http import HttpAnswer
 from workers.delivery.pipeline import DeliveryPipeline
-from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry, Reservation
 from workers.delivery.sender import Sender
 from workers.kinds.base import OutgoingRequest
 from workers.kinds.x_mact.adapter import XMactAdapter, price_micro
@@ -1079,29 +1079,35 @@ def test_incomplete_rate_limit_headers_give_no_budget(headers: dict[str, str]) -
 # --- the server-announced budget in Redis --------------------------------------------------------
 
 
+def wait_of(reservation: Reservation | None) -> float:
+    assert reservation is not None
+    return reservation.wait
+
+
 @pytest.mark.usefixtures("redis_client")
 def test_tightened_budget_denies_the_third_send_until_the_reset(redis_url: str) -> None:
     limiter = GlobalRateLimiter(redis_url, KEYS)
     reset_at = time.time() + 2
     limiter.tighten("x", 2, reset_at)
     big = limits.parse("60000 per 15 minutes")  # the x_mact default: never the binding limit
-    assert limiter.acquire("x", big, server_budget=True) is None
-    assert limiter.acquire("x", big, server_budget=True) is None
-    wait = limiter.acquire("x", big, server_budget=True)
-    assert wait is not None
-    assert 0 < wait <= 2.0
-    assert limiter.acquire("x", big, server_budget=True) is not None  # still denied
+    assert wait_of(limiter.reserve("x", big, server_budget=True)) < 0.1
+    assert wait_of(limiter.reserve("x", big, server_budget=True)) < 0.1
+    third = limiter.reserve("x", big, server_budget=True)
+    assert third is not None
+    assert 0 < third.wait <= 2.0
+    assert third.send_at >= reset_at - 0.01  # not before the partner's reset
+    fourth = limiter.reserve("x", big, server_budget=True)
+    assert fourth is not None
+    assert fourth.send_at > third.send_at >= reset_at - 0.01  # still denied; then spaced out
     # Other destinations, and callers that do not use the server budget, are unaffected.
-    assert limiter.acquire("y", big, server_budget=True) is None
-    assert limiter.acquire("x", big, server_budget=False) is None
-    assert limiter.acquire("x", None, server_budget=False) is None
+    assert wait_of(limiter.reserve("y", big, server_budget=True)) == 0
+    assert limiter.reserve("x", None, server_budget=False) is None
+    # A send under x's own limit queues behind those waiting for the reset: one schedule per
+    # limit key, so the sends held back by the budget do not all go at once when it resets.
+    assert wait_of(limiter.reserve("x", big, server_budget=False)) > 0
     # After the partner's reset the budget is gone and sends are granted again.
-    deadline = time.monotonic() + 10
-    granted = limiter.acquire("x", big, server_budget=True)
-    while granted is not None and time.monotonic() < deadline:
-        time.sleep(min(granted, 0.2))
-        granted = limiter.acquire("x", big, server_budget=True)
-    assert granted is None
+    time.sleep(max(0.0, fourth.send_at - limiter.now()) + 0.1)
+    assert wait_of(limiter.reserve("x", big, server_budget=True)) == 0
     assert time.time() >= reset_at - 0.05
 
 
@@ -1111,17 +1117,15 @@ def test_tighten_with_a_past_reset_changes_nothing_and_a_new_window_replaces_the
 ) -> None:
     limiter = GlobalRateLimiter(redis_url, KEYS)
     limiter.tighten("x", 0, time.time() - 1)
-    assert limiter.acquire("x", None, server_budget=True) is None
+    assert wait_of(limiter.reserve("x", None, server_budget=True)) == 0
     assert limiter.redis.exists(KEYS.server_budget("x")) == 0
     limiter.tighten("x", 0, time.time() + 30)
-    wait = limiter.acquire("x", None, server_budget=True)
-    assert wait is not None
+    wait = wait_of(limiter.reserve("x", None, server_budget=True))
     assert 25 < wait <= 30
     # The partner's next window (a later reset) starts with a fresh count.
     limiter.tighten("x", 1, time.time() + 60)
-    assert limiter.acquire("x", None, server_budget=True) is None
-    wait = limiter.acquire("x", None, server_budget=True)
-    assert wait is not None
+    assert wait_of(limiter.reserve("x", None, server_budget=True)) == 0
+    wait = wait_of(limiter.reserve("x", None, server_budget=True))
     assert 55 < wait <= 60
     limiter.tighten("x", -5, time.time() + 90)  # never negative in Redis
     assert limiter.redis.get(KEYS.server_budget("x")) == b"0"
@@ -1132,6 +1136,6 @@ def test_a_late_answer_in_the_same_window_does_not_raise_the_budget(redis_url: s
     limiter = GlobalRateLimiter(redis_url, KEYS)
     reset_at = time.time() + 30
     limiter.tighten("x", 1, reset_at)  # answer to request k: one left
-    assert limiter.acquire("x", None, server_budget=True) is None  # request k+1 takes it
+    assert wait_of(limiter.reserve("x", None, server_budget=True)) == 0  # k+1 takes it
     limiter.tighten("x", 1, reset_at)  # a reply from before k+1 reached X arrives late
-    assert limiter.acquire("x", None, server_budget=True) is not None
+    assert wait_of(limiter.reserve("x", None, server_budget=True)) > 25

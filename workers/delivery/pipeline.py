@@ -40,6 +40,11 @@ from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.pipeline")
 
+# How late past its reserved time a parked delivery may still send (seconds). Each late send
+# lands beside the sends reserved for now: if every slot of the last 50 ms went late, a 1-s
+# window would see 5 % more than the limit, the most the partner's windows may be over.
+LATE_GRACE = 0.05
+
 
 @dataclass(frozen=True)
 class PipelineResult:
@@ -67,6 +72,9 @@ class DeliveryPipeline:
         max_unfinished_starts: int = 3,
         aggregators: Iterable[EventAggregator] = (),
         clock: Callable[[], float] = time.time,
+        rate_limit_max_sleep: float = 1.0,
+        delay_mover_interval: float = 0.5,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.destinations = destinations
         self.limiter = limiter
@@ -81,6 +89,13 @@ class DeliveryPipeline:
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
+        self.max_sleep = rate_limit_max_sleep
+        # A parked delivery is due this long before its reserved time, and sleeps the rest when
+        # it is back: the delay-set mover runs once an interval, and a queue with a backlog
+        # holds it up further; back after its time, it would have lost its slot.
+        self.park_lead = max(rate_limit_max_sleep, delay_mover_interval + 0.1)
+        # time.sleep as it is when the pipeline is built: gevent's under a patched worker.
+        self.sleep = sleep if sleep is not None else time.sleep
         self.sender = sender
         self.effects = OutcomeEffects(pauses, dead_letters)
         # A kind that takes totals (XMP) counts each delivery; its periodic flush does the sending.
@@ -165,16 +180,10 @@ class DeliveryPipeline:
         if isinstance(request, PermanentFailure):
             return self._dead_letter(envelope, request.reason)
 
-        wait = self.limiter.acquire(
-            adapter.rate_limit_key(envelope),
-            dest.rate_limit_item,
-            server_budget=adapter.uses_server_budget,
-        )
-        if wait is not None:
-            # Not an attempt: the partner never saw it. Park it until a slot should be free.
-            self.requeuer.later(envelope, wait)
-            return PipelineResult("deferred", f"rate limited for {wait:.2f}s")
-
+        parked = self._wait_for_send_time(adapter, envelope)
+        if parked is not None:
+            return parked
+        now = self.clock()  # the attempt's time is when it went, after any wait for its turn
         outcome, duration = self.sender.send(adapter, request)
         self.effects.pause_if_asked(dest.name, outcome)
         budget = getattr(outcome, "budget", None)
@@ -199,6 +208,47 @@ class DeliveryPipeline:
         )
         result = self._settle(envelope.after_attempt(summary), outcome)
         return replace(result, attempt=record)
+
+    def _wait_for_send_time(
+        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
+    ) -> PipelineResult | None:
+        """Wait for this attempt's send time under its destination's rate limit: None when it
+        may be sent now (after a short sleep); "deferred" when it was parked until its time.
+
+        The time is reserved once per attempt. A long wait parks the delivery once, with the
+        reservation on its envelope, so it comes back and sends without asking again."""
+        reserved_at = envelope.reserved_at  # taken when it was parked
+        # Back from parking it was due park_lead early: it sleeps that, or parks again only
+        # when it came back far too early (a mover whose clock is ahead).
+        longest_sleep = self.max_sleep if reserved_at is None else self.park_lead + self.max_sleep
+        for _ in range(3):
+            if reserved_at is None:
+                reservation = self.limiter.reserve(
+                    adapter.rate_limit_key(envelope),
+                    adapter.destination.rate_limit_item,
+                    server_budget=adapter.uses_server_budget,
+                )
+                if reservation is None:
+                    return None
+                reserved_at = reservation.send_at
+            wait = reserved_at - self.limiter.now()
+            if wait > longest_sleep:
+                # Not an attempt: the partner never saw it. Its slot is taken and kept.
+                self.requeuer.later(
+                    envelope.model_copy(update={"reserved_at": reserved_at}),
+                    wait - self.park_lead,
+                )
+                return PipelineResult("deferred", f"rate limited: sends in {wait:.2f}s")
+            if wait > 0:
+                self.sleep(wait)
+                wait = reserved_at - self.limiter.now()
+            if wait >= -LATE_GRACE:
+                return None
+            # Its slot went by before it could go (a backlog held it up, or a busy worker woke
+            # it late): sent now, it would crowd the slots others hold now. It takes a new one.
+            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
+            reserved_at, longest_sleep = None, self.max_sleep
+        return None  # three slots missed in a row: an overloaded worker sends rather than spin
 
     def _aggregate(
         self,

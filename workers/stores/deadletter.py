@@ -161,6 +161,7 @@ class Replayer:
                 "attempt": 0,
                 "created_at": now,
                 "not_after": now + timedelta(seconds=dest.retry.max_age_seconds),
+                "reserved_at": None,  # its send time was reserved before it died: long past
             }
         )
 
@@ -189,10 +190,9 @@ class Replayer:
         dest = self.destinations.get(entry.destination)
         # A separate window with the destination's own limit: replay never sends faster than
         # the partner accepts, and leaves the live traffic's window alone.
-        while (
-            wait := self.limiter.acquire(f"replay:{dest.name}", dest.rate_limit_item)
-        ) is not None:
-            self.sleep(min(wait, 1.0))
+        reservation = self.limiter.reserve(f"replay:{dest.name}", dest.rate_limit_item)
+        if reservation is not None and reservation.wait > 0:
+            self.sleep(reservation.wait)
         envelope = self.fresh_envelope(entry, datetime.now(UTC))
         wire = self.encoder.encode_envelope(
             envelope, task_id=f"{envelope.delivery_id}.replay.{int(time.time())}"

@@ -8,3 +8,10 @@ local function kombu_publish(queue, wire)
   -- other end, so a queue is first in, first out.
   redis.call('LPUSH', queue, wire)
 end
+
+-- A message that has already waited its turn (a due retry, a delivery back for its reserved
+-- send time): onto the end workers take from, so it goes next instead of behind the queue's
+-- backlog. Under a burst a rate-limited delivery would otherwise come back after its slot.
+local function kombu_publish_next(queue, wire)
+  redis.call('RPUSH', queue, wire)
+end
