@@ -143,13 +143,26 @@ class Settings(BaseSettings):
 
     @property
     def concurrency(self) -> int:
-        """Requests a worker process runs at once: the setting, or its pool's default."""
-        return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]
+        """Tasks (messages) a worker process runs at once: the setting, or its pool's default.
+        With batches, the pool's default is a number of deliveries in flight, so the tasks
+        are fewer: enough batches to keep twice that many deliveries started (a batch holds
+        its task until its slowest delivery is done), at least 2."""
+        if self.worker_concurrency:
+            return self.worker_concurrency
+        default = DEFAULT_CONCURRENCY[self.worker_pool]
+        if self.batch_size == 1:
+            return default
+        return max(2, math.ceil(2 * default / self.batch_size))
+
+    @property
+    def deliveries_in_flight(self) -> int:
+        """The most deliveries a worker process sends at once: each task's whole batch."""
+        return self.concurrency * self.batch_size
 
     @property
     def redis_pool_size(self) -> int:
-        """Connections each Redis connection pool of a process may hold: one per task running
-        at once (each acks, records and requeues through the pool), plus spares for the
+        """Connections each Redis connection pool of a process may hold: one per delivery in
+        flight (each acks, records and requeues through the pool), plus spares for the
         consumer, its timers and the delay mover. kombu's own default of 10 failed acks with
         MaxConnectionsError at gevent's concurrency of 64, and a failed ack is a duplicate."""
-        return self.concurrency + REDIS_SPARE_CONNECTIONS
+        return self.deliveries_in_flight + REDIS_SPARE_CONNECTIONS

@@ -133,6 +133,8 @@ class BatchRunner:
         started = self.pipeline.start(envelopes, check_settled=True)
         skipped = [s for s in started if s.settled]
         report.already_settled = [s.envelope.delivery_id for s in skipped]
+        if skipped:
+            log.info("delivery.already_settled", deliveries=report.already_settled)
         todo = [s for s in started if not s.settled]
         if len(todo) > 1 and any(s.starts > 1 for s in todo):
             # An earlier run of this message never finished: its worker died. One delivery may
