@@ -86,10 +86,16 @@ def install(event_id: str) -> dict[str, Any]:
 
 
 def leased_producer(
-    redis_url: str, path: Path, client: redis.Redis, lease: int = 2 * VISIBILITY
+    redis_url: str,
+    path: Path,
+    client: redis.Redis,
+    lease: int = 2 * VISIBILITY,
+    batch_size: int = 1,
 ) -> Producer:
     """A producer whose ledger lease matches the workers' (2 x visibility by default)."""
-    settings = Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease)
+    settings = Settings(
+        redis_url=redis_url, destinations_file=path, ledger_lease=lease, batch_size=batch_size
+    )
     return Producer(settings, load_destinations(path), client)
 
 
@@ -112,9 +118,14 @@ def tail(*workers: WorkerProcess, chars: int = 2500) -> str:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("pool", ["gevent", "threads"])
+@pytest.mark.parametrize(
+    ("pool", "batch_size"),
+    [("gevent", 1), ("threads", 1), ("gevent", 10)],
+    ids=["gevent", "threads", "gevent-batches-of-10"],
+)
 def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     pool: str,
+    batch_size: int,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -126,14 +137,15 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     path = write_destinations(destinations(receiver.url))
     # The ledger's lease matches the workers' (2 x visibility): a message the killed worker had
     # popped but not yet recorded as unacked (kombu's gap) comes back through the ledger.
-    producer = leased_producer(redis_url, path, redis_client)
+    producer = leased_producer(redis_url, path, redis_client, batch_size=batch_size)
     results = producer.produce_many(install(f"kill-{i}") for i in range(2000))
     accepted = {d for r in results for d in r.accepted}
     assert len(accepted) == 2000
 
     options = ["--queues", "templated", "--pool", pool, "--concurrency", "4"]
-    doomed = start_worker(path, *options, env=CRASH_ENV)
-    survivor = start_worker(path, *options, "--hostname", "w2@%h", env=CRASH_ENV)
+    env = {**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": str(batch_size)}
+    doomed = start_worker(path, *options, env=env)
+    survivor = start_worker(path, *options, "--hostname", "w2@%h", env=env)
     assert wait_until(lambda: len(receiver.received()) >= 400, 60), tail(doomed, survivor)
     doomed.signal(signal.SIGKILL)
     killed_at = time.time()
@@ -145,7 +157,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.llen(QUEUE) == 0, 60), tail(survivor)
     sleep_until(killed_at + VISIBILITY + 1)
     stranded = accepted - set(ok_keys(receiver))
-    replacement = start_worker(path, *options, env=CRASH_ENV)
+    replacement = start_worker(path, *options, env=env)
 
     assert all_delivered(receiver, accepted, timeout=60), (
         f"{len(accepted - set(ok_keys(receiver)))} never delivered\n" + tail(survivor, replacement)
@@ -173,6 +185,70 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.hlen("unacked") == 0, 20), "messages left unacked"
     assert survivor.proc.poll() is None
     assert replacement.proc.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_sigkilled_mid_batch_loses_nothing_and_resends_only_what_was_in_flight(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    """One batch message of 10: the partner answers 4 at once and holds 6; the worker dies with
+    the 4 settled and the 6 in flight. The batch comes back (kombu's restore), skips the 4 the
+    ledger shows settled and sends the 6 again: duplicates <= the batch's in-flight deliveries."""
+    release = threading.Event()
+
+    def partner(req: ReceivedRequest, seen: int) -> Answer:
+        if seen == 0 and req.path.startswith("/pb/held-"):
+            release.wait(60)  # answered after the kill, to a closed socket
+        return Answer(200)
+
+    receiver.responder = partner
+    receiver.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+    path = write_destinations(destinations(receiver.url))
+    settings = Settings(
+        redis_url=redis_url, destinations_file=path, ledger_lease=2 * VISIBILITY, batch_size=10
+    )
+    producer = Producer(settings, load_destinations(path), redis_client)
+    names = [f"quick-{i}" for i in range(4)] + [f"held-{i}" for i in range(6)]
+    results = producer.produce_many(install(name) for name in names)
+    accepted = {d for r in results for d in r.accepted}
+    assert len(accepted) == 10
+    assert redis_client.llen(QUEUE) == 1, "the ten deliveries travel in one message"
+    quick = {delivery_id_for(name, DESTINATION) for name in names[:4]}
+    ledger = RedisKeys("pr").ledger()
+
+    env = {**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": "10"}
+    options = ["--queues", "templated", "--pool", "gevent", "--concurrency", "1"]
+    workers = [start_worker(path, *options, env=env)]
+    try:
+        # All ten reach the partner at once (one message, concurrent sends); the quick four
+        # are settled, the held six are in flight.
+        assert wait_until(lambda: sum(receiver.counts.values()) == 10, 30), tail(*workers)
+        assert wait_until(lambda: redis_client.zcard(ledger) == 6, 10), tail(*workers)
+        workers[0].signal(signal.SIGKILL)
+        killed_at = time.time()
+        workers[0].proc.wait(10)
+        release.set()
+        assert redis_client.hlen("unacked") == 1, "the batch message was never acked"
+
+        sleep_until(killed_at + VISIBILITY + 1)
+        workers.append(start_worker(path, *options, "--hostname", "w2@%h", env=env))
+        assert all_delivered(receiver, accepted, timeout=40), tail(*workers)
+        time.sleep(1.0)  # stragglers
+        got = ok_keys(receiver)
+        duplicates = {key: n - 1 for key, n in got.items() if n > 1}
+        print(f"\n2xx requests: {sum(got.values())}; duplicated ids: {len(duplicates)}")
+        assert set(got) == accepted  # 0 lost
+        assert sum(duplicates.values()) <= 6  # at most what was in flight at the kill
+        assert set(duplicates).isdisjoint(quick)  # the settled four were not sent again
+        assert DeadLetterStore(redis_client, RedisKeys("pr")).count() == 0
+        assert wait_until(lambda: redis_client.zcard(ledger) == 0, 10)
+        assert wait_until(lambda: redis_client.hlen("unacked") == 0, 10)
+    finally:
+        release.set()
 
 
 FAILED_ACK = re.compile(r"Couldn't ack|MaxConnectionsError|Too many connections")
