@@ -487,7 +487,9 @@ def test_redis_sigkill_while_the_worker_waits_on_brpop_the_worker_survives(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("batch_size", [1, 10])
 def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
+    batch_size: int,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -496,11 +498,15 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
     path = write_destinations(destinations(receiver.url))
     servers = [EmbeddedRedis(tmp_path / "r").start()]
     url = servers[0].url
-    env = {**CRASH_ENV, "POSTBACK_RELAY_REDIS_URL": url}
+    env = {
+        **CRASH_ENV,
+        "POSTBACK_RELAY_REDIS_URL": url,
+        "POSTBACK_RELAY_BATCH_SIZE": str(batch_size),
+    }
     workers: list[WorkerProcess] = []
     try:
         client = redis.Redis.from_url(url)
-        producer = leased_producer(url, path, client)
+        producer = leased_producer(url, path, client, batch_size=batch_size)
         worker = start_worker(path, env=env)
         workers.append(worker)
         (warm,) = producer.produce(install("warm-up")).accepted
@@ -509,7 +515,11 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
 
         # A worker that is slow to handle BRPOP's answer (GC pause, CPU starvation): stopped.
         worker.signal(signal.SIGSTOP)
-        (delivery_id,) = producer.produce(install("in-the-window")).accepted
+        # With batches, three deliveries in the one message BRPOP takes.
+        count = 1 if batch_size == 1 else 3
+        in_window = producer.produce_many(install(f"in-the-window-{i}") for i in range(count))
+        ids = {d for r in in_window for d in r.accepted}
+        assert len(ids) == count
         assert wait_until(lambda: client.llen(QUEUE) == 0, 5)  # BRPOP took it
         servers[0].kill()
         killed_at = time.time()
@@ -517,16 +527,18 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
         time.sleep(2.0)
         servers.append(EmbeddedRedis(tmp_path / "r", port=servers[0].port).start())
         client = redis.Redis.from_url(url)
-        assert client.exists(RedisKeys("pr").dedupe(delivery_id))  # the produce() was durable
+        for each in ids:  # the produce() was durable
+            assert client.exists(RedisKeys("pr").dedupe(each))
         print(
             f"\nafter the restart: queue {client.llen(QUEUE)}, unacked {client.hlen('unacked')}, "
             f"first worker alive: {worker.proc.poll() is None}"
         )
         # kombu lost track of it (neither queued nor unacked); the delivery ledger did not.
-        assert client.zscore(RedisKeys("pr").ledger(), delivery_id) is not None
+        for each in ids:
+            assert client.zscore(RedisKeys("pr").ledger(), each) is not None
         sleep_until(killed_at + VISIBILITY + 1)
         workers.append(start_worker(path, "--hostname", "w2@%h", env=env))
-        assert all_delivered(receiver, {delivery_id}, timeout=30), tail(*workers)
+        assert all_delivered(receiver, ids, timeout=30), tail(*workers)
     finally:
         for w in workers:
             w.signal(signal.SIGCONT)
