@@ -39,7 +39,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import cli_env, run_cli, wait_until
-from workers.broker.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder, decode_task_args
 from workers.dev.embedded_redis import EmbeddedRedis
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.deadletter import DeadLetterStore
@@ -661,6 +661,41 @@ def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
     assert len(unknown) == 1, reasons
     assert "postback_relay.no_such_task" in unknown[0].reason, reasons
     assert sum("decode" in e.reason for e in entries) == 1, reasons
+
+
+def test_a_poison_member_of_a_batch_is_dead_lettered_alone_and_its_batch_mates_delivered(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    path = write_destinations(destinations(receiver.url))
+    producer = leased_producer(redis_url, path, redis_client, batch_size=10)
+    producer.produce_many(install(f"mate-{i}") for i in range(2))
+    (wire,) = redis_client.lrange(QUEUE, 0, -1)
+    _, (members,) = decode_task_args(wire.decode())
+    mates = {m["delivery_id"] for m in members}
+    # The same batch with a member that is no envelope.
+    encoder = TaskMessageEncoder(celery.Celery("x", set_as_current=False))
+    jsons = [json.dumps(m) for m in members] + ['{"nonsense": 1}']
+    poisoned = encoder.encode_batch("templated", jsons, [DESTINATION, DESTINATION, "?"], "b-1")
+    redis_client.delete(QUEUE)
+    redis_client.lpush(QUEUE, poisoned)
+    store = DeadLetterStore(redis_client, RedisKeys("pr"))
+
+    worker = start_worker(path, env={**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": "10"})
+    assert all_delivered(receiver, mates, timeout=30), tail(worker)
+    assert wait_until(lambda: store.count() == 1, 10), tail(worker)
+    (entry,) = store.iter_entries()
+    assert entry.reason.startswith("poison message: envelope"), entry.reason
+    assert "nonsense" in (entry.raw_message or "")
+    assert entry.delivery_id == "poison-b-1.2"
+    (after,) = producer.produce(install("after-poison")).accepted
+    assert wait_until(lambda: after in ok_keys(receiver), 30), tail(worker)
+    assert ok_keys(receiver) == Counter(dict.fromkeys([*mates, after], 1))
+    assert wait_until(lambda: redis_client.hlen("unacked") == 0, 10)
+    assert worker.proc.poll() is None
 
 
 def test_queue_items_celery_cannot_read_are_dead_lettered_raw_and_the_worker_goes_on(
