@@ -31,6 +31,8 @@ DEFAULT_CONCURRENCY: dict[str, int] = {
 VISIBILITY_MARGIN = 60
 # Redis connections per pool beyond one per concurrent task; see ``Settings.redis_pool_size``.
 REDIS_SPARE_CONNECTIONS = 8
+# Redis connections per pool that the deliveries of batches share; see ``redis_pool_size``.
+MAX_SHARED_CONNECTIONS = 256
 
 
 class Settings(BaseSettings):
@@ -144,25 +146,23 @@ class Settings(BaseSettings):
     @property
     def concurrency(self) -> int:
         """Tasks (messages) a worker process runs at once: the setting, or its pool's default.
-        With batches, the pool's default is a number of deliveries in flight, so the tasks
-        are fewer: enough batches to keep twice that many deliveries started (a batch holds
-        its task until its slowest delivery is done), at least 2."""
-        if self.worker_concurrency:
-            return self.worker_concurrency
-        default = DEFAULT_CONCURRENCY[self.worker_pool]
-        if self.batch_size == 1:
-            return default
-        return max(2, math.ceil(2 * default / self.batch_size))
+        With batches, the same number of tasks: a batch holds its task until its slowest
+        delivery is done, so fewer tasks would let one slow answer idle a whole worker."""
+        return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]
 
     @property
     def deliveries_in_flight(self) -> int:
-        """The most deliveries a worker process sends at once: each task's whole batch."""
+        """The most deliveries a worker process sends at once: each task's whole batch (the
+        HTTP connection pool's size)."""
         return self.concurrency * self.batch_size
 
     @property
     def redis_pool_size(self) -> int:
-        """Connections each Redis connection pool of a process may hold: one per delivery in
-        flight (each acks, records and requeues through the pool), plus spares for the
-        consumer, its timers and the delay mover. kombu's own default of 10 failed acks with
-        MaxConnectionsError at gevent's concurrency of 64, and a failed ack is a duplicate."""
-        return self.deliveries_in_flight + REDIS_SPARE_CONNECTIONS
+        """Connections each Redis connection pool of a process may hold: one per task or
+        delivery running at once (each acks, records and requeues through the pool), plus
+        spares for the consumer, its timers and the delay mover. kombu's own default of 10
+        failed acks with MaxConnectionsError at gevent's concurrency of 64, and a failed ack is
+        a duplicate. With batches, at most 256 (or one per task): a delivery holds a connection
+        for one short command at a time, and the pool makes the others wait, not fail."""
+        shared = min(self.deliveries_in_flight, max(self.concurrency, MAX_SHARED_CONNECTIONS))
+        return shared + REDIS_SPARE_CONNECTIONS

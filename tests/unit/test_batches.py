@@ -354,10 +354,11 @@ def test_a_poison_member_is_dead_lettered_alone(
     assert report.summary() == "dead_lettered: 2, delivered: 1"
 
 
-def test_with_batches_the_default_concurrency_counts_deliveries_in_flight() -> None:
-    assert Settings(batch_size=1).concurrency == 64
-    batched = Settings(batch_size=50)
-    assert batched.concurrency == 3  # batches of 50 keep 2 x 64 deliveries started
+def test_with_batches_redis_pools_grow_with_the_deliveries_in_flight_up_to_a_cap() -> None:
+    assert Settings(batch_size=1).redis_pool_size == 64 + 8  # one per task, as before
+    batched = Settings(batch_size=50, worker_concurrency=3)
+    assert batched.concurrency == 3
     assert batched.deliveries_in_flight == 150
     assert batched.redis_pool_size == 158
-    assert Settings(batch_size=50, worker_concurrency=8).concurrency == 8
+    assert Settings(batch_size=50).redis_pool_size == 256 + 8
+    assert Settings(batch_size=50, worker_concurrency=300).redis_pool_size == 300 + 8
