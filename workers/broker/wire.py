@@ -9,6 +9,9 @@ here (see ``kombu.transport.virtual.base.Channel.prepare_message`` / ``basic_pub
 Celery's message for a task differs from one call to the next only in the task id, the argsrepr,
 the body and kombu's delivery tag, so each task name's message is laid out once, as JSON text
 with four slots, and every message after that is the slots filled in (produce_many's hot path).
+
+A delivery task's argument is one envelope (``encode_envelope``: every release's form, and
+what the ledger republishes) or a list of one kind's envelopes (``encode_batch``).
 """
 
 from __future__ import annotations
