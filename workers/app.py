@@ -119,16 +119,17 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
 
 def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
     @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind), shared=False)
-    def deliver(self: Task[Any, Any], envelopes: Any) -> str:
+    def deliver(self: Task[Any, Any], envelope: Any) -> str:
         # A list: a batch of this kind's deliveries. An object: one delivery, the message of
-        # every release before batches (and of a batch size of 1).
+        # every release before batches (and of a batch size of 1). The parameter keeps its
+        # old name, so a message passing it by keyword still fits.
         try:
-            if isinstance(envelopes, list):
-                report = app.runtime.deliver_batch(envelopes, self.request.id)
+            if isinstance(envelope, list):
+                report = app.runtime.deliver_batch(envelope, self.request.id)
                 if report.redis_error is not None:
                     raise report.redis_error
                 return report.summary()
-            result = app.runtime.deliver(envelopes, self.request.id)
+            result = app.runtime.deliver(envelope, self.request.id)
         except redis.RedisError as exc:
             # Redis is our system of record; without it nothing can be recorded or retried.
             # Requeue the message instead of acking it: at-least-once, never silent loss (a
@@ -139,7 +140,7 @@ def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
             # Celery would ack a failed task and the delivery would be gone: keep it instead.
             # (A batch keeps each delivery's unexpected error itself.)
             log.exception("delivery.unexpected_error")
-            result = app.runtime.dead_letter_unexpected(envelopes, self.request.id, exc)
+            result = app.runtime.dead_letter_unexpected(envelope, self.request.id, exc)
         return f"{result.status}: {result.detail}"
 
     deliver.__doc__ = f"Deliver a `{kind}` postback, or a batch of them, concurrently."
