@@ -253,22 +253,38 @@ def test_a_worker_runs_a_batch_each_delivery_with_its_own_key_and_outcome(
     assert runtime.attempts.count() == 5  # one attempt record each
 
 
+@pytest.fixture
+def produced_batch(
+    redis_client: redis.Redis,
+    net_destination: Path,
+    producer_of: Callable[[Path, int], Producer],
+) -> Callable[[int], list[dict[str, Any]]]:
+    """``count`` events through produce_many with batches of 10: the one message's members."""
+
+    def produce(count: int) -> list[dict[str, Any]]:
+        producer_of(net_destination, 10).produce_many([event(f"e{i}") for i in range(count)])
+        ((_, args),) = queued(redis_client)
+        members: list[dict[str, Any]] = args[0]
+        return members
+
+    return produce
+
+
 def test_a_redelivered_batch_skips_what_the_ledger_shows_settled(
     redis_client: redis.Redis,
     receiver: PostbackReceiver,
     net_destination: Path,
-    producer_of: Callable[[Path, int], Producer],
+    produced_batch: Callable[[int], list[dict[str, Any]]],
     runtime_of: Callable[..., WorkerRuntime],
 ) -> None:
-    producer_of(net_destination, 10).produce_many([event(f"e{i}") for i in range(5)])
-    ((_, args),) = queued(redis_client)
+    members = produced_batch(5)
     runtime = runtime_of(net_destination)
     # A first run delivered three of them, then its worker died before the ack.
-    first = args[0][:3]
+    first = members[:3]
     runtime.deliver_batch(first, "task-1")
     assert len(receiver.requests) == 3
 
-    report = runtime.deliver_batch(args[0], "task-1")
+    report = runtime.deliver_batch(members, "task-1")
 
     assert sorted(report.already_settled) == sorted(env["delivery_id"] for env in first)
     assert len(receiver.requests) == 5  # only the two left were sent
@@ -281,23 +297,22 @@ def test_a_batch_whose_earlier_run_crashed_sends_each_delivery_on_alone(
     redis_client: redis.Redis,
     receiver: PostbackReceiver,
     net_destination: Path,
-    producer_of: Callable[[Path, int], Producer],
+    produced_batch: Callable[[int], list[dict[str, Any]]],
     runtime_of: Callable[..., WorkerRuntime],
 ) -> None:
-    producer_of(net_destination, 10).produce_many([event(f"e{i}") for i in range(3)])
-    ((_, args),) = queued(redis_client)
+    members = produced_batch(3)
     redis_client.delete(queue_list(QUEUE))
-    for env in args[0]:  # an earlier start of each never finished: its worker died
+    for env in members:  # an earlier start of each never finished: its worker died
         redis_client.set(KEYS.unfinished_starts(env["delivery_id"], 0), 1)
     runtime = runtime_of(net_destination)
 
-    report = runtime.deliver_batch(args[0], "task-1")
+    report = runtime.deliver_batch(members, "task-1")
 
     assert len(receiver.requests) == 0
-    assert sorted(report.split) == sorted(env["delivery_id"] for env in args[0])
+    assert sorted(report.split) == sorted(env["delivery_id"] for env in members)
     messages = queued(redis_client)
     assert sorted(a[0]["delivery_id"] for _, a in messages) == sorted(report.split)
-    for env in args[0]:  # the crash stays counted; this start, which finished, does not
+    for env in members:  # the crash stays counted; this start, which finished, does not
         assert redis_client.get(KEYS.unfinished_starts(env["delivery_id"], 0)) == b"1"
 
 
