@@ -291,6 +291,12 @@ def test_a_redelivered_batch_skips_what_the_ledger_shows_settled(
     assert {r.status for r in report.results.values()} == {"delivered"}
     assert redis_client.zcard(KEYS.ledger()) == 0
     assert not redis_client.keys("*unfinished*")
+    # Once more, all settled: nothing is sent.
+    again = runtime.deliver_batch(members, "task-1")
+    assert sorted(again.already_settled) == sorted(env["delivery_id"] for env in members)
+    assert (again.results, again.waves) == ({}, 1)
+    assert len(receiver.requests) == 5
+    assert not redis_client.keys("*unfinished*")
 
 
 def test_a_batch_whose_earlier_run_crashed_sends_each_delivery_on_alone(

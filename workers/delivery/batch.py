@@ -149,6 +149,9 @@ class BatchRunner:
         leftover: list[tuple[DeliveryEnvelope, PipelineResult | None]] = [
             (s.envelope, None) for s in skipped
         ]
+        if not todo:  # every delivery was settled by an earlier run
+            self._finish(leftover, report)
+            return report
         calls = [self._call(s) for s in todo]
         unfinished = dict(enumerate(todo))
         try:
@@ -175,7 +178,6 @@ class BatchRunner:
                 report.results[s.envelope.delivery_id] = result
                 finished.append((s.envelope, result))
             self._finish(finished, report)
-        self._finish(leftover, report)  # only the already settled, when nothing ran
         return report
 
     def _call(self, started: Started) -> Callable[[], PipelineResult]:
