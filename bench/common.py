@@ -201,8 +201,9 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def make_producer(redis_url: str, destinations_file: Path) -> Producer:
-    settings = Settings(redis_url=redis_url, destinations_file=destinations_file)
+def make_producer(redis_url: str, destinations_file: Path, **options: Any) -> Producer:
+    """``options``: more settings (``batch_size=50``)."""
+    settings = Settings(redis_url=redis_url, destinations_file=destinations_file, **options)
     client = redis.Redis.from_url(redis_url, socket_keepalive=True)
     return Producer(settings, load_destinations(destinations_file), client)
 

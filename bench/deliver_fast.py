@@ -24,6 +24,7 @@ deliveries/s, worker CPU per delivery and both as ratios to postback-relay.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,6 +126,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=CORES, help="worker processes")
     add_pool_args(parser)
     parser.add_argument(
+        "--batch-sizes",
+        default="",
+        help="comma-separated POSTBACK_RELAY_BATCH_SIZE values, each measured in this run "
+        "(the first is the one compared with the baselines); default: the setting's default",
+    )
+    parser.add_argument(
         "--no-http-reference", action="store_true", help="skip the bare Celery + GET reference"
     )
     add_arq_args(parser)
@@ -147,22 +154,32 @@ def main() -> None:
                 f"{settings.worker_prefetch_multiplier}, log level={settings.log_level}",
                 deliveries=f"{args.deliveries:,} (1 templated destination, GET, 200 at once)",
             )
-            producer = make_producer(info.url, path)
-            workers = start_relay_workers(
-                args.workers, env, workdir, pool=args.pool, concurrency=args.concurrency
-            )
-            try:
-                relay = measure_delivery(
-                    info,
-                    receiver,
-                    lambda events: produce_all(producer, events),
-                    workers,
-                    2 * args.workers * args.concurrency,
-                    args.deliveries,
+            sizes = [int(n) for n in args.batch_sizes.split(",") if n] or [settings.batch_size]
+            relays: dict[int, Timed] = {}
+            pool_full = 0
+            for size in sizes:
+                producer = make_producer(info.url, path, batch_size=size)
+                workers = start_relay_workers(
+                    args.workers,
+                    {**env, "POSTBACK_RELAY_BATCH_SIZE": str(size)},
+                    workdir,
+                    pool=args.pool,
+                    concurrency=args.concurrency,
+                    tag=f"relay-n{size}",
                 )
-                pool_full = log_warning_count(workers, POOL_FULL)
-            finally:
-                stop_all(workers)
+                try:
+                    relays[size] = measure_delivery(
+                        info,
+                        receiver,
+                        functools.partial(produce_all, producer),
+                        workers,
+                        2 * args.workers * args.concurrency,
+                        args.deliveries,
+                    )
+                    pool_full += log_warning_count(workers, POOL_FULL)
+                finally:
+                    stop_all(workers)
+            relay = relays[sizes[0]]
 
             def bare_run(**kwargs: Any) -> Timed:
                 return measure_bare(
@@ -183,8 +200,16 @@ def main() -> None:
         finally:
             receiver.stop()
 
+        for size, timed in relays.items():
+            row(
+                f"batch size {size}: deliveries/s, worker CPU per delivery",
+                f"{timed.per_second:,.0f} /s, {timed.extra['cpu_ms']:.2f} ms",
+                f"x{timed.per_second / relay.per_second:.2f} rate, "
+                f"x{relay.extra['cpu_ms'] / timed.extra['cpu_ms']:.2f} CPU efficiency vs batch "
+                f"size {sizes[0]}" + ("" if timed.done else " - INCOMPLETE"),
+            )
         row(
-            "postback-relay deliveries/s",
+            f"postback-relay deliveries/s (batch size {sizes[0]})",
             f"{relay.per_second:,.0f} /s",
             f"{relay.count:,} received in {relay.seconds:.2f} s"
             + ("" if relay.done else " - INCOMPLETE")

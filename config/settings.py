@@ -31,6 +31,8 @@ DEFAULT_CONCURRENCY: dict[str, int] = {
 VISIBILITY_MARGIN = 60
 # Redis connections per pool beyond one per concurrent task; see ``Settings.redis_pool_size``.
 REDIS_SPARE_CONNECTIONS = 8
+# Redis connections per pool that the deliveries of batches share; see ``redis_pool_size``.
+MAX_SHARED_CONNECTIONS = 256
 
 
 class Settings(BaseSettings):
@@ -84,6 +86,11 @@ class Settings(BaseSettings):
     # A delivery whose reserved send time (its destination's rate limit) is at most this far
     # off sleeps in its greenlet; a later one is parked once in the delay set until that time.
     rate_limit_max_sleep: float = Field(default=1.0, ge=0, le=30)
+    # The most deliveries of one destination kind a Celery message carries (produce_many and
+    # the delay mover group them; a worker sends them concurrently, each with its own ledger
+    # entry, idempotency key, attempt record and outcome). 1: one delivery per message, the
+    # wire form of releases before 0.4. See README "Performance" for the measured default.
+    batch_size: int = Field(default=1, ge=1, le=200)
 
     # Attempt log retention: the newest N attempt records are kept (a capped Redis stream).
     attempt_log_max_records: int = Field(default=200_000, ge=1000)
@@ -141,13 +148,24 @@ class Settings(BaseSettings):
 
     @property
     def concurrency(self) -> int:
-        """Requests a worker process runs at once: the setting, or its pool's default."""
+        """Tasks (messages) a worker process runs at once: the setting, or its pool's default.
+        With batches, the same number of tasks: a batch holds its task until its slowest
+        delivery is done, so fewer tasks would let one slow answer idle a whole worker."""
         return self.worker_concurrency or DEFAULT_CONCURRENCY[self.worker_pool]
 
     @property
+    def deliveries_in_flight(self) -> int:
+        """The most deliveries a worker process sends at once: each task's whole batch (the
+        HTTP connection pool's size)."""
+        return self.concurrency * self.batch_size
+
+    @property
     def redis_pool_size(self) -> int:
-        """Connections each Redis connection pool of a process may hold: one per task running
-        at once (each acks, records and requeues through the pool), plus spares for the
-        consumer, its timers and the delay mover. kombu's own default of 10 failed acks with
-        MaxConnectionsError at gevent's concurrency of 64, and a failed ack is a duplicate."""
-        return self.concurrency + REDIS_SPARE_CONNECTIONS
+        """Connections each Redis connection pool of a process may hold: one per task or
+        delivery running at once (each acks, records and requeues through the pool), plus
+        spares for the consumer, its timers and the delay mover. kombu's own default of 10
+        failed acks with MaxConnectionsError at gevent's concurrency of 64, and a failed ack is
+        a duplicate. With batches, at most 256 (or one per task): a delivery holds a connection
+        for one short command at a time, and the pool makes the others wait, not fail."""
+        shared = min(self.deliveries_in_flight, max(self.concurrency, MAX_SHARED_CONNECTIONS))
+        return shared + REDIS_SPARE_CONNECTIONS

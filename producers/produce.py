@@ -18,7 +18,7 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
-from workers.broker.publish import Enqueue, EnqueueOnce
+from workers.broker.publish import Batch, Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
 
 MAX_BATCH = 500
@@ -43,6 +43,8 @@ class ProduceResult:
 class _Planned(Enqueue):
     delivery_id: str = ""
     destination: str = ""
+    kind: str = ""
+    envelope_json: str = ""  # serialised once, for its own message and for its batch's
 
 
 class Producer:
@@ -90,7 +92,8 @@ class Producer:
         for dest, route in self.destinations.routes_for(event):
             envelope = self.envelope_for(event, dest, route, now)
             queue = queue_for(envelope.kind)
-            wire = self._encoder.encode_envelope(envelope, task_id=envelope.delivery_id)
+            envelope_json = envelope.model_dump_json()
+            wire = self._encoder.encode_envelope(envelope, envelope.delivery_id, envelope_json)
             delayed = route.delay_seconds > 0
             planned.append(
                 _Planned(
@@ -103,12 +106,39 @@ class Producer:
                     delayed=delayed,
                     due=now.timestamp() + route.delay_seconds,
                     wire=wire,
+                    kind=envelope.kind,
+                    envelope_json=envelope_json,
                 )
             )
         return planned
 
     def _run(self, planned: Sequence[_Planned]) -> list[bool]:
-        return self._enqueue(planned, self.settings.dedupe_ttl_seconds)
+        return self._enqueue(planned, self.settings.dedupe_ttl_seconds, self._batches(planned))
+
+    def _batches(self, planned: Sequence[_Planned]) -> list[Batch]:
+        """What goes out now, grouped per queue into task messages of up to ``batch_size``
+        deliveries; each delivery keeps its own message for the ledger (and for when its batch
+        cannot go out whole). A delayed delivery waits alone in the delay set; the mover
+        groups it when it is due."""
+        size = self.settings.batch_size
+        if size <= 1:
+            return []
+        per_queue: dict[str, list[int]] = {}
+        for index, plan in enumerate(planned):
+            if not plan.delayed:
+                per_queue.setdefault(plan.queue, []).append(index)
+        batches = []
+        for members in per_queue.values():
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                if len(chunk) > 1:
+                    wire = self._encoder.encode_batch(
+                        planned[chunk[0]].kind,
+                        [planned[i].envelope_json for i in chunk],
+                        [planned[i].destination for i in chunk],
+                    )
+                    batches.append(Batch(tuple(chunk), wire))
+        return batches
 
     def produce(self, event: ConversionEvent | dict[str, Any]) -> ProduceResult:
         """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad."""

@@ -20,6 +20,7 @@ from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
 from workers.broker.internals import check_internals
 from workers.broker.transport import Channel, KeepUnreadable
+from workers.broker.wire import TaskMessageEncoder
 from workers.kinds import kind_tasks
 from workers.runtime import WorkerRuntime, redis_client
 from workers.stores.delay import DelaySet
@@ -119,20 +120,30 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
 def _register_delivery_task(app: PostbackRelay, kind: str) -> None:
     @app.task(name=task_name_for(kind), bind=True, queue=queue_for(kind), shared=False)
     def deliver(self: Task[Any, Any], envelope: Any) -> str:
+        # A list: a batch of this kind's deliveries. An object: one delivery, the message of
+        # every release before batches (and of a batch size of 1). The parameter keeps its
+        # old name, so a message passing it by keyword still fits.
         try:
+            if isinstance(envelope, list):
+                report = app.runtime.deliver_batch(envelope, self.request.id)
+                if report.redis_error is not None:
+                    raise report.redis_error
+                return report.summary()
             result = app.runtime.deliver(envelope, self.request.id)
         except redis.RedisError as exc:
             # Redis is our system of record; without it nothing can be recorded or retried.
-            # Requeue the message instead of acking it: at-least-once, never silent loss.
+            # Requeue the message instead of acking it: at-least-once, never silent loss (a
+            # batch's deliveries that were settled are skipped when it comes back).
             log.warning("delivery.redis_unavailable", error=str(exc))
             raise Reject(f"redis unavailable: {exc}", requeue=True) from exc
         except Exception as exc:
             # Celery would ack a failed task and the delivery would be gone: keep it instead.
+            # (A batch keeps each delivery's unexpected error itself.)
             log.exception("delivery.unexpected_error")
             result = app.runtime.dead_letter_unexpected(envelope, self.request.id, exc)
         return f"{result.status}: {result.detail}"
 
-    deliver.__doc__ = f"Deliver one postback to a `{kind}` destination."
+    deliver.__doc__ = f"Deliver a `{kind}` postback, or a batch of them, concurrently."
 
 
 def _register_periodic_tasks(app: PostbackRelay) -> None:
@@ -163,7 +174,8 @@ class DelayMover(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         app: PostbackRelay = worker.app
         client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
-        self.delays = DelaySet(client, keys)
+        # Due deliveries of one kind go back in batch messages, as produce_many sends them.
+        self.delays = DelaySet(client, keys, app.settings.batch_size, TaskMessageEncoder(app))
         self.ledger = DeliveryLedger(
             client,
             keys,

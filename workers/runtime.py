@@ -17,6 +17,7 @@ from config.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
 from workers.broker.wire import TaskMessageEncoder
+from workers.delivery.batch import BatchReport, BatchRunner
 from workers.delivery.client import http_client
 from workers.delivery.http import http_session
 from workers.delivery.pipeline import DeliveryPipeline, PipelineResult
@@ -135,6 +136,16 @@ class WorkerRuntime:
         )
 
     @built_once
+    def batch_runner(self) -> BatchRunner:
+        # A redelivered batch sends each delivery on alone (see BatchRunner.run).
+        requeuer = self.pipeline.requeuer
+        return BatchRunner(
+            self.pipeline,
+            on_unexpected=lambda envelope, exc: self.dead_letter_unexpected(envelope, None, exc),
+            split=lambda envelope: requeuer.later(envelope, 0),
+        )
+
+    @built_once
     def xmp_flusher(self) -> XmpFlusher:
         return XmpFlusher(
             self.redis,
@@ -170,9 +181,12 @@ class WorkerRuntime:
     def dead_letter_unexpected(
         self, raw: Any, task_id: str | None, exc: Exception
     ) -> PipelineResult:
-        """Keep a delivery whose processing raised something unforeseen, replayable later."""
+        """Keep a delivery whose processing raised something unforeseen, replayable later.
+        ``raw``: its envelope, or the task argument it came in."""
         try:
-            envelope: DeliveryEnvelope | None = DeliveryEnvelope.from_task_arg(raw)
+            envelope: DeliveryEnvelope | None = (
+                raw if isinstance(raw, DeliveryEnvelope) else DeliveryEnvelope.from_task_arg(raw)
+            )
         except PoisonMessage:
             envelope = None
         reason = mask_secrets(
@@ -195,24 +209,47 @@ class WorkerRuntime:
         return PipelineResult("dead_lettered", reason)
 
     def deliver(self, raw: Any, task_id: str | None) -> PipelineResult:
-        """Decode, run the pipeline, map the outcome; a poison message is dead-lettered."""
+        """One delivery's message (an envelope): decode, run the pipeline, map the outcome; a
+        poison message is dead-lettered."""
         structlog.contextvars.clear_contextvars()
         try:
             envelope = DeliveryEnvelope.from_task_arg(raw)
         except PoisonMessage as exc:
-            entry = DeadLetter(
-                delivery_id=f"poison-{task_id or uuid.uuid4()}",
-                destination=str(raw.get("destination", "?")) if isinstance(raw, dict) else "?",
-                reason=f"poison message: {exc}"[:1000],
-                dead_at=datetime.now(UTC),
-                raw_message=repr(raw)[:4096],
-            )
-            self.dead_letters.add(entry)
-            log.error("delivery.poison_message", alarm=True, reason=str(exc), message_id=task_id)
-            return PipelineResult("dead_lettered", entry.reason)
+            return self._poison(raw, f"poison-{task_id or uuid.uuid4()}", exc, task_id)
         structlog.contextvars.bind_contextvars(
             delivery_id=envelope.delivery_id,
             destination=envelope.destination,
             attempt=envelope.attempt + 1,
         )
         return self.pipeline.run(envelope)
+
+    def deliver_batch(self, raw: list[Any], task_id: str | None) -> BatchReport:
+        """A batch message (a list of envelopes): every delivery at once, each with its own
+        ledger entry, attempt, outcome, retry or dead letter; a member that cannot be decoded
+        is dead-lettered alone."""
+        structlog.contextvars.clear_contextvars()
+        prefix = f"poison-{task_id or uuid.uuid4()}"
+        envelopes, poisoned = [], []
+        for index, item in enumerate(raw):
+            try:
+                envelopes.append(DeliveryEnvelope.from_task_arg(item))
+            except PoisonMessage as exc:
+                poisoned.append(self._poison(item, f"{prefix}.{index}", exc, task_id))
+        report = self.batch_runner.run(envelopes) if envelopes else BatchReport()
+        for index, result in enumerate(poisoned):
+            report.results[f"{prefix}.{index}"] = result
+        return report
+
+    def _poison(
+        self, raw: Any, delivery_id: str, exc: PoisonMessage, task_id: str | None
+    ) -> PipelineResult:
+        entry = DeadLetter(
+            delivery_id=delivery_id,
+            destination=str(raw.get("destination", "?")) if isinstance(raw, dict) else "?",
+            reason=f"poison message: {exc}"[:1000],
+            dead_at=datetime.now(UTC),
+            raw_message=repr(raw)[:4096],
+        )
+        self.dead_letters.add(entry)
+        log.error("delivery.poison_message", alarm=True, reason=str(exc), message_id=task_id)
+        return PipelineResult("dead_lettered", entry.reason)

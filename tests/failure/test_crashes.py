@@ -39,7 +39,7 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.helpers import cli_env, run_cli, wait_until
-from workers.broker.wire import TaskMessageEncoder
+from workers.broker.wire import TaskMessageEncoder, decode_task_args
 from workers.dev.embedded_redis import EmbeddedRedis
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.deadletter import DeadLetterStore
@@ -86,10 +86,16 @@ def install(event_id: str) -> dict[str, Any]:
 
 
 def leased_producer(
-    redis_url: str, path: Path, client: redis.Redis, lease: int = 2 * VISIBILITY
+    redis_url: str,
+    path: Path,
+    client: redis.Redis,
+    lease: int = 2 * VISIBILITY,
+    batch_size: int = 1,
 ) -> Producer:
     """A producer whose ledger lease matches the workers' (2 x visibility by default)."""
-    settings = Settings(redis_url=redis_url, destinations_file=path, ledger_lease=lease)
+    settings = Settings(
+        redis_url=redis_url, destinations_file=path, ledger_lease=lease, batch_size=batch_size
+    )
     return Producer(settings, load_destinations(path), client)
 
 
@@ -112,9 +118,14 @@ def tail(*workers: WorkerProcess, chars: int = 2500) -> str:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("pool", ["gevent", "threads"])
+@pytest.mark.parametrize(
+    ("pool", "batch_size"),
+    [("gevent", 1), ("threads", 1), ("gevent", 10)],
+    ids=["gevent", "threads", "gevent-batches-of-10"],
+)
 def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     pool: str,
+    batch_size: int,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -126,14 +137,15 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     path = write_destinations(destinations(receiver.url))
     # The ledger's lease matches the workers' (2 x visibility): a message the killed worker had
     # popped but not yet recorded as unacked (kombu's gap) comes back through the ledger.
-    producer = leased_producer(redis_url, path, redis_client)
+    producer = leased_producer(redis_url, path, redis_client, batch_size=batch_size)
     results = producer.produce_many(install(f"kill-{i}") for i in range(2000))
     accepted = {d for r in results for d in r.accepted}
     assert len(accepted) == 2000
 
     options = ["--queues", "templated", "--pool", pool, "--concurrency", "4"]
-    doomed = start_worker(path, *options, env=CRASH_ENV)
-    survivor = start_worker(path, *options, "--hostname", "w2@%h", env=CRASH_ENV)
+    env = {**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": str(batch_size)}
+    doomed = start_worker(path, *options, env=env)
+    survivor = start_worker(path, *options, "--hostname", "w2@%h", env=env)
     assert wait_until(lambda: len(receiver.received()) >= 400, 60), tail(doomed, survivor)
     doomed.signal(signal.SIGKILL)
     killed_at = time.time()
@@ -145,7 +157,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.llen(QUEUE) == 0, 60), tail(survivor)
     sleep_until(killed_at + VISIBILITY + 1)
     stranded = accepted - set(ok_keys(receiver))
-    replacement = start_worker(path, *options, env=CRASH_ENV)
+    replacement = start_worker(path, *options, env=env)
 
     assert all_delivered(receiver, accepted, timeout=60), (
         f"{len(accepted - set(ok_keys(receiver)))} never delivered\n" + tail(survivor, replacement)
@@ -173,6 +185,70 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_keep_their_key(
     assert wait_until(lambda: redis_client.hlen("unacked") == 0, 20), "messages left unacked"
     assert survivor.proc.poll() is None
     assert replacement.proc.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_sigkilled_mid_batch_loses_nothing_and_resends_only_what_was_in_flight(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    """One batch message of 10: the partner answers 4 at once and holds 6; the worker dies with
+    the 4 settled and the 6 in flight. The batch comes back (kombu's restore), skips the 4 the
+    ledger shows settled and sends the 6 again: duplicates <= the batch's in-flight deliveries."""
+    release = threading.Event()
+
+    def partner(req: ReceivedRequest, seen: int) -> Answer:
+        if seen == 0 and req.path.startswith("/pb/held-"):
+            release.wait(60)  # answered after the kill, to a closed socket
+        return Answer(200)
+
+    receiver.responder = partner
+    receiver.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+    path = write_destinations(destinations(receiver.url))
+    settings = Settings(
+        redis_url=redis_url, destinations_file=path, ledger_lease=2 * VISIBILITY, batch_size=10
+    )
+    producer = Producer(settings, load_destinations(path), redis_client)
+    names = [f"quick-{i}" for i in range(4)] + [f"held-{i}" for i in range(6)]
+    results = producer.produce_many(install(name) for name in names)
+    accepted = {d for r in results for d in r.accepted}
+    assert len(accepted) == 10
+    assert redis_client.llen(QUEUE) == 1, "the ten deliveries travel in one message"
+    quick = {delivery_id_for(name, DESTINATION) for name in names[:4]}
+    ledger = RedisKeys("pr").ledger()
+
+    env = {**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": "10"}
+    options = ["--queues", "templated", "--pool", "gevent", "--concurrency", "1"]
+    workers = [start_worker(path, *options, env=env)]
+    try:
+        # All ten reach the partner at once (one message, concurrent sends); the quick four
+        # are settled, the held six are in flight.
+        assert wait_until(lambda: sum(receiver.counts.values()) == 10, 30), tail(*workers)
+        assert wait_until(lambda: redis_client.zcard(ledger) == 6, 10), tail(*workers)
+        workers[0].signal(signal.SIGKILL)
+        killed_at = time.time()
+        workers[0].proc.wait(10)
+        release.set()
+        assert redis_client.hlen("unacked") == 1, "the batch message was never acked"
+
+        sleep_until(killed_at + VISIBILITY + 1)
+        workers.append(start_worker(path, *options, "--hostname", "w2@%h", env=env))
+        assert all_delivered(receiver, accepted, timeout=40), tail(*workers)
+        time.sleep(1.0)  # stragglers
+        got = ok_keys(receiver)
+        duplicates = {key: n - 1 for key, n in got.items() if n > 1}
+        print(f"\n2xx requests: {sum(got.values())}; duplicated ids: {len(duplicates)}")
+        assert set(got) == accepted  # 0 lost
+        assert sum(duplicates.values()) <= 6  # at most what was in flight at the kill
+        assert set(duplicates).isdisjoint(quick)  # the settled four were not sent again
+        assert DeadLetterStore(redis_client, RedisKeys("pr")).count() == 0
+        assert wait_until(lambda: redis_client.zcard(ledger) == 0, 10)
+        assert wait_until(lambda: redis_client.hlen("unacked") == 0, 10)
+    finally:
+        release.set()
 
 
 FAILED_ACK = re.compile(r"Couldn't ack|MaxConnectionsError|Too many connections")
@@ -411,7 +487,9 @@ def test_redis_sigkill_while_the_worker_waits_on_brpop_the_worker_survives(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("batch_size", [1, 10])
 def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
+    batch_size: int,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -420,11 +498,15 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
     path = write_destinations(destinations(receiver.url))
     servers = [EmbeddedRedis(tmp_path / "r").start()]
     url = servers[0].url
-    env = {**CRASH_ENV, "POSTBACK_RELAY_REDIS_URL": url}
+    env = {
+        **CRASH_ENV,
+        "POSTBACK_RELAY_REDIS_URL": url,
+        "POSTBACK_RELAY_BATCH_SIZE": str(batch_size),
+    }
     workers: list[WorkerProcess] = []
     try:
         client = redis.Redis.from_url(url)
-        producer = leased_producer(url, path, client)
+        producer = leased_producer(url, path, client, batch_size=batch_size)
         worker = start_worker(path, env=env)
         workers.append(worker)
         (warm,) = producer.produce(install("warm-up")).accepted
@@ -433,7 +515,11 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
 
         # A worker that is slow to handle BRPOP's answer (GC pause, CPU starvation): stopped.
         worker.signal(signal.SIGSTOP)
-        (delivery_id,) = producer.produce(install("in-the-window")).accepted
+        # With batches, three deliveries in the one message BRPOP takes.
+        count = 1 if batch_size == 1 else 3
+        in_window = producer.produce_many(install(f"in-the-window-{i}") for i in range(count))
+        ids = {d for r in in_window for d in r.accepted}
+        assert len(ids) == count
         assert wait_until(lambda: client.llen(QUEUE) == 0, 5)  # BRPOP took it
         servers[0].kill()
         killed_at = time.time()
@@ -441,16 +527,18 @@ def test_redis_sigkill_between_brpop_and_the_unacked_record_loses_nothing(
         time.sleep(2.0)
         servers.append(EmbeddedRedis(tmp_path / "r", port=servers[0].port).start())
         client = redis.Redis.from_url(url)
-        assert client.exists(RedisKeys("pr").dedupe(delivery_id))  # the produce() was durable
+        for each in ids:  # the produce() was durable
+            assert client.exists(RedisKeys("pr").dedupe(each))
         print(
             f"\nafter the restart: queue {client.llen(QUEUE)}, unacked {client.hlen('unacked')}, "
             f"first worker alive: {worker.proc.poll() is None}"
         )
         # kombu lost track of it (neither queued nor unacked); the delivery ledger did not.
-        assert client.zscore(RedisKeys("pr").ledger(), delivery_id) is not None
+        for each in ids:
+            assert client.zscore(RedisKeys("pr").ledger(), each) is not None
         sleep_until(killed_at + VISIBILITY + 1)
         workers.append(start_worker(path, "--hostname", "w2@%h", env=env))
-        assert all_delivered(receiver, {delivery_id}, timeout=30), tail(*workers)
+        assert all_delivered(receiver, ids, timeout=30), tail(*workers)
     finally:
         for w in workers:
             w.signal(signal.SIGCONT)
@@ -573,6 +661,41 @@ def test_poison_task_messages_are_dead_lettered_and_the_worker_keeps_consuming(
     assert len(unknown) == 1, reasons
     assert "postback_relay.no_such_task" in unknown[0].reason, reasons
     assert sum("decode" in e.reason for e in entries) == 1, reasons
+
+
+def test_a_poison_member_of_a_batch_is_dead_lettered_alone_and_its_batch_mates_delivered(
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    redis_client: redis.Redis,
+    redis_url: str,
+) -> None:
+    path = write_destinations(destinations(receiver.url))
+    producer = leased_producer(redis_url, path, redis_client, batch_size=10)
+    producer.produce_many(install(f"mate-{i}") for i in range(2))
+    (wire,) = redis_client.lrange(QUEUE, 0, -1)
+    _, (members,) = decode_task_args(wire.decode())
+    mates = {m["delivery_id"] for m in members}
+    # The same batch with a member that is no envelope.
+    encoder = TaskMessageEncoder(celery.Celery("x", set_as_current=False))
+    jsons = [json.dumps(m) for m in members] + ['{"nonsense": 1}']
+    poisoned = encoder.encode_batch("templated", jsons, [DESTINATION, DESTINATION, "?"], "b-1")
+    redis_client.delete(QUEUE)
+    redis_client.lpush(QUEUE, poisoned)
+    store = DeadLetterStore(redis_client, RedisKeys("pr"))
+
+    worker = start_worker(path, env={**CRASH_ENV, "POSTBACK_RELAY_BATCH_SIZE": "10"})
+    assert all_delivered(receiver, mates, timeout=30), tail(worker)
+    assert wait_until(lambda: store.count() == 1, 10), tail(worker)
+    (entry,) = store.iter_entries()
+    assert entry.reason.startswith("poison message: envelope"), entry.reason
+    assert "nonsense" in (entry.raw_message or "")
+    assert entry.delivery_id == "poison-b-1.2"
+    (after,) = producer.produce(install("after-poison")).accepted
+    assert wait_until(lambda: after in ok_keys(receiver), 30), tail(worker)
+    assert ok_keys(receiver) == Counter(dict.fromkeys([*mates, after], 1))
+    assert wait_until(lambda: redis_client.hlen("unacked") == 0, 10)
+    assert worker.proc.poll() is None
 
 
 def test_queue_items_celery_cannot_read_are_dead_lettered_raw_and_the_worker_goes_on(

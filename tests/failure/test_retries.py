@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import redis
 
+from config.destinations import load_destinations
 from config.keys import RedisKeys, queue_for
+from config.settings import Settings
 from producers.produce import Producer
 from schemas.deadletter import DeadLetter
 from schemas.envelope import delivery_id_for
@@ -454,23 +456,29 @@ def test_endpoint_slower_than_the_timeout_is_retried_within_the_task_limits(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("batch_size", [1, 10])
 def test_retry_delay_longer_than_visibility_timeout_is_delivered_once(
+    batch_size: int,
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
-    make_producer: ProducerFactory,
+    redis_url: str,
     start_worker: WorkerFactory,
     redis_client: redis.Redis,
 ) -> None:
     retry_delay = 8.0
+    # With batches: three deliveries go out in one message, and their retries come back
+    # from the delay set in one (the mover groups them).
+    count = 1 if batch_size == 1 else 3
     path = write_destinations(
         destination(
             "later",
-            f"{receiver.url}/later",
+            f"{receiver.url}/later" + ("" if count == 1 else "/(event_id)"),
             f"retry = {{ max_attempts = 2, schedule = [{retry_delay}], jitter = 0, max_age_seconds = 600 }}",
             "timeout = { connect = 1, read = 1 }",
         )
     )
-    producer = make_producer(path)
+    settings = Settings(redis_url=redis_url, destinations_file=path, batch_size=batch_size)
+    producer = Producer(settings, load_destinations(path), redis_client)
     worker = start_worker(
         path,
         env=nesting_env(
@@ -479,20 +487,23 @@ def test_retry_delay_longer_than_visibility_timeout_is_delivered_once(
             HTTP_READ_TIMEOUT=1,
             TASK_SOFT_TIME_LIMIT=3,
             TASK_TIME_LIMIT=4,
+            BATCH_SIZE=batch_size,
         ),
     )
     receiver.responder = lambda req, seen: Answer(503, "busy") if seen == 0 else Answer(200)
-    (delivery_id,) = producer.produce(install(1, "later")).accepted
+    results = producer.produce_many(install(n, "later") for n in range(count))
+    delivery_ids = {d for r in results for d in r.accepted}
+    assert len(delivery_ids) == count
 
-    first = receiver.wait_for(1, timeout=20, path="/later")
-    assert len(first) == 1, worker.log()[-3000:]
-    first_at = first[0].at
+    first = receiver.wait_for(count, timeout=20)
+    assert len(first) == count, worker.log()[-3000:]
+    first_at = max(r.at for r in first)
 
     # While the retry waits, it sits in the delay set: not on the queue, not unacked in a worker.
     parked_checks = 0
     while time.time() < first_at + retry_delay - 1.5:
         if (
-            int(redis_client.zcard(DELAYED)) == 1
+            int(redis_client.zcard(DELAYED)) == count
             and int(redis_client.llen(QUEUE)) == 0
             and int(redis_client.hlen(UNACKED)) == 0
         ):
@@ -504,18 +515,22 @@ def test_retry_delay_longer_than_visibility_timeout_is_delivered_once(
     while time.time() < first_at + 20:
         time.sleep(0.25)
 
-    got = receiver.received("/later")
-    assert [r.status for r in got] == [503, 200], worker.log()[-3000:]
-    assert receiver.counts["/later"] == 2
-    assert {key_of(r) for r in got} == {delivery_id}
-    assert got[1].at - got[0].at >= retry_delay
+    assert len(receiver.requests) == 2 * count, worker.log()[-3000:]
+    for request_path in {r.path for r in receiver.requests}:
+        got = receiver.received(request_path)
+        assert [r.status for r in got] == [503, 200], worker.log()[-3000:]
+        assert receiver.counts[request_path] == 2
+        assert len({key_of(r) for r in got}) == 1
+        assert got[1].at - got[0].at >= retry_delay
+    assert {key_of(r) for r in receiver.requests} == delivery_ids
     assert dead_letters(redis_client) == []
     assert idle(redis_client)
-    records = [r for r in attempt_records(redis_client) if r["delivery_id"] == delivery_id]
-    assert sorted((r["attempt"], r["notifying_status"]) for r in records) == [
-        ("1", "failed"),
-        ("2", "sent"),
-    ]
+    for delivery_id in delivery_ids:
+        records = [r for r in attempt_records(redis_client) if r["delivery_id"] == delivery_id]
+        assert sorted((r["attempt"], r["notifying_status"]) for r in records) == [
+            ("1", "failed"),
+            ("2", "sent"),
+        ]
 
 
 # --------------------------------------------------------------------------------------------

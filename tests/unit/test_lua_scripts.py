@@ -16,6 +16,7 @@ from pathlib import Path
 import limits
 import pytest
 import redis
+from celery import Celery
 
 from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
@@ -25,7 +26,7 @@ from tests.unit.test_xmp import live_event, xmp_dest
 from workers.broker.keys import queue_list
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.scripts import load_script, script_text
-from workers.broker.wire import decode_task_args
+from workers.broker.wire import TaskMessageEncoder, decode_task_args
 from workers.delivery.client import HttpClient
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
@@ -182,6 +183,14 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     wire = redis_client.lpop(queue_list(QUEUE))
     assert wire is not None
     envelope = DeliveryEnvelope.from_task_arg(decode_task_args(wire.decode())[1][0])
+
+    # Due deliveries moved in one batch message (POSTBACK_RELAY_BATCH_SIZE > 1).
+    encoder = TaskMessageEncoder(Celery(set_as_current=False))
+    grouping = DelaySet(redis_client, KEYS, batch_size=10, encoder=encoder)
+    for n in range(2):
+        grouping.schedule(QUEUE, encoder.encode_envelope(envelope, f"t-{n}"), due=0)
+    watch.check(lambda: grouping.move_due([QUEUE]))
+    assert redis_client.rpop(queue_list(QUEUE)) is not None
 
     # A delivery on a queue the sweeping worker does not watch: the sweep must declare it too.
     other = queue_for("x_mact")

@@ -39,6 +39,16 @@ class Enqueue:
     queue: str = ""  # the queue the message belongs to (target_key may be its delay set)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One task message carrying the deliveries ``members`` (indexes into the items enqueued
+    with it, all bound for one queue, none delayed). It replaces their own messages only when
+    every member was new; otherwise each new member goes out alone, in its own ``wire``."""
+
+    members: tuple[int, ...]
+    wire: str
+
+
 class EnqueueOnce:
     """Claim-then-enqueue for many messages in one atomic Lua call (one round trip).
 
@@ -50,14 +60,19 @@ class EnqueueOnce:
         self.keys = keys
         self.lease_seconds = lease_seconds
 
-    def __call__(self, items: Sequence[Enqueue], ttl_seconds: int) -> list[bool]:
+    def __call__(
+        self, items: Sequence[Enqueue], ttl_seconds: int, batches: Sequence[Batch] = ()
+    ) -> list[bool]:
         if not items:
             return []
         keys: list[str] = [self.keys.ledger(), self.keys.ledger_messages()]
-        argv: list[Any] = [ttl_seconds, self.lease_seconds]
+        argv: list[Any] = [ttl_seconds, self.lease_seconds, len(items)]
         for item in items:
             target = item.target_key if item.delayed else queue_list(item.target_key)
             keys += [item.claim_key, target]
             argv += ["z" if item.delayed else "l", repr(item.due), item.wire, item.ledger_id,
                      item.queue]  # fmt: skip
+        for batch in batches:
+            # Lua counts from 1; each member's own wire stays its ledger entry's message.
+            argv += [len(batch.members), *(index + 1 for index in batch.members), batch.wire]
         return [bool(flag) for flag in self._script(keys=keys, args=argv)]

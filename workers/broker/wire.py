@@ -9,6 +9,9 @@ here (see ``kombu.transport.virtual.base.Channel.prepare_message`` / ``basic_pub
 Celery's message for a task differs from one call to the next only in the task id, the argsrepr,
 the body and kombu's delivery tag, so each task name's message is laid out once, as JSON text
 with four slots, and every message after that is the slots filled in (produce_many's hot path).
+
+A delivery task's argument is one envelope (``encode_envelope``: every release's form, and
+what the ledger republishes) or a list of one kind's envelopes (``encode_batch``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import base64
 import json
 import re
 import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -83,16 +88,37 @@ class TaskMessageEncoder:
         self._origin = anon_nodename()
         self._layouts: dict[tuple[str, str], _MessageLayout] = {}
 
-    def encode_envelope(self, envelope: DeliveryEnvelope, task_id: str) -> str:
-        """The delivery task message for ``envelope``, addressed to its kind's queue.
+    def encode_envelope(
+        self, envelope: DeliveryEnvelope, task_id: str, envelope_json: str | None = None
+    ) -> str:
+        """The delivery task message for ``envelope`` alone, addressed to its kind's queue:
+        the one form of every release before batches, and what the ledger republishes.
 
         The envelope is serialised once, by pydantic, straight into Celery's body
-        ``[args, kwargs, embed]`` (no dict round trip)."""
+        ``[args, kwargs, embed]`` (no dict round trip); ``envelope_json``: already done."""
         return self._wire(
             task_name_for(envelope.kind),
             queue_for(envelope.kind),
-            "[" + envelope.model_dump_json() + "]",
+            "[" + (envelope_json or envelope.model_dump_json()) + "]",
             argsrepr=envelope.task_argsrepr(),
+            task_id=task_id,
+        )
+
+    def encode_batch(
+        self,
+        kind: str,
+        envelope_jsons: Sequence[str],
+        destinations: Sequence[str],
+        task_id: str | None = None,
+    ) -> str:
+        """One task message carrying several deliveries of ``kind``: args ``[[env, ...]]``,
+        each envelope as JSON already (the producer serialised it once for its own message
+        too; the delay mover has it from the message it replaces)."""
+        return self._wire(
+            task_name_for(kind),
+            queue_for(kind),
+            "[[" + ",".join(envelope_jsons) + "]]",
+            argsrepr=batch_argsrepr(destinations),
             task_id=task_id,
         )
 
@@ -114,6 +140,15 @@ class TaskMessageEncoder:
             layout = _MessageLayout(self._amqp, task_name, queue, self._origin)
             self._layouts[(task_name, queue)] = layout
         return layout.fill(task_id or str(uuid.uuid4()), argsrepr, args_json)
+
+
+def batch_argsrepr(destinations: Iterable[str]) -> str:
+    """What Flower shows of a batch task: the count and the destinations, never an event's
+    fields (device ids, URLs): ``(12 deliveries: network-installs×7, analytics×5)``."""  # noqa: RUF002
+    counts = Counter(destinations)
+    parts = ", ".join(f"{name}×{n}" for name, n in counts.most_common())  # noqa: RUF001
+    total = sum(counts.values())
+    return f"({total} deliver{'y' if total == 1 else 'ies'}: {parts})"
 
 
 def decode_task_args(wire: str) -> tuple[dict[str, Any], list[Any]]:

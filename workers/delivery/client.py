@@ -273,6 +273,7 @@ class HttpClient:
 
 
 def http_client(settings: Settings) -> HttpClient:
-    """Deliveries' client, one per process: keep-alive to each partner, sized to the concurrency
-    (as the session's pools were)."""
-    return HttpClient(settings.http_user_agent, num_pools=32, maxsize=max(10, settings.concurrency))
+    """Deliveries' client, one per process: keep-alive to each partner, one connection per
+    delivery the process may send at once (concurrency x batch size)."""
+    in_flight = max(10, settings.deliveries_in_flight)
+    return HttpClient(settings.http_user_agent, num_pools=32, maxsize=in_flight)

@@ -7,9 +7,10 @@ with a real Redis and a real HTTP server and no Celery at all.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 import structlog
@@ -53,6 +54,16 @@ class PipelineResult:
     status: DeliveryStatus
     detail: str = ""
     attempt: AttemptRecord | None = None  # when an HTTP attempt was made
+
+
+@dataclass(frozen=True)
+class Started:
+    """A delivery after the start writes of its message."""
+
+    envelope: DeliveryEnvelope
+    starts: int  # this start included: above 1, earlier starts never finished
+    settled: bool  # the ledger no longer holds it: an earlier run of its message finished it
+    paused_until: float | None  # its destination's pause, read with the start
 
 
 class DeliveryPipeline:
@@ -105,38 +116,92 @@ class DeliveryPipeline:
         }
 
     def run(self, envelope: DeliveryEnvelope) -> PipelineResult:
-        """Deliver, retry later or dead-letter; then record it all in one round trip."""
-        started_key = self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(started_key)
-            pipe.expire(started_key, 7 * 24 * 3600)
-            self.ledger.touch(pipe, envelope.delivery_id, self.clock())
-            pipe.get(self.keys.paused(envelope.destination))  # read here: one round trip less
-            starts, *_, paused = pipe.execute()
-            starts = int(starts)
-        if starts > self.max_unfinished_starts:
-            # Each earlier start ended with its worker dying (or Redis vanishing) mid-task.
-            result = self._dead_letter(
-                envelope,
-                f"started {starts - 1} times without finishing: it may be killing its worker",
-            )
-        else:
-            result = self._run(envelope, PauseRegistry.parse(paused, self.clock()))
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(started_key)
-            if result.status in TERMINAL_STATUSES:
-                self.ledger.settle(pipe, envelope.delivery_id)
-            self.metrics.count(pipe, envelope.destination, result.status)
-            if result.attempt is not None:
-                self.attempts.record(pipe, result.attempt)
-                self.metrics.observe(
-                    pipe, "http_duration", envelope.destination, result.attempt.duration_ms / 1000
-                )
-            if result.status == "delivered":
-                latency = self.clock() - envelope.created_at.timestamp()
-                self.metrics.observe(pipe, "delivery_latency", envelope.destination, latency)
-            pipe.execute()
+        """Deliver, retry later or dead-letter one delivery; the start and the finish are one
+        round trip each."""
+        (started,) = self.start([envelope])
+        result = self.attempt(started)
+        self.finish([(envelope, result)])
         return result
+
+    def start(
+        self, envelopes: Sequence[DeliveryEnvelope], *, check_settled: bool = False
+    ) -> list[Started]:
+        """The start writes of every delivery of a message in one round trip: count the
+        start, push its ledger deadline on, and read each destination's pause.
+        ``check_settled``: also read whether the ledger still holds each delivery (a batch
+        message run again after a crash skips those an earlier run already finished)."""
+        now = self.clock()
+        destinations = list(dict.fromkeys(envelope.destination for envelope in envelopes))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for envelope in envelopes:
+                started_key = self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt)
+                pipe.incr(started_key)
+                pipe.expire(started_key, 7 * 24 * 3600)
+                if check_settled:
+                    pipe.zscore(self.keys.ledger(), envelope.delivery_id)
+                self.ledger.touch(pipe, envelope.delivery_id, now)
+            for destination in destinations:  # read here: one round trip less
+                pipe.get(self.keys.paused(destination))
+            replies = pipe.execute()
+        now = self.clock()
+        per_delivery = 4 if check_settled else 3
+        paused = {
+            destination: PauseRegistry.parse(value, now)
+            for destination, value in zip(
+                destinations, replies[per_delivery * len(envelopes) :], strict=True
+            )
+        }
+        return [
+            Started(
+                envelope,
+                starts=int(replies[per_delivery * i]),
+                settled=check_settled and replies[per_delivery * i + 2] is None,
+                paused_until=paused[envelope.destination],
+            )
+            for i, envelope in enumerate(envelopes)
+        ]
+
+    def attempt(self, started: Started) -> PipelineResult:
+        """Everything between the start and the finish writes of one delivery."""
+        if started.starts > self.max_unfinished_starts:
+            # Each earlier start ended with its worker dying (or Redis vanishing) mid-task.
+            return self._dead_letter(
+                started.envelope,
+                f"started {started.starts - 1} times without finishing: "
+                "it may be killing its worker",
+            )
+        return self._run(started.envelope, started.paused_until)
+
+    def finish(self, done: Iterable[tuple[DeliveryEnvelope, PipelineResult | None]]) -> None:
+        """The finish writes of the deliveries given, in one round trip. ``None``: nothing was
+        done (already settled by an earlier run of its message): only its start is undone."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for envelope, result in done:
+                pipe.delete(self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt))
+                if result is not None:
+                    self._record(pipe, envelope, result)
+            pipe.execute()
+
+    def undo_starts(self, envelopes: Iterable[DeliveryEnvelope]) -> None:
+        """Uncount this start of deliveries sent on without being attempted (the count of
+        earlier starts that never finished stays)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for envelope in envelopes:
+                pipe.decr(self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt))
+            pipe.execute()
+
+    def _record(self, pipe: Any, envelope: DeliveryEnvelope, result: PipelineResult) -> None:
+        if result.status in TERMINAL_STATUSES:
+            self.ledger.settle(pipe, envelope.delivery_id)
+        self.metrics.count(pipe, envelope.destination, result.status)
+        if result.attempt is not None:
+            self.attempts.record(pipe, result.attempt)
+            self.metrics.observe(
+                pipe, "http_duration", envelope.destination, result.attempt.duration_ms / 1000
+            )
+        if result.status == "delivered":
+            latency = self.clock() - envelope.created_at.timestamp()
+            self.metrics.observe(pipe, "delivery_latency", envelope.destination, latency)
 
     def _run(self, envelope: DeliveryEnvelope, paused_until: float | None) -> PipelineResult:
         dest = self.destinations.by_name.get(envelope.destination)

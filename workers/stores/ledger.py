@@ -10,6 +10,11 @@ queue has stayed empty for the hold (a delivery behind a backlog, or in a worker
 buffer at the end of one, is waiting, not lost). Duplicates are possible (a message a dead
 worker had prefetched comes back from kombu too), loss is not; every copy carries the same
 idempotency key.
+
+With batches (POSTBACK_RELAY_BATCH_SIZE > 1) a delivery travels in a message with others, but
+its entry still holds its own single-envelope message: the sweep republishes each delivery
+alone, in the form every release reads, and a batch message that comes back skips the
+deliveries whose entry is gone (settled by an earlier run of it).
 """
 
 from __future__ import annotations
