@@ -134,11 +134,14 @@ def run_config(
         if config.via_env
         else {}
     )
+    extra["POSTBACK_RELAY_BATCH_SIZE"] = str(args.batch_size)
     env = relay_env(info.url, path, **extra)
-    ideal = config.concurrency / args.latency
+    # Each task holds a whole batch, so a process has concurrency x batch size requests out.
+    in_flight = config.concurrency * args.batch_size
+    ideal = in_flight / args.latency
     info.client.flushdb()
     receiver.reset()
-    producer = make_producer(info.url, path)
+    producer = make_producer(info.url, path, batch_size=args.batch_size)
     tag = f"{config.pool}{config.concurrency}{'env' if config.via_env else ''}"
     workers = start_relay_workers(
         1,
@@ -153,7 +156,7 @@ def run_config(
             receiver,
             workers,
             lambda events: produce_all(producer, events),
-            backlog_for(config.concurrency, args),
+            args.backlog or backlog_for(in_flight, args),
             args,
         )
         rss = workers[0].pss_bytes() / 2**20
@@ -194,6 +197,16 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="partner answer delay (s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
     parser.add_argument("--window", type=float, default=4.0, help="seconds measured")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="POSTBACK_RELAY_BATCH_SIZE (producer and worker)"
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="events queued before the window (default: enough for the ideal rate; with large "
+        "batches the ideal is far above what one process reaches, so give a smaller one)",
+    )
     add_arq_args(parser)
     add_common_args(parser)
     args = parser.parse_args()

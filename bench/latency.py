@@ -86,8 +86,8 @@ def relay_run(
     info: RedisInfo, receiver: Receiver, path: Path, args: argparse.Namespace
 ) -> tuple[float, float, list[float], int]:
     """(capacity/s, steady rate, latencies in ms, produced)."""
-    env = relay_env(info.url, path)
-    producer = make_producer(info.url, path)
+    env = relay_env(info.url, path, POSTBACK_RELAY_BATCH_SIZE=str(args.batch_size))
+    producer = make_producer(info.url, path, batch_size=args.batch_size)
     workers = start_relay_workers(
         args.workers, env, path.parent, pool=args.pool, concurrency=args.concurrency
     )
@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=1_500, help="events in the capacity probe")
     parser.add_argument("--load", type=float, default=0.5, help="fraction of the capacity")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady load duration")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="POSTBACK_RELAY_BATCH_SIZE (producer and worker)"
+    )
     add_common_args(parser)
     args = parser.parse_args()
     args.pool, args.concurrency = pool_args(args)
