@@ -116,6 +116,8 @@ class WorkerRuntime:
         )
     )
 
+    requeuer = built_once(lambda rt: Requeuer(rt.redis, rt.delays, rt.encoder, rt.ledger))
+
     @built_once
     def pipeline(self) -> DeliveryPipeline:
         return DeliveryPipeline(
@@ -123,7 +125,7 @@ class WorkerRuntime:
             sender=self.sender,
             limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
             pauses=self.pauses,
-            requeuer=Requeuer(self.redis, self.delays, self.encoder, self.ledger),
+            requeuer=self.requeuer,
             dead_letters=self.dead_letters,
             attempts=self.attempts,
             metrics=MetricsRecorder(self.keys),
@@ -138,11 +140,10 @@ class WorkerRuntime:
     @built_once
     def batch_runner(self) -> BatchRunner:
         # A redelivered batch sends each delivery on alone (see BatchRunner.run).
-        requeuer = self.pipeline.requeuer
         return BatchRunner(
             self.pipeline,
             on_unexpected=lambda envelope, exc: self.dead_letter_unexpected(envelope, None, exc),
-            split=lambda envelope: requeuer.later(envelope, 0),
+            split=lambda envelope: self.requeuer.later(envelope, 0),
         )
 
     @built_once
@@ -229,15 +230,16 @@ class WorkerRuntime:
         is dead-lettered alone."""
         structlog.contextvars.clear_contextvars()
         prefix = f"poison-{task_id or uuid.uuid4()}"
-        envelopes, poisoned = [], []
+        envelopes: list[DeliveryEnvelope] = []
+        poisoned: dict[str, PipelineResult] = {}  # by the dead letter's id
         for index, item in enumerate(raw):
             try:
                 envelopes.append(DeliveryEnvelope.from_task_arg(item))
             except PoisonMessage as exc:
-                poisoned.append(self._poison(item, f"{prefix}.{index}", exc, task_id))
+                poison_id = f"{prefix}.{index}"
+                poisoned[poison_id] = self._poison(item, poison_id, exc, task_id)
         report = self.batch_runner.run(envelopes) if envelopes else BatchReport()
-        for index, result in enumerate(poisoned):
-            report.results[f"{prefix}.{index}"] = result
+        report.results.update(poisoned)
         return report
 
     def _poison(

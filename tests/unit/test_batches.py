@@ -372,6 +372,10 @@ def test_a_poison_member_is_dead_lettered_alone(
     statuses = sorted(r.status for r in report.results.values())
     assert statuses == ["dead_lettered", "dead_lettered", "delivered"]
     assert runtime.dead_letters.get("poison-t-9.1") is not None
+    # The report names each poison member by its dead letter's id (its place in the message).
+    poison_ids = {key for key in report.results if key.startswith("poison-")}
+    assert poison_ids == {"poison-t-9.1", "poison-t-9.2"}
+    assert all(runtime.dead_letters.get(key) is not None for key in poison_ids)
     assert report.summary() == "dead_lettered: 2, delivered: 1"
 
 
