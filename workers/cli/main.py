@@ -125,7 +125,9 @@ def worker(
         update={k: v for k, v in overrides.items() if v is not None}
     )
     settings = ctx.settings
-    if settings.worker_pool == "gevent" and not _gevent_patched():
+    from workers.delivery.batch import gevent_patched
+
+    if settings.worker_pool == "gevent" and not gevent_patched():
         # gevent must patch the standard library before anything imports it: start over, in
         # this same process, through the module that patches first.
         argv = ["worker", "--pool", "gevent", "-c", str(settings.concurrency), "-n", hostname]
@@ -160,14 +162,6 @@ def default_node_name(kinds: list[str] | None) -> str:
     stays the same through the gevent re-exec (execv keeps it). Commas would split the name in
     `celery inspect -d`, hence `+`."""
     return f"{'+'.join(kinds) if kinds else 'all'}-{os.getpid()}@%h"
-
-
-def _gevent_patched() -> bool:
-    if "gevent" not in sys.modules:
-        return False
-    from gevent import monkey
-
-    return bool(monkey.is_module_patched("socket"))
 
 
 @main.command()

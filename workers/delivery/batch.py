@@ -14,6 +14,7 @@ the visibility timeout derived from them hold unchanged.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing
@@ -55,11 +56,11 @@ class BatchReport:
 
 
 def gevent_patched() -> bool:
-    """True in a worker whose standard library gevent patched (the gevent pool)."""
-    try:
-        from gevent import monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
+    """True in a process whose standard library gevent patched (the gevent pool's worker)."""
+    if "gevent" not in sys.modules:  # nothing imported gevent, so nothing patched anything
         return False
+    from gevent import monkey
+
     return bool(monkey.is_module_patched("socket"))
 
 
