@@ -126,13 +126,15 @@ def measure(
     label: str, cwd: Path, info: Any, receiver: Receiver, path: Path, args: argparse.Namespace
 ) -> LimitedRun:
     prefix = "bench" + label.replace("-", "")[:8].lower()
-    env = relay_env(info.url, path, POSTBACK_RELAY_KEY_PREFIX=prefix)
+    env = relay_env(info.url, path, POSTBACK_RELAY_KEY_PREFIX=prefix,
+                    POSTBACK_RELAY_BATCH_SIZE=str(args.batch_size))  # fmt: skip
     keys = RedisKeys(prefix)
     workers = start_relay_workers(
         args.workers, env, args.workdir, pool=args.pool, concurrency=args.concurrency,
         tag=label, cwd=cwd,
     )  # fmt: skip
-    producer = make_producer(info.url, path)
+    # The workers' key prefix: a batch's deliveries are looked up in the producer's ledger.
+    producer = make_producer(info.url, path, key_prefix=prefix, batch_size=args.batch_size)
     try:
         receiver.reset()
         free = make_events(args.baseline, "free-" + new_run_id(), app_id=FREE_APP)
@@ -223,6 +225,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=2_000, help="events, unlimited")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument(
+        "--batch-size", type=int, default=1, help="POSTBACK_RELAY_BATCH_SIZE (producer and workers)"
+    )
+    parser.add_argument(
         "--old-ref",
         help="also measure the workers of this commit first (e.g. the yes/no limiter's: 5100cfd)",
     )
@@ -244,7 +249,8 @@ def main() -> None:
                 redis=info.describe(),
                 workers=f"{args.workers} x {args.pool}, concurrency {args.concurrency}; "
                 f"delay_mover_interval={settings.delay_mover_interval:g} s, "
-                f"rate_limit_max_sleep={settings.rate_limit_max_sleep:g} s",
+                f"rate_limit_max_sleep={settings.rate_limit_max_sleep:g} s, "
+                f"batch size {args.batch_size}",
                 events=f"{args.events:,} produced at once (ideal run: "
                 f"{args.events / args.limit:.1f} s)",
             )

@@ -130,6 +130,14 @@ class DeliveryEnvelope(BaseModel):
     def to_task_arg(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def retries_counted(self) -> str:
+        """Counted as the destinations file counts them: ``retry.max_attempts`` (and a route's
+        ``max_delivery_attempts``) are retries after the first send."""
+        allowed = self.max_attempts - 1
+        if allowed == 0:
+            return "first send; no retries allowed"
+        return f"first send + {self.attempt - 1} of {allowed} retries"
+
     def expired(self, now: datetime) -> bool:
         return self.not_after is not None and now >= self.not_after
 

@@ -68,6 +68,7 @@ class RedisStateCollector(Collector):
             for queue in queues:
                 pipe.llen(queue_list(queue))
                 pipe.zcard(self.keys.delayed(queue))
+            pipe.zcard(self.keys.ledger())
             pipe.hgetall(self.keys.dead_letter_counts())
             pipe.hgetall(self.keys.metrics_counters())
             for name in names:
@@ -77,7 +78,10 @@ class RedisStateCollector(Collector):
             results = iter(pipe.execute())
 
         depth = GaugeMetricFamily(
-            "postback_relay_queue_depth", "Messages waiting on a queue.", labels=["queue"]
+            "postback_relay_queue_depth",
+            "Messages waiting on a queue (each carries up to POSTBACK_RELAY_BATCH_SIZE "
+            "deliveries).",
+            labels=["queue"],
         )
         delayed = GaugeMetricFamily(
             "postback_relay_delayed", "Messages parked in the delay set.", labels=["queue"]
@@ -87,6 +91,12 @@ class RedisStateCollector(Collector):
             delayed.add_metric([queue], next(results))
         yield depth
         yield delayed
+        yield GaugeMetricFamily(
+            "postback_relay_deliveries_outstanding",
+            "Deliveries accepted and not yet settled (queued, parked or in flight), counted "
+            "in the ledger: deliveries, not messages.",
+            value=next(results),
+        )
 
         dead = GaugeMetricFamily(
             "postback_relay_dead_letters",

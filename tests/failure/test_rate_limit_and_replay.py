@@ -744,6 +744,8 @@ events = ["never"]
 
     assert value("postback_relay_queue_depth", queue="postback.templated") == waiting
     assert value("postback_relay_delayed", queue="postback.templated") == 0
+    # Deliveries, not messages: the ledger's count of what is accepted and not yet settled.
+    assert value("postback_relay_deliveries_outstanding") == waiting
     assert value("postback_relay_dead_letters", destination="metered") == store.count() == failed
     assert value("postback_relay_dead_letters", destination="idle") == 0
     assert (

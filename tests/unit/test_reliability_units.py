@@ -25,7 +25,7 @@ from schemas.outcomes import Delivered, PermanentFailure, RetryLater
 from tests.helpers import net_destination_toml
 from workers.broker.wire import decode_task_args
 from workers.delivery.http import HttpAnswer, HttpFailure, retry_after_seconds
-from workers.delivery.pipeline import DeliveryPipeline, retries_counted
+from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.dev.receiver import Answer, PostbackReceiver
 from workers.kinds.templated.adapter import TemplatedAdapter
@@ -490,13 +490,8 @@ def test_a_longer_pause_set_by_another_worker_meanwhile_is_never_shortened(
     assert pause_backend.pttl(KEYS.paused("net")) > 250_000
 
 
-def test_a_429_pauses_its_destination_first_thing_after_the_answer_in_one_command(
-    redis_client: redis.Redis,
-    receiver: PostbackReceiver,
-    tmp_path: Path,
-    make_runtime: Callable[[Path], WorkerRuntime],
-) -> None:
-    receiver.responder = lambda req, seen: Answer(429, headers={"Retry-After": "30"})
+def net_destination(tmp_path: Path, receiver: PostbackReceiver) -> Path:
+    """A destinations file with one templated destination, "net", at ``receiver``."""
     path = tmp_path / "destinations.toml"
     path.write_text(f"""
 [[destination]]
@@ -506,7 +501,17 @@ url = "{receiver.url}/pb"
 [[destination.routes]]
 type = "install"
 """)
-    pipeline = make_runtime(path).pipeline
+    return path
+
+
+def test_a_429_pauses_its_destination_first_thing_after_the_answer_in_one_command(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
+) -> None:
+    receiver.responder = lambda req, seen: Answer(429, headers={"Retry-After": "30"})
+    pipeline = make_runtime(net_destination(tmp_path, receiver)).pipeline
     pipeline.pauses.pause("warm-up", 0.01, "loads the script")
     delivery = envelope("e-429").model_copy(update={"attempt": 0, "max_attempts": 3})
     pause_key = KEYS.paused("net")
@@ -694,7 +699,53 @@ def test_a_reservation_is_spent_even_when_the_attempt_fails_and_the_retry_reserv
 def test_exhausted_reasons_count_retries_as_the_destinations_file_does() -> None:
     # retry.max_attempts = 2 means two retries after the first send: three attempts in all.
     three = envelope("e1", attempts=3)
-    assert retries_counted(three) == "first send + 2 of 2 retries"
-    assert retries_counted(envelope("e2", attempts=1)) == "first send; no retries allowed"
-    dead = entry("e3", reason=f"attempts exhausted ({retries_counted(three)}): HTTP 503")
+    assert three.retries_counted() == "first send + 2 of 2 retries"
+    assert envelope("e2", attempts=1).retries_counted() == "first send; no retries allowed"
+    dead = entry("e3", reason=f"attempts exhausted ({three.retries_counted()}): HTTP 503")
     assert dead.reason_category == "attempts exhausted"
+
+
+def test_this_process_sees_its_own_pause_at_once_and_another_workers_within_max_age(
+    pause_backend: redis.Redis,
+) -> None:
+    ours = PauseRegistry(pause_backend, KEYS, max_age=0.2)
+    theirs = PauseRegistry(pause_backend, KEYS, max_age=0.2)
+    assert ours.current("net") is None  # read now: not paused, kept for up to 0.2 s
+    until = theirs.pause("net", 30, "429 Retry-After: 30") and theirs.paused_until("net")
+    assert until is not None
+    assert ours.current("net") is None  # its view is younger than max_age: no read yet
+    time.sleep(0.25)
+    assert ours.current("net") == until  # read again: another worker's pause
+    # Its own pause holds its own deliveries back at once, with no read: even were the key
+    # gone, it still answers from the pause it wrote itself.
+    ours.pause("other", 30, "HTTP 401")
+    pause_backend.delete(KEYS.paused("other"))
+    assert ours.current("other") is not None
+    time.sleep(0.25)
+    assert ours.current("other") is None  # read again: gone
+    assert ours.resume("net") is True
+    assert ours.current("net") is None  # an operator's resume here is seen at once too
+
+
+def test_a_delivery_that_waited_is_deferred_when_its_destination_was_paused_meanwhile(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
+) -> None:
+    """A batch's members start together; one still waiting its turn when another worker's
+    429 pauses the destination looks again before it sends, and goes back until the pause
+    ends instead of reaching a partner that asked for quiet."""
+    pipeline = make_runtime(net_destination(tmp_path, receiver)).pipeline
+    (started,) = pipeline.start([envelope("e-waited")])
+    assert started.paused_until is None
+    PauseRegistry(redis_client, KEYS).pause("net", 30, "429 Retry-After: 30")  # another worker
+    time.sleep(pipeline.pauses.max_age + 0.05)
+    result = pipeline.attempt(started)
+    assert result.status == "deferred", result
+    assert "paused" in result.detail
+    assert receiver.received() == []
+    # Parked until the pause ends, in the delay set, with its ledger entry kept.
+    due = redis_client.zrange(KEYS.delayed("postback.templated"), 0, -1, withscores=True)
+    assert len(due) == 1
+    assert due[0][1] > time.time() + 25

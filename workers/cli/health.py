@@ -143,7 +143,13 @@ def status() -> None:
             str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",
         )  # fmt: skip
     console.print(table)
-    console.print("queued/delayed/in flight are per kind queue, shared by its destinations")
+    console.print(
+        "queued/delayed/in flight count messages per kind queue, shared by its destinations; "
+        f"a message carries up to {ctx.settings.batch_size} deliveries "
+        "(POSTBACK_RELAY_BATCH_SIZE)"
+    )
+    console.print(f"deliveries outstanding (ledger: queued, parked or in flight): "
+                  f"{ctx.redis.zcard(ctx.keys.ledger())}")  # fmt: skip
 
 
 @click.command()

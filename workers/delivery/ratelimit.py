@@ -102,25 +102,60 @@ class GlobalRateLimiter:
         return time.time() + self._offset
 
 
+# How stale this process's view of a destination's pause may be just before a send. With
+# batches, a worker has up to concurrency x batch size deliveries under way; those not yet on
+# the wire (sleeping to their rate-limit slot, waiting for a connection) look again here
+# before they go, so another worker's 429 holds them back within this long, and this
+# worker's own at once. At most one GET per destination per interval per process.
+PAUSE_VIEW_MAX_AGE = 0.1
+
+
 class PauseRegistry:
     """A paused destination receives nothing until the pause ends (429 Retry-After, 401)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, max_age: float = PAUSE_VIEW_MAX_AGE
+    ) -> None:
         self.redis = client
         self.keys = keys
+        self.max_age = max_age
         self._pause = load_script(client, "workers.delivery", "pause")
+        # destination -> (when read, end of its pause or None): this process's recent view.
+        self._view: dict[str, tuple[float, float | None]] = {}
 
     def pause(self, destination: str, seconds: float, reason: str) -> bool:
         """Pause for ``seconds`` from now, unless a pause that ends later is already set;
         True when this pause was stored."""
-        until = time.time() + seconds
+        now = time.time()
+        until = now + seconds
         value = json.dumps({"until": until, "reason": reason})
-        return bool(
+        stored = bool(
             self._pause(
                 keys=[self.keys.paused(destination)],
                 args=[repr(until), value, int(until * 1000) + 1],
             )
         )
+        if stored:  # this process's own deliveries stop at once, without reading it back
+            self._view[destination] = (now, until)
+        else:
+            self._view.pop(destination, None)  # a longer pause is stored: read it next time
+        return stored
+
+    def note(self, destination: str, until: float | None) -> None:
+        """Take a pause just read elsewhere (a batch's start writes read every destination's)
+        as this process's view of ``destination``."""
+        self._view[destination] = (time.time(), until)
+
+    def current(self, destination: str) -> float | None:
+        """The end of ``destination``'s pause as this process saw it at most ``max_age``
+        ago (read again when older): the check made right before a request goes out."""
+        now = time.time()
+        seen = self._view.get(destination)
+        if seen is None or now - seen[0] > self.max_age:
+            seen = (now, self.paused_until(destination))
+            self._view[destination] = seen
+        until = seen[1]
+        return until if until is not None and until > now else None
 
     def paused_until(self, destination: str) -> float | None:
         return self.parse(self.redis.get(self.keys.paused(destination)))
@@ -134,4 +169,5 @@ class PauseRegistry:
         return until if until > (time.time() if now is None else now) else None
 
     def resume(self, destination: str) -> bool:
+        self._view.pop(destination, None)
         return bool(self.redis.delete(self.keys.paused(destination)))
