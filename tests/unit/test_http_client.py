@@ -410,8 +410,11 @@ def test_ca_bundle_variables_set_verification(
 
 
 def test_the_pools_are_sized_as_the_session_was() -> None:
-    client = http_client(Settings(worker_concurrency=64))
+    client = http_client(Settings(worker_concurrency=64, batch_size=1))
     assert (client.direct.pools._maxsize, client.pool_kwargs["maxsize"]) == (32, 64)
+    # With batches, a connection kept for each delivery in flight (tasks x batch size).
+    batched = http_client(Settings(worker_concurrency=64, batch_size=50))
+    assert batched.pool_kwargs["maxsize"] == 64 * 50
     assert client.pool_kwargs["ssl_context"] is client.ssl_context  # one, for every connection
     assert client.pool_kwargs["block"] is False
 

@@ -129,7 +129,10 @@ def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
     """kombu's channel pool (10 connections by default) failed acks under gevent; our own pools
     wait for a free connection instead of failing or growing without bound."""
     settings = settings_for(redis_url, tmp_path, worker_pool=pool, worker_concurrency=concurrency)
-    expected = settings.concurrency + 8
+    # One connection per delivery in flight (concurrency x batch size, capped) plus 8 spares;
+    # the formula is tested in tests/unit/test_batches.py.
+    expected = settings.redis_pool_size
+    assert settings.concurrency + 8 <= expected <= max(settings.concurrency, 256) + 8
     app = create_app(settings)
     with app.connection_for_write() as conn:
         channel = conn.default_channel

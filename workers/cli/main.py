@@ -126,6 +126,12 @@ def worker(
     )
     settings = ctx.settings
     from workers.delivery.batch import gevent_patched
+    from workers.fdlimit import ensure_descriptors
+
+    too_few = ensure_descriptors(settings)  # before the re-exec: the limit carries over
+    if too_few is not None:
+        click.echo(f"Error: {too_few}", err=True)
+        sys.exit(EXIT_CONFIG)
 
     if settings.worker_pool == "gevent" and not gevent_patched():
         # gevent must patch the standard library before anything imports it: start over, in
