@@ -30,6 +30,30 @@ TCP_ONLY = ("host", "port", "socket_keepalive", "socket_keepalive_options")
 Role = Literal["master", "replica"]
 
 
+class TLSConnection(redis.SSLConnection):
+    """redis-py's TLS connection, whose certificate verification failure says which setting
+    holds the CA it was checked against (redis-py says only "certificate verify failed")."""
+
+    def __init__(self, *, ca_setting: str = "the system's CAs", **kwargs: Any) -> None:
+        # kombu's transport passes ours on (workers/broker/transport.py), so its connections
+        # say the same.
+        super().__init__(**kwargs)
+        self.ca_setting = ca_setting
+
+    def _connect(self) -> Any:
+        try:
+            return super()._connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSVerificationFailed(
+                f"TLS: the server's certificate was not verified ({exc.verify_message}) "
+                f"with {self.ca_setting}; is it the CA that signed the server's certificate?"
+            ) from exc
+
+
+class TLSVerificationFailed(ssl.SSLCertVerificationError):
+    """The server's certificate did not verify: a configuration error, not an outage."""
+
+
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """A Sentinel pool that waits for a free connection (up to ``timeout``) instead of failing
     with MaxConnectionsError when all are taken, as the plain pools below do."""
@@ -50,7 +74,7 @@ def connection_class(conf: RedisSettings) -> type[redis.connection.AbstractConne
     if conf.form == "unix":
         return redis.UnixDomainSocketConnection
     if conf.form == "rediss":
-        return redis.SSLConnection
+        return TLSConnection
     if conf.form == "sentinel":
         return SentinelManagedConnection
     return redis.Connection
@@ -77,6 +101,12 @@ def connection_kwargs(conf: RedisSettings) -> dict[str, Any]:
         kwargs["host"], kwargs["port"] = conf.hosts[0]
     if conf.form == "rediss":
         kwargs |= tls_options(conf)
+        ca_setting = conf.setting_name("tls_ca_file")
+        kwargs["ca_setting"] = (
+            f"{ca_setting}={conf.tls_ca_file}"
+            if conf.tls_ca_file
+            else f"the system's CAs ({ca_setting} unset)"
+        )
     return kwargs
 
 
@@ -162,6 +192,16 @@ def kombu_connection_options(conf: RedisSettings) -> dict[str, Any]:
             "socket_connect_timeout": conf.connect_timeout,
         },
     }
+
+
+def tls_verification_failure(exc: BaseException) -> TLSVerificationFailed | None:
+    """The TLS verification failure behind a redis-py ConnectionError, if that is its cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TLSVerificationFailed):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def server_role(client: Any) -> str:
