@@ -42,7 +42,7 @@ class TLSConnection(redis.SSLConnection):
 
     def _connect(self) -> Any:
         try:
-            return super()._connect()
+            return super()._connect()  # type: ignore[no-untyped-call]
         except ssl.SSLCertVerificationError as exc:
             raise TLSVerificationFailed(
                 f"TLS: the server's certificate was not verified ({exc.verify_message}) "
