@@ -44,14 +44,19 @@ class TLSConnection(redis.SSLConnection):
         try:
             return super()._connect()  # type: ignore[no-untyped-call]
         except ssl.SSLCertVerificationError as exc:
+            # Two arguments: redis-py's message is "Error TLS connecting to HOST:PORT. WHY."
             raise TLSVerificationFailed(
-                f"TLS: the server's certificate was not verified ({exc.verify_message}) "
-                f"with {self.ca_setting}; is it the CA that signed the server's certificate?"
+                "TLS",
+                f"the server's certificate failed verification ({exc.verify_message}) "
+                f"against {self.ca_setting}, which must hold the CA that signed it",
             ) from exc
 
 
 class TLSVerificationFailed(ssl.SSLCertVerificationError):
     """The server's certificate did not verify: a configuration error, not an outage."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1])
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
