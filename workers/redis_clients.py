@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any, Literal
+from urllib.parse import quote
 
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
@@ -187,6 +188,10 @@ def kombu_connection_options(conf: RedisSettings) -> dict[str, Any]:
     if conf.form == "sentinel":
         host, port = conf.hosts[0]
         url = f"sentinel://{host}:{port}/{conf.db}"
+    elif conf.form == "unix":
+        # kombu reads a URL's path as the database and passes ?db=N on to its Connection
+        # (TypeError): the socket goes in the host part, quoted.
+        url = f"unix://{quote(conf.socket_path or '', safe='')}/{conf.db}"
     return {
         "broker_url": url,
         "broker_transport": TRANSPORT,
