@@ -1,5 +1,5 @@
-"""Real servers on the other URL forms and roles: a unix socket through the client factory and
-our kombu transport; `health` and `status` naming each instance they talk to and its role
+"""Real servers on the other URL forms and roles: a unix socket and a Sentinel through the client
+factory and our kombu transport; `health` and `status` naming each instance they talk to and its role
 (one instance, separate broker and state, a replica, an unreachable one)."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 from kombu import Connection
+from pydantic import SecretStr
+from redis.sentinel import SentinelManagedConnection
 
 from config.redis import RedisSettings
 from workers import redis_clients
@@ -83,6 +85,65 @@ def test_a_unix_socket_serves_the_factorys_clients_and_our_transport(
         assert issubclass(pool.connection_class, redis.UnixDomainSocketConnection)
     assert got == [0, 1, 2, 3, 4]
     assert client.exists("probe")  # the same database (2) as the factory's client
+    client.close()
+
+
+@pytest.fixture
+def sentinel_redis(tmp_path: Path) -> Iterator[RedisSettings]:
+    """A master with a password and one sentinel (with its own) that names it "relay"."""
+    master_port, sentinel_port = free_port(), free_port()
+    master = _server(tmp_path / "master", "--port", str(master_port), "--requirepass", "dpw")
+    config = tmp_path / "sentinel.conf"  # sentinel rewrites its file: one of its own
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\nrequirepass spw\n"
+        f"sentinel monitor relay 127.0.0.1 {master_port} 1\nsentinel auth-pass relay dpw\n"
+    )
+    sentinel = subprocess.Popen(
+        [redis_server_binary(), str(config), "--sentinel", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    conf = RedisSettings(url=f"sentinel://:dpw@127.0.0.1:{sentinel_port}/1",
+                         sentinel_master="relay", sentinel_password=SecretStr("spw"))  # fmt: skip
+    try:
+        client = redis_clients.client(conf)
+        _wait_ready(client, sentinel)
+        client.close()
+        yield conf
+    finally:
+        for proc in (sentinel, master):
+            _stop(proc)
+
+
+def test_sentinel_serves_the_factorys_clients_our_transport_and_health(
+    sentinel_redis: RedisSettings, tmp_path: Path
+) -> None:
+    """The seam the failover test builds on: the factory asks the sentinels for the master,
+    and so does our transport's pool; health names the master it reached."""
+    client = redis_clients.client(sentinel_redis, pool_size=4)
+    assert redis_clients.server_role(client) == "master"
+    options = redis_clients.kombu_connection_options(sentinel_redis)
+    with Connection(
+        options["broker_url"],
+        transport=options["broker_transport"],
+        transport_options=options["broker_transport_options"],
+    ) as conn:
+        queue = conn.SimpleQueue("sentinel-transport")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        message.ack()
+        queue.close()
+        assert issubclass(conn.default_channel.pool.connection_class, SentinelManagedConnection)
+    assert message.payload == {"n": 1}
+    env = {
+        "POSTBACK_RELAY_REDIS_URL": sentinel_redis.url,
+        "POSTBACK_RELAY_REDIS_SENTINEL_MASTER": "relay",
+        "POSTBACK_RELAY_REDIS_SENTINEL_PASSWORD": "spw",
+    }
+    health = _cli(["health", "--check", "redis"], tmp_path, **env)
+    assert health.output.splitlines() == [
+        f"redis: broker and state (one instance): {sentinel_redis.describe()}, master",
+        "ok",
+    ]
     client.close()
 
 
