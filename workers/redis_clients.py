@@ -45,12 +45,18 @@ class TLSConnection(redis.SSLConnection):
         try:
             return super()._connect()  # type: ignore[no-untyped-call]
         except ssl.SSLCertVerificationError as exc:
+            if "mismatch" in str(exc.verify_message):  # a good certificate, for another name
+                why = (
+                    f"the server's certificate is not for {self.host} ({exc.verify_message}); "
+                    "connect by a name or address it lists"
+                )
+            else:
+                why = (
+                    f"the server's certificate failed verification ({exc.verify_message}) "
+                    f"against {self.ca_setting}, which must hold the CA that signed it"
+                )
             # Two arguments: redis-py's message is "Error TLS connecting to HOST:PORT. WHY."
-            raise TLSVerificationFailed(
-                "TLS",
-                f"the server's certificate failed verification ({exc.verify_message}) "
-                f"against {self.ca_setting}, which must hold the CA that signed it",
-            ) from exc
+            raise TLSVerificationFailed("TLS", why) from exc
 
 
 class TLSVerificationFailed(ssl.SSLCertVerificationError):
@@ -61,8 +67,8 @@ class TLSVerificationFailed(ssl.SSLCertVerificationError):
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A Sentinel pool that waits for a free connection (up to ``timeout``) instead of failing
-    with MaxConnectionsError when all are taken, as the plain pools below do."""
+    """A Sentinel pool that waits for a free connection (up to ``timeout``) when all are taken,
+    instead of failing with MaxConnectionsError as redis-py's own Sentinel pool does."""
 
 
 def tls_options(conf: RedisSettings) -> dict[str, Any]:

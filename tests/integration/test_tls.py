@@ -65,7 +65,7 @@ def _start(
     binary: str, workdir: Path, certs: dict[str, Path], port: int
 ) -> subprocess.Popen[bytes]:
     args = [
-        binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "127.0.0.2",
         "--tls-cert-file", str(certs["server_cert"]), "--tls-key-file", str(certs["server_key"]),
         "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "yes",
         "--save", "", "--appendonly", "no", "--dir", str(workdir), "--logfile", "redis.log",
@@ -185,6 +185,21 @@ def test_a_wrong_ca_is_refused_naming_the_setting(
     assert worker.proc.wait(60) == 2, worker.log()
     assert "Error: redis broker and state (one instance) at rediss://127.0.0.1:" in worker.log()
     assert why in worker.log()
+
+    # The right CA, but an address the certificate does not list (127.0.0.2 is this host too).
+    elsewhere = Settings(
+        **{
+            **tls_redis.settings(destinations_file).model_dump(),
+            "redis_url": tls_redis.url.replace("127.0.0.1", "127.0.0.2"),
+        }
+    )
+    with pytest.raises(redis.ConnectionError) as caught:
+        redis_clients.client(elsewhere.broker_redis).ping()
+    assert str(caught.value) == (
+        f"Error TLS connecting to 127.0.0.2:{tls_redis.port}. the server's certificate is not "
+        "for 127.0.0.2 (IP address mismatch, certificate is not valid for '127.0.0.2'.); "
+        "connect by a name or address it lists."
+    )
 
     # and the server holds nothing: the refused producer enqueued nothing
     good = redis_clients.client(tls_redis.settings(destinations_file).broker_redis)
