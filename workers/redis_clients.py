@@ -18,6 +18,7 @@ import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from config.redis import RedisSettings
+from schemas.errors import PostbackRelayError
 
 # Seconds between redis-py's PINGs on a connection idle this long before it is used again: a
 # connection a NAT or load balancer dropped silently fails its check, not a command.
@@ -59,7 +60,7 @@ class TLSConnection(redis.SSLConnection):
             raise TLSVerificationFailed("TLS", why) from exc
 
 
-class TLSVerificationFailed(ssl.SSLCertVerificationError):
+class TLSVerificationFailed(PostbackRelayError, ssl.SSLCertVerificationError):
     """The server's certificate did not verify: a configuration error, not an outage."""
 
     def __str__(self) -> str:
