@@ -22,7 +22,7 @@ from workers.broker.internals import check_internals
 from workers.broker.transport import Channel, KeepUnreadable
 from workers.broker.wire import TaskMessageEncoder
 from workers.kinds import kind_tasks
-from workers.runtime import WorkerRuntime, redis_client
+from workers.runtime import WorkerRuntime, redis_clients
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
 
@@ -173,14 +173,15 @@ class DelayMover(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         app: PostbackRelay = worker.app
-        client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
+        (broker, state), keys = redis_clients(app.settings), RedisKeys(app.settings.key_prefix)
         # Due deliveries of one kind go back in batch messages, as produce_many sends them.
-        self.delays = DelaySet(client, keys, app.settings.batch_size, TaskMessageEncoder(app))
+        self.delays = DelaySet(broker, keys, app.settings.batch_size, TaskMessageEncoder(app))
         self.ledger = DeliveryLedger(
-            client,
+            state,
             keys,
             app.settings.ledger_lease_seconds,
             drained_hold_seconds=app.settings.visibility_timeout_seconds,
+            broker=broker,
         )
         self.sweep_every = max(1.0, app.settings.ledger_lease_seconds / 10)
         self.last_sweep = 0.0

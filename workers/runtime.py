@@ -56,6 +56,13 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+def redis_clients(settings: Settings) -> tuple[redis.Redis, redis.Redis]:
+    """(broker, state): the broker instance's client and the state instance's, one object
+    twice unless the state has an instance of its own (config/keys.py says what each holds)."""
+    broker = redis_client(settings)
+    return broker, broker
+
+
 class built_once(Generic[_T]):
     """A runtime attribute built on first use, once per process, under the runtime's lock."""
 
@@ -94,45 +101,54 @@ class WorkerRuntime:
         # Reentrant: building the pipeline builds the stores it is made of under the same lock.
         self._lock = threading.RLock()
 
-    redis = built_once(lambda rt: redis_client(rt.settings))
+    # The broker instance (queues, the delay set) and the state instance (ledger, dead letters,
+    # limiter, ...; config/keys.py has the table): one client, the same object, unless the
+    # state has an instance of its own. Each store takes the one that holds its keys.
+    clients = built_once(lambda rt: redis_clients(rt.settings))
+    broker = built_once(lambda rt: rt.clients[0])
+    state = built_once(lambda rt: rt.clients[1])
     # Deliveries and XMP's flush share one sender on urllib3's pools; the reconciler streams
     # AppMetrica's export through a requests session (workers/delivery/http.py says why).
     http = built_once(lambda rt: http_client(rt.settings))
     sender = built_once(lambda rt: Sender(rt.http))
     session = built_once(lambda rt: http_session(rt.settings))
     encoder = built_once(lambda rt: TaskMessageEncoder(rt._app))
-    delays = built_once(lambda rt: DelaySet(rt.redis, rt.keys))
-    dead_letters = built_once(lambda rt: DeadLetterStore(rt.redis, rt.keys))
-    pauses = built_once(lambda rt: PauseRegistry(rt.redis, rt.keys))
+    delays = built_once(lambda rt: DelaySet(rt.broker, rt.keys))
+    dead_letters = built_once(
+        lambda rt: DeadLetterStore(rt.state, rt.keys, rt.broker, rt.settings.ledger_lease_seconds)
+    )
+    pauses = built_once(lambda rt: PauseRegistry(rt.state, rt.keys))
     ledger = built_once(
-        lambda rt: DeliveryLedger(rt.redis, rt.keys, rt.settings.ledger_lease_seconds)
+        lambda rt: DeliveryLedger(
+            rt.state, rt.keys, rt.settings.ledger_lease_seconds, broker=rt.broker
+        )
     )
     attempts = built_once(
         lambda rt: AttemptLog(
-            rt.redis,
+            rt.state,
             rt.keys,
             rt.settings.attempt_log_max_records,
             rt.settings.attempt_log_max_age_seconds,
         )
     )
 
-    requeuer = built_once(lambda rt: Requeuer(rt.redis, rt.delays, rt.encoder, rt.ledger))
+    requeuer = built_once(lambda rt: Requeuer(rt.broker, rt.delays, rt.encoder, rt.ledger))
 
     @built_once
     def pipeline(self) -> DeliveryPipeline:
         return DeliveryPipeline(
             destinations=self.destinations,
             sender=self.sender,
-            limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
+            limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.state),
             pauses=self.pauses,
             requeuer=self.requeuer,
             dead_letters=self.dead_letters,
             attempts=self.attempts,
             metrics=MetricsRecorder(self.keys),
-            redis_client=self.redis,
+            redis_client=self.state,
             keys=self.keys,
             max_unfinished_starts=self.settings.max_unfinished_starts,
-            aggregators=[XmpAggregator(self.redis, self.keys)],
+            aggregators=[XmpAggregator(self.state, self.keys)],
             rate_limit_max_sleep=self.settings.rate_limit_max_sleep,
             delay_mover_interval=self.settings.delay_mover_interval,
         )
@@ -149,7 +165,7 @@ class WorkerRuntime:
     @built_once
     def xmp_flusher(self) -> XmpFlusher:
         return XmpFlusher(
-            self.redis,
+            self.state,
             self.keys,
             self.sender,
             dead_letters=self.dead_letters,
@@ -160,7 +176,7 @@ class WorkerRuntime:
     @built_once
     def reconciler(self) -> Reconciler:
         return Reconciler(
-            self.redis,
+            self.state,
             self.keys,
             self.session,
             destinations=self.destinations,
@@ -204,7 +220,7 @@ class WorkerRuntime:
         )
         self.dead_letters.add(entry)
         if envelope is not None:  # kept in the store now; the ledger must not publish it again
-            with self.redis.pipeline() as pipe:
+            with self.state.pipeline() as pipe:
                 self.ledger.settle(pipe, envelope.delivery_id)
                 pipe.execute()
         return PipelineResult("dead_lettered", reason)

@@ -88,7 +88,16 @@ def test_creating_the_app_builds_nothing_of_the_runtime(
     """The app is created before the pool forks: a client built then would cross the fork."""
     app = create_app(Settings(redis_url=redis_url, destinations_file=net_destination))
     built = {name for name, value in vars(WorkerRuntime).items() if isinstance(value, built_once)}
-    assert {"redis", "http", "sender", "session", "pipeline", "dead_letters", "reconciler"} <= built
+    assert {
+        "broker",
+        "state",
+        "http",
+        "sender",
+        "session",
+        "pipeline",
+        "dead_letters",
+        "reconciler",
+    } <= built
     assert built.isdisjoint(vars(app.runtime))
 
 
@@ -102,9 +111,10 @@ def test_each_object_is_built_once_and_shared(
     assert pipeline.ledger is runtime.ledger
     assert pipeline.sender is runtime.sender
     assert runtime.xmp_flusher.sender is runtime.sender
-    assert pipeline.redis is runtime.redis
+    assert pipeline.redis is runtime.state
+    assert runtime.state is runtime.broker  # one instance unless the state has its own
     reconciler = runtime.reconciler
     assert (reconciler.encoder, reconciler.delays) == (runtime.encoder, runtime.delays)
-    assert reconciler.redis is runtime.redis
+    assert reconciler.redis is runtime.state
     # Looked up on the class, an attribute is its descriptor (introspection builds nothing).
     assert isinstance(WorkerRuntime.pipeline, built_once)
