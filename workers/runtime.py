@@ -8,14 +8,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast, overload
 
-import redis
 import structlog
+from redis import Redis
 
 from config.destinations import Destinations
 from config.keys import RedisKeys
+from config.redis import RedisSettings
 from config.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
+from workers import redis_clients
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.batch import BatchReport, BatchRunner
 from workers.delivery.client import http_client
@@ -37,30 +39,6 @@ from workers.stores.requeue import Requeuer
 log = structlog.get_logger("postback_relay.worker")
 
 _T = TypeVar("_T")
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client over a pool sized to the concurrency that waits for a free connection (up to
-    the socket timeout) instead of failing with MaxConnectionsError, as redis-py's bounded
-    pool would, or opening connections without bound, as its default pool does."""
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_pool_size,
-        timeout=10,
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        retry_on_timeout=True,
-    )
-    return redis.Redis(connection_pool=pool)
-
-
-def redis_clients(settings: Settings) -> tuple[redis.Redis, redis.Redis]:
-    """(broker, state): the broker instance's client and the state instance's, one object
-    twice unless the state has an instance of its own (config/keys.py says what each holds)."""
-    broker = redis_client(settings)
-    return broker, broker
 
 
 class built_once(Generic[_T]):
@@ -101,54 +79,60 @@ class WorkerRuntime:
         # Reentrant: building the pipeline builds the stores it is made of under the same lock.
         self._lock = threading.RLock()
 
-    # The broker instance (queues, the delay set) and the state instance (ledger, dead letters,
-    # limiter, ...; config/keys.py has the table): one client, the same object, unless the
-    # state has an instance of its own. Each store takes the one that holds its keys.
-    clients = built_once(lambda rt: redis_clients(rt.settings))
-    broker = built_once(lambda rt: rt.clients[0])
-    state = built_once(lambda rt: rt.clients[1])
+    # The state instance (ledger, dead letters, limiter, ...) and the broker instance (queues,
+    # the delay set): config/keys.py has the table. One client, the same object, unless the
+    # state has an instance of its own; each store takes the one that holds its keys.
+    clients = built_once(
+        lambda rt: redis_clients.broker_and_state(
+            rt.settings, pool_size=rt.settings.redis_pool_size
+        )
+    )
+    redis = built_once(lambda rt: rt.clients[1])
+    broker_redis = built_once(lambda rt: rt.clients[0])
     # Deliveries and XMP's flush share one sender on urllib3's pools; the reconciler streams
     # AppMetrica's export through a requests session (workers/delivery/http.py says why).
     http = built_once(lambda rt: http_client(rt.settings))
     sender = built_once(lambda rt: Sender(rt.http))
     session = built_once(lambda rt: http_session(rt.settings))
     encoder = built_once(lambda rt: TaskMessageEncoder(rt._app))
-    delays = built_once(lambda rt: DelaySet(rt.broker, rt.keys))
+    delays = built_once(lambda rt: DelaySet(rt.broker_redis, rt.keys))
     dead_letters = built_once(
-        lambda rt: DeadLetterStore(rt.state, rt.keys, rt.broker, rt.settings.ledger_lease_seconds)
+        lambda rt: DeadLetterStore(
+            rt.redis, rt.keys, rt.broker_redis, rt.settings.ledger_lease_seconds
+        )
     )
-    pauses = built_once(lambda rt: PauseRegistry(rt.state, rt.keys))
+    pauses = built_once(lambda rt: PauseRegistry(rt.redis, rt.keys))
     ledger = built_once(
         lambda rt: DeliveryLedger(
-            rt.state, rt.keys, rt.settings.ledger_lease_seconds, broker=rt.broker
+            rt.redis, rt.keys, rt.settings.ledger_lease_seconds, broker=rt.broker_redis
         )
     )
     attempts = built_once(
         lambda rt: AttemptLog(
-            rt.state,
+            rt.redis,
             rt.keys,
             rt.settings.attempt_log_max_records,
             rt.settings.attempt_log_max_age_seconds,
         )
     )
 
-    requeuer = built_once(lambda rt: Requeuer(rt.broker, rt.delays, rt.encoder, rt.ledger))
+    requeuer = built_once(lambda rt: Requeuer(rt.broker_redis, rt.delays, rt.encoder, rt.ledger))
 
     @built_once
     def pipeline(self) -> DeliveryPipeline:
         return DeliveryPipeline(
             destinations=self.destinations,
             sender=self.sender,
-            limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.state),
+            limiter=GlobalRateLimiter(self.redis, self.keys),
             pauses=self.pauses,
             requeuer=self.requeuer,
             dead_letters=self.dead_letters,
             attempts=self.attempts,
             metrics=MetricsRecorder(self.keys),
-            redis_client=self.state,
+            redis_client=self.redis,
             keys=self.keys,
             max_unfinished_starts=self.settings.max_unfinished_starts,
-            aggregators=[XmpAggregator(self.state, self.keys)],
+            aggregators=[XmpAggregator(self.redis, self.keys)],
             rate_limit_max_sleep=self.settings.rate_limit_max_sleep,
             delay_mover_interval=self.settings.delay_mover_interval,
         )
@@ -165,7 +149,7 @@ class WorkerRuntime:
     @built_once
     def xmp_flusher(self) -> XmpFlusher:
         return XmpFlusher(
-            self.state,
+            self.redis,
             self.keys,
             self.sender,
             dead_letters=self.dead_letters,
@@ -176,7 +160,7 @@ class WorkerRuntime:
     @built_once
     def reconciler(self) -> Reconciler:
         return Reconciler(
-            self.state,
+            self.redis,
             self.keys,
             self.session,
             destinations=self.destinations,
@@ -184,6 +168,9 @@ class WorkerRuntime:
             delays=self.delays,
             ledger_lease_seconds=self.settings.ledger_lease_seconds,
         )
+
+    def client_of(self, conf: RedisSettings) -> Redis:
+        return redis_clients.client(conf, pool_size=self.settings.redis_pool_size)
 
     def keep_unreadable_item(
         self, queue: str | None, item: bytes, reason: str, message_id: str | None = None
@@ -220,7 +207,7 @@ class WorkerRuntime:
         )
         self.dead_letters.add(entry)
         if envelope is not None:  # kept in the store now; the ledger must not publish it again
-            with self.state.pipeline() as pipe:
+            with self.redis.pipeline() as pipe:
                 self.ledger.settle(pipe, envelope.delivery_id)
                 pipe.execute()
         return PipelineResult("dead_lettered", reason)

@@ -82,7 +82,7 @@ def queued(client: redis.Redis) -> list[tuple[dict[str, Any], list[Any]]]:
 def tracked(runtime: WorkerRuntime, *envelopes: DeliveryEnvelope) -> list[dict[str, Any]]:
     """A batch message's argument, its deliveries in the ledger as produce_many leaves them (a
     batch skips a delivery the ledger does not hold: an earlier run settled it)."""
-    with runtime.state.pipeline() as pipe:
+    with runtime.redis.pipeline() as pipe:
         for e in envelopes:
             wire = runtime.encoder.encode_envelope(e, e.delivery_id)
             runtime.ledger.park(pipe, e.delivery_id, QUEUE, wire, time.time())

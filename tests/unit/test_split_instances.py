@@ -279,3 +279,31 @@ def _envelope() -> DeliveryEnvelope:
         created_at=now,
         not_after=now + timedelta(hours=1),
     )
+
+
+def test_the_runtime_gives_each_store_the_instance_that_holds_its_keys(
+    servers: dict[str, EmbeddedRedis], write_destinations: Callable[[str], Path]
+) -> None:
+    from workers.runtime import WorkerRuntime
+
+    path = write_destinations(NOW_AND_LATER)
+    settings = Settings(
+        redis_url=servers["broker"].url,
+        state_redis_url=servers["state"].url,
+        destinations_file=path,
+    )
+    runtime = WorkerRuntime(settings, load_destinations(path), Celery(set_as_current=False))
+    broker, state = runtime.broker_redis, runtime.redis
+    assert broker is not state
+    assert broker.connection_pool.connection_kwargs["port"] == servers["broker"].port
+    assert state.connection_pool.connection_kwargs["port"] == servers["state"].port
+    assert runtime.delays.redis is broker
+    assert runtime.requeuer.redis is broker
+    assert (runtime.ledger.redis, runtime.ledger.broker) == (state, broker)
+    assert (runtime.dead_letters.redis, runtime.dead_letters.broker) == (state, broker)
+    for store in (runtime.pipeline, runtime.attempts, runtime.pauses, runtime.reconciler):
+        assert store.redis is state
+    assert runtime.reconciler._enqueue_once.broker is broker
+    producer = Producer.from_settings(settings)
+    assert producer._enqueue.broker is not producer.redis
+    assert producer.redis.connection_pool.connection_kwargs["port"] == servers["state"].port

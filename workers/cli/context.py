@@ -13,13 +13,14 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 from pydantic import ValidationError
+from redis import Redis
 from rich.console import Console
 
 from config.destination_base import ConfigError
 from config.destinations import Destinations, load_destinations
 from config.keys import RedisKeys
+from config.redis import RedisSettings
 from config.settings import Settings
 from schemas.errors import describe_validation_error
 
@@ -37,6 +38,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def load_settings() -> Settings:
     try:
         return Settings()
+    except ConfigError as exc:  # a Redis instance's settings (config/redis.py)
+        raise click.ClickException(f"settings: {exc}") from None
     except ValidationError as exc:
         raise click.ClickException(
             "settings: "
@@ -81,10 +84,45 @@ class CliContext:
         return resolved
 
     @cached_property
-    def redis(self) -> redis.Redis:
-        from workers.runtime import redis_client
+    def redis(self) -> Redis:
+        """The state instance's client (dead letters, attempts, pauses, the ledger)."""
+        from workers.redis_clients import client
 
-        return redis_client(self.settings)
+        return client(self.settings.state_redis)
+
+    @cached_property
+    def broker_redis(self) -> Redis:
+        """The broker instance's client (queues, in-flight messages): ``redis`` unless the state
+        has an instance of its own."""
+        from workers.redis_clients import client
+
+        return client(self.settings.broker_redis) if self.settings.separate_state else self.redis
+
+    def instances(self) -> list[tuple[str, RedisSettings, Redis]]:
+        """(which, its settings, its client) of each Redis instance this process talks to."""
+        broker, state = self.settings.broker_redis, self.settings.state_redis
+        if not self.settings.separate_state:
+            return [("broker and state (one instance)", broker, self.redis)]
+        return [("broker", broker, self.broker_redis), ("state", state, self.redis)]
+
+    def refuse_unverified_tls(self) -> None:
+        """Stop (exit 2) when a rediss:// instance's certificate does not verify: that is a
+        wrong setting, which retrying forever (what a worker does while Redis is down, rule 7)
+        would never fix. Any other connection error is left to those retries."""
+        from redis import ConnectionError as RedisConnectionError
+
+        from workers.redis_clients import tls_verification_failure
+
+        for which, conf, client in self.instances():
+            if conf.form != "rediss":
+                continue
+            try:
+                client.ping()
+            except RedisConnectionError as exc:
+                failure = tls_verification_failure(exc)
+                if failure is not None:
+                    click.echo(f"Error: redis {which} at {conf.describe()}: {failure}", err=True)
+                    sys.exit(EXIT_CONFIG)
 
     @property
     def keys(self) -> RedisKeys:
@@ -94,7 +132,9 @@ class CliContext:
     def dead_letters(self) -> DeadLetterStore:
         from workers.stores.deadletter import DeadLetterStore
 
-        return DeadLetterStore(self.redis, self.keys)
+        return DeadLetterStore(
+            self.redis, self.keys, self.broker_redis, self.settings.ledger_lease_seconds
+        )
 
     @property
     def attempt_log(self) -> AttemptLog:
@@ -117,6 +157,7 @@ class CliContext:
         if destinations is None:
             destinations = self.destinations
         configure_logging(self.settings, destinations.secrets_held())
+        self.refuse_unverified_tls()
         try:
             return create_app(self.settings, destinations)
         except ConfigError as exc:
