@@ -1,6 +1,7 @@
 """Separate broker and state instances under load: each is SIGKILLed and restarted in turn while
 a producer produces and a worker delivers to a real HTTP receiver; every event whose produce()
-returned is delivered or dead-lettered.
+returned is delivered or dead-lettered. Then the broker's data is lost outright (a new, empty
+instance): the state's delivery ledger alone brings every accepted event back.
 
 Two redis-server processes of our own, each with AOF ``appendfsync always`` (the system of
 record's configuration): a restart keeps every write Redis acknowledged. What each instance
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,7 +62,13 @@ def longest_gap(times: list[float], start: float, end: float) -> float:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "crashes",
+    [(("broker", False), ("state", False)), (("broker", True),)],
+    ids=["broker-then-state", "broker-data-lost"],
+)
 def test_broker_and_state_each_sigkilled_under_load_lose_no_accepted_event(
+    crashes: tuple[tuple[str, bool], ...],
     receiver: PostbackReceiver,
     write_destinations: Callable[[str], Path],
     start_worker: Callable[..., WorkerProcess],
@@ -98,10 +106,12 @@ def test_broker_and_state_each_sigkilled_under_load_lose_no_accepted_event(
         load.thread.start()
         assert wait_until(lambda: len(receiver.received(ok_only=True)) >= 100, 60), tail(worker)
 
-        for name in ("broker", "state"):
+        for name, data_lost in crashes:
             errors_before = sum(load.errors.values())
             killed_at = time.time()
             servers[name].kill()
+            if data_lost:  # a new, empty instance: only the state's ledger knows the queues
+                shutil.rmtree(servers[name].data_dir)
             time.sleep(OUTAGE)
             servers[name].start()  # the same port and data directory: its AOF is replayed
             restarted_at = time.time()
@@ -120,7 +130,7 @@ def test_broker_and_state_each_sigkilled_under_load_lose_no_accepted_event(
             errors = sum(load.errors.values()) - errors_before
             during = [t for t in list(load.accepted.values()) if killed_at < t < restarted_at]
             figures.append(
-                f"{name}: killed for {OUTAGE:.0f} s; every event accepted by then settled "
+                f"{name}{' (data lost)' if data_lost else ''}: killed for {OUTAGE:.0f} s; every event accepted by then settled "
                 f"{recovered_at - killed_at:.1f} s after the kill; longest time without a "
                 f"delivery {longest_gap(arrivals, killed_at, recovered_at):.1f} s; produce() "
                 f"errors {errors}; deliveries accepted while it was down {len(during)}"
