@@ -307,3 +307,39 @@ def test_the_runtime_gives_each_store_the_instance_that_holds_its_keys(
     producer = Producer.from_settings(settings)
     assert producer._enqueue.broker is not producer.redis
     assert producer.redis.connection_pool.connection_kwargs["port"] == servers["state"].port
+
+
+HANDSHAKE = {"HELLO", "CLIENT", "AUTH", "SELECT", "PING"}  # a new connection's, not a write
+
+
+def commands_of(client: redis.Redis, action: Callable[[], object]) -> list[str]:
+    """The commands a client sent (not those its scripts ran) while ``action`` ran (MONITOR)."""
+    marker = f"end-{time.monotonic_ns()}"
+    sent: list[str] = []
+    with client.monitor() as monitor:
+        action()
+        client.echo(marker)
+        for event in monitor.listen():
+            if event["command"] == f"ECHO {marker}":
+                return sent
+            name = event["command"].split()[0].upper()
+            if event.get("client_type") != "lua" and name not in HANDSHAKE:
+                sent.append(name)
+    return sent
+
+
+def test_one_instance_keeps_produce_one_atomic_script(
+    broker: redis.Redis, state: redis.Redis, producer_for: Callable[..., Producer]
+) -> None:
+    """One instance (one client object): claims, ledger and queue push are one EVALSHA, as
+    before the split. Two: a script on the state, then one MULTI/EXEC on the broker."""
+    shared = producer_for(state, state)
+    shared.produce(install("warm"))  # the script is loaded
+    assert commands_of(state, lambda: shared.produce(install("e1"))) == ["EVALSHA"]
+    assert state.llen(QUEUE) == 2
+    split = producer_for(state, broker)
+    split.produce(install("warm"))
+    assert commands_of(state, lambda: split.produce(install("e2"))) == ["EVALSHA"]
+    assert commands_of(broker, lambda: split.produce(install("e3"))) == [
+        "MULTI", "LPUSH", "ZADD", "EXEC"
+    ]  # fmt: skip
