@@ -37,7 +37,11 @@ class RedisConfigError(ConfigError):
 
 
 def masked_url(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***``: safe to show."""
+    """``url`` with the password of its userinfo replaced by ``***`` and its query's values
+    left out (a query is refused, and may hold one too): safe to show."""
+    url, question, query = url.partition("?")
+    if question:
+        url += "?" + "&".join(f"{pair.partition('=')[0]}=..." for pair in query.split("&"))
     scheme, sep, rest = url.rpartition("://")
     if "@" not in rest:
         return url
@@ -119,7 +123,7 @@ class RedisSettings(BaseModel):
             db = parts.path.strip("/") or "0"
         if query or (scheme != "unix" and parts.query):
             raise ValueError(
-                f"query parameters ({', '.join(sorted(query)) or parts.query}) are not read; "
+                f"query parameters ({', '.join(sorted(query)) or '?'}) are not read; "
                 "each option has its own setting (e.g. _TLS_VERIFY, _SOCKET_TIMEOUT)"
             )
         self._db = _database(db)

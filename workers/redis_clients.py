@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ssl
 from typing import Any, Literal
+from urllib.parse import quote
 
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from config.redis import RedisSettings
 from config.settings import Settings
+from schemas.errors import PostbackRelayError
 
 # Seconds between redis-py's PINGs on a connection idle this long before it is used again: a
 # connection a NAT or load balancer dropped silently fails its check, not a command.
@@ -45,19 +47,30 @@ class TLSConnection(redis.SSLConnection):
         try:
             return super()._connect()  # type: ignore[no-untyped-call]
         except ssl.SSLCertVerificationError as exc:
-            raise TLSVerificationFailed(
-                f"TLS: the server's certificate was not verified ({exc.verify_message}) "
-                f"with {self.ca_setting}; is it the CA that signed the server's certificate?"
-            ) from exc
+            if "mismatch" in str(exc.verify_message):  # a good certificate, for another name
+                why = (
+                    f"the server's certificate is not for {self.host} ({exc.verify_message}); "
+                    "connect by a name or address it lists"
+                )
+            else:
+                why = (
+                    f"the server's certificate failed verification ({exc.verify_message}) "
+                    f"against {self.ca_setting}, which must hold the CA that signed it"
+                )
+            # Two arguments: redis-py's message is "Error TLS connecting to HOST:PORT. WHY."
+            raise TLSVerificationFailed("TLS", why) from exc
 
 
-class TLSVerificationFailed(ssl.SSLCertVerificationError):
+class TLSVerificationFailed(PostbackRelayError, ssl.SSLCertVerificationError):
     """The server's certificate did not verify: a configuration error, not an outage."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1])
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A Sentinel pool that waits for a free connection (up to ``timeout``) instead of failing
-    with MaxConnectionsError when all are taken, as the plain pools below do."""
+    """A Sentinel pool that waits for a free connection (up to ``timeout``) when all are taken,
+    instead of failing with MaxConnectionsError as redis-py's own Sentinel pool does."""
 
 
 def tls_options(conf: RedisSettings) -> dict[str, Any]:
@@ -183,6 +196,10 @@ def kombu_connection_options(conf: RedisSettings) -> dict[str, Any]:
     if conf.form == "sentinel":
         host, port = conf.hosts[0]
         url = f"sentinel://{host}:{port}/{conf.db}"
+    elif conf.form == "unix":
+        # kombu reads a URL's path as the database and passes ?db=N on to its Connection
+        # (TypeError): the socket goes in the host part, quoted.
+        url = f"unix://{quote(conf.socket_path or '', safe='')}/{conf.db}"
     return {
         "broker_url": url,
         "broker_transport": TRANSPORT,

@@ -81,6 +81,7 @@ def test_masked_url_hides_only_the_password() -> None:
     assert masked_url("redis://u@h/0") == "redis://u@h/0"
     assert masked_url("redis://h/0") == "redis://h/0"
     assert masked_url("u:pw@h:6379") == "u:***@h:6379"
+    assert masked_url("redis://h/0?password=pw&db=1") == "redis://h/0?password=...&db=..."
 
 
 def refusal(**values: Any) -> str:
@@ -207,6 +208,13 @@ def test_settings_refusals_name_the_environment_variable(
     with pytest.raises(RedisConfigError) as caught:
         Settings()
     assert message in str(caught.value)
+
+
+def test_settings_survive_a_round_trip_through_their_values() -> None:
+    settings = Settings(redis_url="redis://:pw@h/1")
+    again = Settings(**settings.model_dump())
+    assert again.broker_redis == settings.broker_redis
+    assert not again.separate_state
 
 
 def test_a_bad_timeout_names_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
