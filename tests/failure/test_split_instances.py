@@ -44,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 LEASE = 2 * VISIBILITY  # the ledger's lease: 20 s (workers and producer agree)
 OUTAGE = 2.0  # seconds each instance stays down
+GAVE_BACK = '"delivery.redis_unavailable"'  # a worker's log line: a message back on its queue
 
 
 def settled(receiver: PostbackReceiver, dead: DeadLetterStore, ids: set[str]) -> set[str]:
@@ -115,6 +116,7 @@ def test_broker_and_state_each_sigkilled_under_load_lose_no_accepted_event(
 
         for name, data_lost in crashes:
             errors_before = sum(load.errors.values())
+            rejects_before = worker.log().count(GAVE_BACK)
             killed_at = time.time()
             servers[name].kill()
             if data_lost:  # a new, empty instance: only the state's ledger knows the queues
@@ -140,7 +142,9 @@ def test_broker_and_state_each_sigkilled_under_load_lose_no_accepted_event(
                 f"{name}{' (data lost)' if data_lost else ''}: killed for {OUTAGE:.0f} s; every event accepted by then settled "
                 f"{recovered_at - killed_at:.1f} s after the kill; longest time without a "
                 f"delivery {longest_gap(arrivals, killed_at, recovered_at):.1f} s; produce() "
-                f"errors {errors}; deliveries accepted while it was down {len(during)}"
+                f"errors {errors}; deliveries accepted while it was down {len(during)}; "
+                f"messages the worker gave back for want of Redis "
+                f"{worker.log().count(GAVE_BACK) - rejects_before}"
             )
             if name == "broker":
                 # The state took them: accepted, and delivered through the ledger's sweep.
