@@ -12,7 +12,8 @@ is the one place that decides, per key family:
 |                                                   |          |   one Lua call moves them onto  |
 |                                                   |          |   their queue, same instance    |
 | ``ledger_drained()``: when a queue went empty     | broker   | read with the queue's LLEN      |
-| ``dedupe``, ``ledger``, ``ledger_messages``       | state    | the durability anchor: written  |
+| ``dedupe``, ``ledger``, ``ledger_messages``,      | state    | the durability anchor: written  |
+|   ``ledger_unpublished``                          |          |                                 |
 |                                                   |          |   first, swept back to the      |
 |                                                   |          |   broker when a message is lost |
 | ``dead_letters``, ``dead_letter_index/counts``    | state    |                                 |
@@ -145,6 +146,11 @@ class RedisKeys:
     def ledger_messages(self) -> str:
         """Hash: delivery id -> "queue\\n" + its latest wire message, to publish it again."""
         return f"{self.tag}:ledger:messages"
+
+    def ledger_unpublished(self) -> str:
+        """Set: delivery ids the ledger holds whose message never reached the broker (a push
+        that failed with separate instances); published again at once when it answers."""
+        return f"{self.tag}:ledger:unpublished"
 
     def ledger_drained(self) -> str:
         """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not);

@@ -202,6 +202,7 @@ class DelayMover(bootsteps.StartStopStep):
         assert self.delays is not None
         try:
             self.delays.move_due(self.queues)
+            self.ledger.publish_unpublished()  # separate instances only: what the broker missed
             if time.monotonic() - self.last_sweep >= self.sweep_every:
                 self.last_sweep = time.monotonic()
                 republished = self.ledger.sweep(queues=self.queues)

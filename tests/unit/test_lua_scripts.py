@@ -223,6 +223,8 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     across = DeliveryLedger(redis_client, KEYS, lease_seconds=1, broker=broker)
     watch.check(lambda: across.sweep(now=time.time() + 100, queues=[QUEUE]))
     assert redis_client.llen(queue_list(QUEUE)) == 3  # d-2, d-3 and the parked delivery
+    redis_client.sadd(KEYS.ledger_unpublished(), "d-3")
+    watch.check(across.publish_unpublished)
     store_across = DeadLetterStore(redis_client, KEYS, broker)
     store_across.add_envelope(envelope, "HTTP 400")
     watch.check(lambda: store_across.replay_one(entry, envelope, wire.decode()))

@@ -189,8 +189,9 @@ def test_produce_while_the_broker_is_down_is_accepted_and_the_sweep_delivers_it(
     tmp_path: Path,
 ) -> None:
     """The state write went through, the broker push did not: produce() returns the
-    deliveries as accepted, the ledger holds them due now, and once the broker is back (its
-    AOF replayed) the sweep publishes each one once; the delayed one waits for its delay."""
+    deliveries as accepted, the ledger holds them, marked unpublished, and once the broker is
+    back (its AOF replayed) each is published once, without the sweep's hold; the delayed one
+    waits for its delay, then the sweep publishes it."""
     server = EmbeddedRedis(tmp_path / "broker").start()
     try:
         broker = redis.Redis.from_url(server.url, socket_connect_timeout=1)
@@ -203,13 +204,17 @@ def test_produce_while_the_broker_is_down_is_accepted_and_the_sweep_delivers_it(
         assert producer.produce(install("e1")).duplicates == result.accepted
         deadlines = dict(state.zrange(KEYS.ledger(), 0, -1, withscores=True))
         now_id, later_id = (f"{d}" for d in result.accepted)  # routes in file order
-        assert before <= deadlines[now_id.encode()] <= time.time()  # due now: no lease to wait
-        assert deadlines[later_id.encode()] >= before + 60  # due after its route's delay
+        assert state.smembers(KEYS.ledger_unpublished()) == {now_id.encode()}
+        assert before + 60 <= deadlines[later_id.encode()] <= time.time() + 60  # its delay's end
 
-        server.start()  # the same port, the same client object
         ledger = DeliveryLedger(state, KEYS, lease_seconds=60, broker=broker)
-        assert ledger.sweep(queues=[QUEUE]) == 1
-        assert ledger.sweep(queues=[QUEUE]) == 0
+        with pytest.raises(redis.ConnectionError):  # still down: marked again for next time
+            ledger.publish_unpublished()
+        assert state.smembers(KEYS.ledger_unpublished()) == {now_id.encode()}
+        server.start()  # the same port, the same client object
+        assert ledger.sweep(queues=[QUEUE]) == 0  # nothing due: the lease has not passed
+        assert ledger.publish_unpublished() == 1
+        assert ledger.publish_unpublished() == 0
         assert take(server.url)[1].delivery_id == now_id
         with state.pipeline() as pipe:  # delivered: its worker settles it
             ledger.settle(pipe, now_id)
@@ -236,6 +241,11 @@ def test_a_replay_while_the_broker_is_down_is_kept_by_the_ledger(
         assert store.count() == 0
         server.start()
         ledger = DeliveryLedger(state, KEYS, lease_seconds=30, broker=broker)
+        assert ledger.publish_unpublished() == 1
+        assert take(server.url) == ("r1", envelope)
+        state.srem(KEYS.ledger_unpublished(), "d-replay")  # without the mark: the sweep's way
+        assert store.replay_one(store.add_envelope(envelope, "again"), envelope, wire)
+        broker.delete(QUEUE)  # lost
         assert ledger.sweep(queues=[QUEUE]) == 0  # within its lease: maybe on its way
         assert ledger.sweep(now=time.time() + 31, queues=[QUEUE]) == 1
         assert take(server.url) == ("r1", envelope)

@@ -62,9 +62,9 @@ class EnqueueOnce:
     With a ``broker`` instance of its own (config/keys.py), no script can span both: the
     claims and ledger entries go to the state instance first, in one script, then the claimed
     messages to the broker, in one transaction. A state failure raises and nothing was
-    accepted; a broker failure after it leaves the deliveries in the ledger, due at once, and
-    the ledger's sweep publishes them once the broker is back: they are accepted (a message
-    the ledger does not track is not, and the error is raised)."""
+    accepted; a broker failure after it leaves the deliveries in the ledger, marked
+    unpublished, and they go out once the broker is back (workers/stores/ledger.py): they are
+    accepted (a message the ledger does not track is not, and the error is raised)."""
 
     def __init__(
         self,
@@ -123,10 +123,17 @@ class EnqueueOnce:
         except redis.RedisError as exc:
             if any(not item.ledger_id for item in claimed):
                 raise
-            # Due now (or at their delay's end) in the ledger: the sweep publishes them without
-            # waiting a lease. Best effort: failing that, after the lease.
-            with contextlib.suppress(redis.RedisError):
-                self.redis.zadd(self.keys.ledger(), {i.ledger_id: i.due for i in claimed}, xx=True)
+            # Marked unpublished, the delay mover publishes them as soon as the broker answers;
+            # a delayed one is due at its delay's end in the ledger (its queue is not its place
+            # until then). Best effort: failing that, the sweep takes them after the lease.
+            now = [item.ledger_id for item in claimed if not item.delayed]
+            later = {item.ledger_id: item.due for item in claimed if item.delayed}
+            with contextlib.suppress(redis.RedisError), self.redis.pipeline() as pipe:
+                if now:
+                    pipe.sadd(self.keys.ledger_unpublished(), *now)
+                if later:
+                    pipe.zadd(self.keys.ledger(), later, xx=True)
+                pipe.execute()
             log.warning("enqueue.broker_unavailable", deliveries=len(claimed), error=str(exc),
                         outcome="accepted: the ledger's sweep publishes them")  # fmt: skip
         return flags

@@ -8,11 +8,12 @@ per destination for metrics and health. Every change to the three is one Lua cal
 A replay publishes the entry's fresh message and removes the entry in one step. With a broker
 instance of its own (config/keys.py) that step cannot reach the queue: the entry is exchanged
 for a ledger entry holding the message (lua/deadletter_to_ledger.lua), then the message is
-published; if the broker is down, the ledger's sweep publishes it later.
+published; if the broker is down, it is published once the broker is back (ledger.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -163,8 +164,11 @@ class DeadLetterStore:
         try:
             publish(self.broker, queue, wire)
         except redis.RedisError as exc:
+            # The delay mover publishes it once the broker answers (else the sweep, later).
+            with contextlib.suppress(redis.RedisError):
+                self.redis.sadd(self.keys.ledger_unpublished(), entry.delivery_id)
             log.warning("replay.broker_unavailable", delivery_id=entry.delivery_id,
-                        error=str(exc), outcome="the ledger's sweep publishes it")  # fmt: skip
+                        error=str(exc), outcome="published when the broker is back")  # fmt: skip
         return True
 
 

@@ -20,11 +20,14 @@ With a broker instance of its own (config/keys.py) the ledger is on the state in
 queues are not: the sweep asks the broker which queues stayed drained (lua/drained_queues.lua),
 takes the due deliveries of those from the ledger, pushing their deadlines on
 (lua/ledger_claim_due.lua), then publishes them. A publish that fails is taken again after the
-lease; that is also how deliveries accepted while the broker was down reach it.
+lease. A delivery accepted (or replayed) while the broker was down is marked unpublished: its
+message is on no queue and in no prefetch buffer, so the delay mover publishes it as soon as the
+broker answers (``publish_unpublished``), without the sweep's hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -59,6 +62,7 @@ class DeliveryLedger:
         else:
             self._drained = load_script(self.broker, "workers.stores", "drained_queues")
             self._claim_due = load_script(client, "workers.stores", "ledger_claim_due")
+            self._take = load_script(client, "workers.stores", "ledger_take_unpublished")
 
     def touch(self, pipe: Any, delivery_id: str, now: float) -> None:
         """A start: the delivery is alive; push its deadline on (only if it is tracked)."""
@@ -126,6 +130,30 @@ class DeliveryLedger:
                 pipe.hdel(self.keys.ledger_drained(), queue)  # not empty any more
             pipe.execute()
         return len(taken)
+
+    def publish_unpublished(self, limit: int = 500) -> int:
+        """Publish the deliveries whose message never reached the broker (only with separate
+        instances); returns how many. If the broker fails again they are marked again (else,
+        with the state down too, the sweep takes them after the lease)."""
+        if self.broker is self.redis:
+            return 0
+        taken: list[bytes] = self._take(
+            keys=[self.keys.ledger_unpublished(), self.keys.ledger(), self.keys.ledger_messages()],
+            args=[limit, time.time() + self.lease_seconds],
+        )
+        if not taken:
+            return 0
+        ids = taken[0::2]
+        try:
+            with self.broker.pipeline(transaction=True) as pipe:
+                for value in taken[1::2]:
+                    publish(pipe, *value.decode().split("\n", 1))
+                pipe.execute()
+        except redis.RedisError:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.sadd(self.keys.ledger_unpublished(), *ids)
+            raise
+        return len(ids)
 
     def size(self) -> int:
         return int(self.redis.zcard(self.keys.ledger()))
