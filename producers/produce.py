@@ -68,7 +68,7 @@ class Producer:
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds, broker)
+        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds, broker=broker)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:

@@ -71,6 +71,7 @@ class EnqueueOnce:
         client: redis.Redis,
         keys: RedisKeys,
         lease_seconds: float,
+        *,
         broker: redis.Redis | None = None,
     ) -> None:
         self.redis = client
