@@ -4,24 +4,24 @@ Which instance holds what. A deployment may run two Redis instances, a broker an
 (POSTBACK_RELAY_STATE_REDIS_URL); by default both are one instance and one client. This table
 is the one place that decides, per key family:
 
-| key family (RedisKeys method / kombu's name)      | instance | why there                       |
-|---------------------------------------------------|----------|---------------------------------|
-| kombu's queue lists ``postback.<kind>``, unacked,  | broker   | kombu's own; Celery needs them   |
-|   unacked_index, unacked_mutex, bindings, pidbox  |          |   together (workers/broker/)    |
-| ``delayed(queue)``: the delay set                 | broker   | a queue of messages not yet due:|
-|                                                   |          |   one Lua call moves them onto  |
-|                                                   |          |   their queue, same instance    |
-| ``ledger_drained()``: when a queue went empty     | broker   | read with the queue's LLEN      |
-| ``dedupe``, ``ledger``, ``ledger_messages``,      | state    | the durability anchor: written  |
-|   ``ledger_unpublished``                          |          |                                 |
-|                                                   |          |   first, swept back to the      |
-|                                                   |          |   broker when a message is lost |
-| ``dead_letters``, ``dead_letter_index/counts``    | state    |                                 |
-| ``attempts``, ``unfinished_starts``               | state    |                                 |
-| ``rate_limit``, ``server_budget``, ``paused``     | state    | limiter + pauses                |
-| ``xmp_*``, ``reconciled``, ``reconcile_*``        | state    | aggregates, reconciler claims   |
-| ``metrics_counters``, ``metrics_histogram``       | state    |                                 |
-| ``lock(name)``                                    | state    | periodic jobs' locks            |
+| key family (RedisKeys method, or kombu's name) | instance | why there                  |
+|------------------------------------------------|----------|----------------------------|
+| kombu's queue lists ``postback.<kind>``,       | broker   | kombu's own; Celery needs  |
+|   unacked, unacked_index, unacked_mutex,       |          |   them together            |
+|   bindings, pidbox                             |          |                            |
+| ``delayed(queue)``: the delay set              | broker   | messages not yet due: one  |
+|                                                |          |   Lua call moves them onto |
+|                                                |          |   their queue              |
+| ``ledger_drained()``: when a queue went empty  | broker   | read with the queue's LLEN |
+| ``dedupe``, ``ledger``, ``ledger_messages``,   | state    | the durability anchor:     |
+|   ``ledger_unpublished``                       |          |   written first; what the  |
+|                                                |          |   broker lost goes back    |
+| ``dead_letters``, ``dead_letter_index/counts`` | state    |                            |
+| ``attempts``, ``unfinished_starts``            | state    |                            |
+| ``rate_limit``, ``server_budget``, ``paused``  | state    | the limiter and pauses     |
+| ``xmp_*``, ``reconciled``, ``reconcile_*``     | state    | aggregates, reconciler     |
+| ``metrics_counters``, ``metrics_histogram``    | state    |                            |
+| ``lock(name)``                                 | state    | periodic jobs' locks       |
 
 Every accepted delivery is in the state instance's ledger until it is finished, whether its
 message is on a queue or in the delay set; losing the broker's data loses no accepted delivery
