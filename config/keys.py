@@ -1,4 +1,35 @@
-"""Every Redis key and queue name the system uses comes from here, never typed twice."""
+"""Every Redis key and queue name the system uses comes from here, never typed twice.
+
+Which instance holds what. A deployment may run two Redis instances, a broker and a state one
+(POSTBACK_RELAY_STATE_REDIS_URL); by default both are one instance and one client. This table
+is the one place that decides, per key family:
+
+| key family (RedisKeys method, or kombu's name) | instance | why there                  |
+|------------------------------------------------|----------|----------------------------|
+| kombu's queue lists ``postback.<kind>``,       | broker   | kombu's own; Celery needs  |
+|   unacked, unacked_index, unacked_mutex,       |          |   them together            |
+|   bindings, pidbox                             |          |                            |
+| ``delayed(queue)``: the delay set              | broker   | messages not yet due: one  |
+|                                                |          |   Lua call moves them onto |
+|                                                |          |   their queue              |
+| ``ledger_drained()``: when a queue went empty  | broker   | read with the queue's LLEN |
+| ``dedupe``, ``ledger``, ``ledger_messages``,   | state    | the durability anchor:     |
+|   ``ledger_unpublished``                       |          |   written first; what the  |
+|                                                |          |   broker lost goes back    |
+| ``dead_letters``, ``dead_letter_index/counts`` | state    |                            |
+| ``attempts``, ``unfinished_starts``            | state    |                            |
+| ``rate_limit``, ``server_budget``, ``paused``  | state    | the limiter and pauses     |
+| ``xmp_*``, ``reconciled``, ``reconcile_*``     | state    | aggregates, reconciler     |
+| ``metrics_counters``, ``metrics_histogram``    | state    |                            |
+| ``lock(name)``                                 | state    | periodic jobs' locks       |
+
+Every accepted delivery is in the state instance's ledger until it is finished, whether its
+message is on a queue or in the delay set; losing the broker's data loses no accepted delivery
+(the ledger's sweep publishes it again), at the price of duplicates. A script never spans the
+two: with two instances, writers touch the state first, then the broker
+(workers/broker/publish.py, workers/stores/ledger.py, workers/stores/deadletter.py,
+workers/stores/requeue.py).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +71,7 @@ class RedisKeys:
         return f"{self.tag}:dedupe:{delivery_id}"
 
     def delayed(self, queue: str) -> str:
-        """Sorted set of wire messages waiting for ``queue``, scored by due time."""
+        """Sorted set of wire messages waiting for ``queue``, scored by due time (broker)."""
         return f"{self.tag}:delayed:{queue}"
 
     def dead_letters(self) -> str:
@@ -116,8 +147,14 @@ class RedisKeys:
         """Hash: delivery id -> "queue\\n" + its latest wire message, to publish it again."""
         return f"{self.tag}:ledger:messages"
 
+    def ledger_unpublished(self) -> str:
+        """Set: delivery ids the ledger holds whose message never reached the broker (a push
+        that failed with separate instances); published again at once when it answers."""
+        return f"{self.tag}:ledger:unpublished"
+
     def ledger_drained(self) -> str:
-        """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not)."""
+        """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not);
+        on the broker instance, beside the queues."""
         return f"{self.tag}:ledger:drained"
 
     def lock(self, name: str) -> str:

@@ -49,21 +49,33 @@ class _Planned(Enqueue):
 
 
 class Producer:
-    """Holds what producing needs: settings, destinations, a Redis client, a message encoder."""
+    """Holds what producing needs: settings, destinations, a Redis client, a message encoder.
 
-    def __init__(self, settings: Settings, destinations: Destinations, client: redis.Redis) -> None:
+    ``client`` holds the claims and the ledger (the state instance); ``broker``, the queues,
+    when they are on an instance of their own. Then the state is written first: produce()
+    raises only when that failed (nothing was accepted); deliveries accepted while the broker
+    is down reach it through the ledger's sweep (workers/broker/publish.py)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        destinations: Destinations,
+        client: redis.Redis,
+        broker: redis.Redis | None = None,
+    ) -> None:
         self.settings = settings
         self.destinations = destinations
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds)
+        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds, broker=broker)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
         settings = settings or Settings()
         destinations = load_destinations(settings.destinations_file)
-        return cls(settings, destinations, redis_clients.client(settings.broker_redis))
+        broker, state = redis_clients.broker_and_state(settings)
+        return cls(settings, destinations, state, broker)
 
     def envelope_for(
         self, event: ConversionEvent, dest: DestinationBase, route: Route, now: datetime

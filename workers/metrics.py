@@ -55,8 +55,12 @@ class RedisStateCollector(Collector):
         keys: RedisKeys,
         destinations: Destinations,
         kinds: tuple[str, ...],
+        broker: redis.Redis | None = None,
     ) -> None:
+        """``client``: the state instance; ``broker``: the queues' (and delay sets'), when it
+        is another one."""
         self.redis = client
+        self.broker = client if broker is None else broker
         self.keys = keys
         self.destinations = destinations
         self.kinds = kinds
@@ -64,10 +68,12 @@ class RedisStateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         names = list(self.destinations.by_name)
         queues = [queue_for(k) for k in self.kinds]
-        with self.redis.pipeline(transaction=False) as pipe:
+        with self.broker.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.llen(queue_list(queue))
                 pipe.zcard(self.keys.delayed(queue))
+            depths = iter(pipe.execute())
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.ledger())
             pipe.hgetall(self.keys.dead_letter_counts())
             pipe.hgetall(self.keys.metrics_counters())
@@ -87,8 +93,8 @@ class RedisStateCollector(Collector):
             "postback_relay_delayed", "Messages parked in the delay set.", labels=["queue"]
         )
         for queue in queues:
-            depth.add_metric([queue], next(results))
-            delayed.add_metric([queue], next(results))
+            depth.add_metric([queue], next(depths))
+            delayed.add_metric([queue], next(depths))
         yield depth
         yield delayed
         yield GaugeMetricFamily(

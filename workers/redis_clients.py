@@ -18,6 +18,7 @@ import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from config.redis import RedisSettings
+from config.settings import Settings
 from schemas.errors import PostbackRelayError
 
 # Seconds between redis-py's PINGs on a connection idle this long before it is used again: a
@@ -225,3 +226,15 @@ def server_role(client: Any) -> str:
     """ "master" or "replica", as the server itself says (INFO replication)."""
     role = str(client.info("replication").get("role", "?"))
     return "replica" if role == "slave" else role
+
+
+def broker_and_state(
+    settings: Settings, *, pool_size: int | None = None
+) -> tuple[redis.Redis, redis.Redis]:
+    """(broker, state): a client of each instance (config/keys.py says what each holds); one
+    object twice unless the state has an instance of its own, so a store given both can tell
+    whether one Lua script may span them (``broker is state``)."""
+    state = client(settings.state_redis, pool_size=pool_size)
+    if not settings.separate_state:
+        return state, state
+    return client(settings.broker_redis, pool_size=pool_size), state

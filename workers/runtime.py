@@ -79,31 +79,33 @@ class WorkerRuntime:
         # Reentrant: building the pipeline builds the stores it is made of under the same lock.
         self._lock = threading.RLock()
 
-    # The state instance, over a pool sized to the concurrency (workers/redis_clients.py).
-    redis = built_once(
-        lambda rt: redis_clients.client(
-            rt.settings.state_redis, pool_size=rt.settings.redis_pool_size
+    # The state instance (ledger, dead letters, limiter, ...) and the broker instance (queues,
+    # the delay set): config/keys.py has the table. One client, the same object, unless the
+    # state has an instance of its own; each store takes the one that holds its keys.
+    clients = built_once(
+        lambda rt: redis_clients.broker_and_state(
+            rt.settings, pool_size=rt.settings.redis_pool_size
         )
     )
-    # The broker instance's client: the same one unless the state has its own instance.
-    broker_redis = built_once(
-        lambda rt: (
-            redis_clients.client(rt.settings.broker_redis, pool_size=rt.settings.redis_pool_size)
-            if rt.settings.separate_state
-            else rt.redis
-        )
-    )
+    redis = built_once(lambda rt: rt.clients[1])
+    broker_redis = built_once(lambda rt: rt.clients[0])
     # Deliveries and XMP's flush share one sender on urllib3's pools; the reconciler streams
     # AppMetrica's export through a requests session (workers/delivery/http.py says why).
     http = built_once(lambda rt: http_client(rt.settings))
     sender = built_once(lambda rt: Sender(rt.http))
     session = built_once(lambda rt: http_session(rt.settings))
     encoder = built_once(lambda rt: TaskMessageEncoder(rt._app))
-    delays = built_once(lambda rt: DelaySet(rt.redis, rt.keys))
-    dead_letters = built_once(lambda rt: DeadLetterStore(rt.redis, rt.keys))
+    delays = built_once(lambda rt: DelaySet(rt.broker_redis, rt.keys))
+    dead_letters = built_once(
+        lambda rt: DeadLetterStore(
+            rt.redis, rt.keys, rt.broker_redis, rt.settings.ledger_lease_seconds
+        )
+    )
     pauses = built_once(lambda rt: PauseRegistry(rt.redis, rt.keys))
     ledger = built_once(
-        lambda rt: DeliveryLedger(rt.redis, rt.keys, rt.settings.ledger_lease_seconds)
+        lambda rt: DeliveryLedger(
+            rt.redis, rt.keys, rt.settings.ledger_lease_seconds, broker=rt.broker_redis
+        )
     )
     attempts = built_once(
         lambda rt: AttemptLog(
@@ -114,7 +116,7 @@ class WorkerRuntime:
         )
     )
 
-    requeuer = built_once(lambda rt: Requeuer(rt.redis, rt.delays, rt.encoder, rt.ledger))
+    requeuer = built_once(lambda rt: Requeuer(rt.broker_redis, rt.delays, rt.encoder, rt.ledger))
 
     @built_once
     def pipeline(self) -> DeliveryPipeline:

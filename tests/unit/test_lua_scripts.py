@@ -39,7 +39,7 @@ from workers.stores.ledger import DeliveryLedger
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("workers", "producers", "config", "schemas")
 SCRIPTS = sorted(p for top in PACKAGES for p in (ROOT / top).glob("**/lua/*.lua"))
-SNIPPETS = {"kombu_publish"}  # included by other scripts, never run alone
+SNIPPETS = {"kombu_publish", "queue_drained"}  # included by other scripts, never run alone
 
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")
@@ -212,6 +212,22 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     watch.check(lambda: store.replay_one(entry, envelope, wire.decode()))
     store.add_envelope(envelope, "HTTP 400")
     watch.check(lambda: store.remove(entry))
+
+    # With a broker instance of its own, the writers run other scripts: a second client on
+    # the same server is another instance to them, and MONITOR sees both.
+    broker = redis.Redis.from_url(redis_url)
+    enqueue = EnqueueOnce(redis_client, KEYS, 60, broker=broker)
+    item = Enqueue(KEYS.dedupe("d-3"), QUEUE, False, time.time(), wire.decode(), "d-3", QUEUE)
+    watch.check(lambda: enqueue([item], 60))
+    redis_client.delete(queue_list(QUEUE))
+    across = DeliveryLedger(redis_client, KEYS, lease_seconds=1, broker=broker)
+    watch.check(lambda: across.sweep(now=time.time() + 100, queues=[QUEUE]))
+    assert redis_client.llen(queue_list(QUEUE)) == 3  # d-2, d-3 and the parked delivery
+    redis_client.sadd(KEYS.ledger_unpublished(), "d-3")
+    watch.check(across.publish_unpublished)
+    store_across = DeadLetterStore(redis_client, KEYS, broker)
+    store_across.add_envelope(envelope, "HTTP 400")
+    watch.check(lambda: store_across.replay_one(entry, envelope, wire.decode()))
 
     limiter = GlobalRateLimiter(redis_client, KEYS)
     watch.check(lambda: limiter.tighten("now", 1, time.time() + 60))

@@ -88,7 +88,8 @@ def test_creating_the_app_builds_nothing_of_the_runtime(
     """The app is created before the pool forks: a client built then would cross the fork."""
     app = create_app(Settings(redis_url=redis_url, destinations_file=net_destination))
     built = {name for name, value in vars(WorkerRuntime).items() if isinstance(value, built_once)}
-    assert {"redis", "http", "sender", "session", "pipeline", "dead_letters", "reconciler"} <= built
+    assert {"redis", "broker_redis", "http", "sender", "session", "pipeline", "dead_letters",
+            "reconciler"} <= built  # fmt: skip
     assert built.isdisjoint(vars(app.runtime))
 
 
@@ -103,6 +104,7 @@ def test_each_object_is_built_once_and_shared(
     assert pipeline.sender is runtime.sender
     assert runtime.xmp_flusher.sender is runtime.sender
     assert pipeline.redis is runtime.redis
+    assert runtime.broker_redis is runtime.redis  # one instance unless the state has its own
     reconciler = runtime.reconciler
     assert (reconciler.encoder, reconciler.delays) == (runtime.encoder, runtime.delays)
     assert reconciler.redis is runtime.redis

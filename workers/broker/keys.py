@@ -2,7 +2,8 @@
 
 kombu chooses these names (they cannot carry our ``{prefix}`` hash tag, so any script touching
 them together with our keys needs a single-node or Sentinel Redis, which kombu requires anyway).
-Nothing outside workers/broker/ spells them.
+Nothing outside workers/broker/ spells them. They live on the broker instance, with the delay
+set; the table in config/keys.py says which instance holds every other key.
 """
 
 from __future__ import annotations

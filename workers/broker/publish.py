@@ -9,15 +9,19 @@ publish cannot give). In Python they call ``publish``; in Lua they ``--@include 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+import structlog
 
 from config.keys import RedisKeys
 from workers.broker.keys import queue_list
 from workers.broker.scripts import load_script
+
+log = structlog.get_logger("postback_relay.publish")
 
 
 def publish(pipe: Any, queue: str, wire: str) -> None:
@@ -53,18 +57,39 @@ class EnqueueOnce:
     """Claim-then-enqueue for many messages in one atomic Lua call (one round trip).
 
     Used by produce() (claim: the delivery's dedupe key) and by the reconciler (claim: the
-    postback's identity, kept for the export's retention)."""
+    postback's identity, kept for the export's retention).
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: float) -> None:
-        self._script = load_script(client, "workers.broker", "enqueue_once")
+    With a ``broker`` instance of its own (config/keys.py), no script can span both: the
+    claims and ledger entries go to the state instance first, in one script, then the claimed
+    messages to the broker, in one transaction. A state failure raises and nothing was
+    accepted; a broker failure after it leaves the deliveries in the ledger, marked
+    unpublished, and they go out once the broker is back (workers/stores/ledger.py): they are
+    accepted (a message the ledger does not track is not, and the error is raised)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        lease_seconds: float,
+        *,
+        broker: redis.Redis | None = None,
+    ) -> None:
+        self.redis = client
+        self.broker = client if broker is None else broker
         self.keys = keys
         self.lease_seconds = lease_seconds
+        if self.broker is client:
+            self._script = load_script(client, "workers.broker", "enqueue_once")
+        else:
+            self._claim = load_script(client, "workers.broker", "enqueue_claim")
 
     def __call__(
         self, items: Sequence[Enqueue], ttl_seconds: int, batches: Sequence[Batch] = ()
     ) -> list[bool]:
         if not items:
             return []
+        if self.broker is not self.redis:
+            return self._claim_then_publish(items, ttl_seconds, batches)
         keys: list[str] = [self.keys.ledger(), self.keys.ledger_messages()]
         argv: list[Any] = [ttl_seconds, self.lease_seconds, len(items)]
         for item in items:
@@ -76,3 +101,57 @@ class EnqueueOnce:
             # Lua counts from 1; each member's own wire stays its ledger entry's message.
             argv += [len(batch.members), *(index + 1 for index in batch.members), batch.wire]
         return [bool(flag) for flag in self._script(keys=keys, args=argv)]
+
+    def _claim_then_publish(
+        self, items: Sequence[Enqueue], ttl_seconds: int, batches: Sequence[Batch]
+    ) -> list[bool]:
+        argv: list[Any] = [ttl_seconds, self.lease_seconds, len(items)]
+        for item in items:
+            argv += [repr(item.due), item.ledger_id, f"{item.queue}\n{item.wire}"]
+        keys = [self.keys.ledger(), self.keys.ledger_messages(), *(i.claim_key for i in items)]
+        flags = [bool(flag) for flag in self._claim(keys=keys, args=argv)]
+        claimed = [item for item, new in zip(items, flags, strict=True) if new]
+        if not claimed:
+            return flags
+        try:
+            with self.broker.pipeline(transaction=True) as pipe:
+                for item, wire in _messages_to_send(items, flags, batches):
+                    if item.delayed:
+                        pipe.zadd(item.target_key, {wire: item.due})
+                    else:
+                        publish(pipe, item.target_key, wire)
+                pipe.execute()
+        except redis.RedisError as exc:
+            if any(not item.ledger_id for item in claimed):
+                raise
+            # Marked unpublished, the delay mover publishes them as soon as the broker answers;
+            # a delayed one is due at its delay's end in the ledger (its queue is not its place
+            # until then). Best effort: failing that, the sweep takes them after the lease.
+            now = [item.ledger_id for item in claimed if not item.delayed]
+            later = {item.ledger_id: item.due for item in claimed if item.delayed}
+            with contextlib.suppress(redis.RedisError), self.redis.pipeline() as pipe:
+                if now:
+                    pipe.sadd(self.keys.ledger_unpublished(), *now)
+                if later:
+                    pipe.zadd(self.keys.ledger(), later, xx=True)
+                pipe.execute()
+            log.warning("enqueue.broker_unavailable", deliveries=len(claimed), error=str(exc),
+                        outcome="accepted: the ledger's sweep publishes them")  # fmt: skip
+        return flags
+
+
+def _messages_to_send(
+    items: Sequence[Enqueue], flags: Sequence[bool], batches: Sequence[Batch]
+) -> list[tuple[Enqueue, str]]:
+    """What enqueue_once.lua publishes for these claims: a batch's message in place of its
+    members' own when every member was new, else each new member's own message."""
+    out: list[tuple[Enqueue, str]] = []
+    sent: set[int] = set()
+    for batch in batches:
+        if all(flags[index] for index in batch.members):
+            out.append((items[batch.members[0]], batch.wire))
+            sent.update(batch.members)
+    out += [
+        (item, item.wire) for index, item in enumerate(items) if flags[index] and index not in sent
+    ]
+    return out

@@ -132,7 +132,9 @@ class CliContext:
     def dead_letters(self) -> DeadLetterStore:
         from workers.stores.deadletter import DeadLetterStore
 
-        return DeadLetterStore(self.redis, self.keys)
+        return DeadLetterStore(
+            self.redis, self.keys, self.broker_redis, self.settings.ledger_lease_seconds
+        )
 
     @property
     def attempt_log(self) -> AttemptLog:

@@ -56,6 +56,6 @@ def destinations_resume(name: str) -> None:
         raise click.BadParameter(f"{name!r} is not in {ctx.destinations.source}")
     lifted = ctx.pauses.resume(name)
     kind = ctx.destinations.get(name).kind
-    released = DelaySet(ctx.redis, ctx.keys).release(queue_for(kind), name)
+    released = DelaySet(ctx.broker_redis, ctx.keys).release(queue_for(kind), name)
     state = "resumed" if lifted else "was not paused"
     click.echo(f"{name}: {state}; {released} held delivery(ies) released")

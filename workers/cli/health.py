@@ -159,7 +159,7 @@ def status() -> None:
         until = pauses.paused_until(dest.name)
         table.add_row(
             dest.name, dest.kind, str(ctx.broker_redis.llen(queue_list(queue))),
-            str(ctx.redis.zcard(ctx.keys.delayed(queue))), str(in_flight[queue]),
+            str(ctx.broker_redis.zcard(ctx.keys.delayed(queue))), str(in_flight[queue]),
             str(hour[(dest.name, "sent")]), str(hour[(dest.name, "failed")]),
             str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",
         )  # fmt: skip
@@ -181,7 +181,9 @@ def metrics(port: int | None, address: str) -> None:
     from workers.metrics import RedisStateCollector, serve_metrics
 
     ctx = context()
-    collector = RedisStateCollector(ctx.redis, ctx.keys, ctx.destinations, tuple(KINDS))
+    collector = RedisStateCollector(
+        ctx.redis, ctx.keys, ctx.destinations, tuple(KINDS), broker=ctx.broker_redis
+    )
     server, _thread = serve_metrics(collector, port or ctx.settings.metrics_port, address)
     click.echo(f"serving metrics on http://{address}:{server.server_port}/metrics")
     try:

@@ -229,7 +229,7 @@ def produce(source: Any) -> None:
     from producers.produce import Producer
 
     ctx = context()
-    producer = Producer(ctx.settings, ctx.destinations, ctx.redis)
+    producer = Producer(ctx.settings, ctx.destinations, ctx.redis, ctx.broker_redis)
     failed = 0
     for result in producer.produce_many(_json_lines(source)):
         failed += not result.ok

@@ -4,10 +4,16 @@ Redis has no dead-letter exchange (a rejected message is simply gone), so the st
 a hash of entries by delivery id, a sorted index by time for listing and --since, and a count
 per destination for metrics and health. Every change to the three is one Lua call
 (lua/deadletter_*.lua).
+
+A replay publishes the entry's fresh message and removes the entry in one step. With a broker
+instance of its own (config/keys.py) that step cannot reach the queue: the entry is exchanged
+for a ledger entry holding the message (lua/deadletter_to_ledger.lua), then the message is
+published; if the broker is down, it is published once the broker is back (ledger.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -15,15 +21,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import redis
+import structlog
 
 from config.destinations import Destinations
 from config.keys import RedisKeys, queue_for
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope
 from workers.broker.keys import queue_list
+from workers.broker.publish import publish
 from workers.broker.scripts import load_script
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.ratelimit import GlobalRateLimiter
+
+log = structlog.get_logger("postback_relay.deadletter")
 
 
 @dataclass
@@ -34,12 +44,25 @@ class ReplayReport:
 
 
 class DeadLetterStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        broker: redis.Redis | None = None,
+        ledger_lease_seconds: float = 600,
+    ) -> None:
+        """``client``: the state instance; ``broker``: the queues' instance, when it is
+        another one (a replayed delivery is then tracked by the ledger with this lease)."""
         self.redis = client
+        self.broker = client if broker is None else broker
         self.keys = keys
+        self.ledger_lease_seconds = ledger_lease_seconds
         self._add = load_script(client, "workers.stores", "deadletter_add")
-        self._replay = load_script(client, "workers.stores", "deadletter_replay")
         self._remove = load_script(client, "workers.stores", "deadletter_remove")
+        if self.broker is client:
+            self._replay = load_script(client, "workers.stores", "deadletter_replay")
+        else:
+            self._to_ledger = load_script(client, "workers.stores", "deadletter_to_ledger")
 
     def _keys(self) -> list[str]:
         return [
@@ -120,12 +143,33 @@ class DeadLetterStore:
     def replay_one(self, entry: DeadLetter, envelope: DeliveryEnvelope, wire: str) -> bool:
         """Enqueue ``wire`` and remove the entry, atomically; False if it was already gone."""
         queue = queue_for(envelope.kind)
+        if self.broker is not self.redis:
+            return self._replay_across(entry, queue, wire)
         return bool(
             self._replay(
                 keys=[*self._keys(), queue_list(queue)],
                 args=[entry.delivery_id, wire, entry.destination],
             )
         )
+
+    def _replay_across(self, entry: DeadLetter, queue: str, wire: str) -> bool:
+        """The entry becomes a ledger entry, then the message goes to the broker."""
+        moved = self._to_ledger(
+            keys=[*self._keys(), self.keys.ledger(), self.keys.ledger_messages()],
+            args=[entry.delivery_id, f"{queue}\n{wire}", entry.destination,
+                  time.time() + self.ledger_lease_seconds],
+        )  # fmt: skip
+        if not moved:
+            return False
+        try:
+            publish(self.broker, queue, wire)
+        except redis.RedisError as exc:
+            # The delay mover publishes it once the broker answers (else the sweep, later).
+            with contextlib.suppress(redis.RedisError):
+                self.redis.sadd(self.keys.ledger_unpublished(), entry.delivery_id)
+            log.warning("replay.broker_unavailable", delivery_id=entry.delivery_id,
+                        error=str(exc), outcome="published when the broker is back")  # fmt: skip
+        return True
 
 
 class Replayer:

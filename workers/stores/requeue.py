@@ -1,7 +1,9 @@
 """The requeue after a retry or a deferral: the envelope back on its queue, or in the delay set.
 
 The new message and the ledger's record of it go in one transaction, so the ledger always
-holds the message that would be published again (workers/stores/ledger.py).
+holds the message that would be published again (workers/stores/ledger.py). With a broker
+instance of its own (config/keys.py), the ledger's record goes first, on the state instance,
+then the message, on the broker: whichever fails, the ledger holds what to publish again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Requeuer:
         encoder: TaskMessageEncoder,
         ledger: DeliveryLedger,
     ) -> None:
+        """``client``: the broker instance (the delay set's); the ledger has its own."""
         self.redis = client
         self.delays = delays
         self.encoder = encoder
@@ -39,10 +42,15 @@ class Requeuer:
             envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
         )
         due = (time.time() if now is None else now) + max(0.0, delay)
+        if self.ledger.redis is not self.redis:
+            with self.ledger.redis.pipeline(transaction=True) as pipe:
+                self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+                pipe.execute()
         with self.redis.pipeline(transaction=True) as pipe:
             if delay <= 0:
                 publish(pipe, queue, wire)
             else:
                 self.delays.schedule(queue, wire, due, pipe=pipe)
-            self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+            if self.ledger.redis is self.redis:
+                self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
             pipe.execute()

@@ -127,7 +127,10 @@ class Reconciler:
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
-        self._enqueue_once = EnqueueOnce(self.redis, self.keys, self.ledger_lease_seconds)
+        # Claims and ledger on ``redis`` (the state instance), messages on the delay set's.
+        self._enqueue_once = EnqueueOnce(
+            self.redis, self.keys, self.ledger_lease_seconds, broker=self.delays.redis
+        )
 
     def window(self, source: ReconcileSource) -> tuple[datetime, datetime]:
         """From the checkpoint minus the overlap (or the first look-back) to now minus settle.

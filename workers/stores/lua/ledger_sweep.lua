@@ -12,24 +12,17 @@
 -- ARGV[3]     the most due deliveries to look at
 -- ARGV[4]     hold (seconds)
 -- ARGV[5..]   the queue name of each of KEYS[4..], in order
+-- With separate broker and state instances the sweep is three steps instead
+-- (drained_queues.lua on the broker, ledger_claim_due.lua on the state, then the publish).
 --@include kombu_publish
+--@include queue_drained
 local now, hold = tonumber(ARGV[1]), tonumber(ARGV[4])
 local list_of = {}  -- queue name -> its declared list
 for i = 4, #KEYS do list_of[ARGV[i + 1]] = KEYS[i] end
 local ready = {}  -- per queue: has it stayed empty for the hold?
 local function drained(queue)
   if ready[queue] == nil then
-    if redis.call('LLEN', list_of[queue]) > 0 then
-      redis.call('HDEL', KEYS[3], queue)
-      ready[queue] = false
-    else
-      local since = tonumber(redis.call('HGET', KEYS[3], queue))
-      if not since then
-        redis.call('HSET', KEYS[3], queue, ARGV[1])
-        since = now
-      end
-      ready[queue] = now - since >= hold
-    end
+    ready[queue] = queue_drained(KEYS[3], list_of[queue], queue, now, hold, ARGV[1])
   end
   return ready[queue]
 end
