@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -44,18 +45,21 @@ def redis_answers(url: str, timeout: float = 0.5) -> bool:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        """``extra_args``: more configuration (``--replicaof host port``), after ours."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
+    def command(self) -> list[str]:
+        return [
             redis_server_binary(),
             "--port",
             str(self.port),
@@ -75,7 +79,12 @@ class EmbeddedRedis:
             "no",
             "--logfile",
             "redis.log",
+            *self.extra_args,
         ]
+
+    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = self.command()
         self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
