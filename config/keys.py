@@ -120,5 +120,10 @@ class RedisKeys:
         """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not)."""
         return f"{self.tag}:ledger:drained"
 
+    def replication_mark(self) -> str:
+        """Written by a producer that waits for replicas after a duplicate: its write carries
+        the WAIT (workers/broker/replication.py)."""
+        return f"{self.tag}:replication-mark"
+
     def lock(self, name: str) -> str:
         return f"{self.tag}:lock:{name}"

@@ -19,6 +19,7 @@ from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
 from workers.broker.publish import Batch, Enqueue, EnqueueOnce
+from workers.broker.replication import ReplicaWait
 from workers.broker.wire import TaskMessageEncoder
 
 MAX_BATCH = 500
@@ -56,7 +57,12 @@ class Producer:
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds)
+        wait = (
+            ReplicaWait(settings.produce_wait_replicas, settings.produce_wait_timeout_ms)
+            if settings.produce_wait_replicas
+            else None
+        )
+        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds, wait)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
@@ -141,7 +147,9 @@ class Producer:
         return batches
 
     def produce(self, event: ConversionEvent | dict[str, Any]) -> ProduceResult:
-        """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad."""
+        """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad.
+        With POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS, raise NotReplicated when too few replicas
+        acknowledged the write in time (produce the event again: see NotReplicated)."""
         parsed = ConversionEvent.parse(event)
         planned = self._plan(parsed, datetime.now(UTC))
         return _result(parsed.event_id, planned, self._run(planned))

@@ -17,6 +17,7 @@ import redis
 
 from config.keys import RedisKeys
 from workers.broker.keys import queue_list
+from workers.broker.replication import ReplicaWait, eval_then_wait
 from workers.broker.scripts import load_script
 
 
@@ -55,10 +56,20 @@ class EnqueueOnce:
     Used by produce() (claim: the delivery's dedupe key) and by the reconciler (claim: the
     postback's identity, kept for the export's retention)."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        lease_seconds: float,
+        wait: ReplicaWait | None = None,
+    ) -> None:
+        """``wait``: replicas that must acknowledge each call's write (workers/broker/
+        replication.py); a call raises NotReplicated when too few did."""
+        self._client = client
         self._script = load_script(client, "workers.broker", "enqueue_once")
         self.keys = keys
         self.lease_seconds = lease_seconds
+        self.wait = wait
 
     def __call__(
         self, items: Sequence[Enqueue], ttl_seconds: int, batches: Sequence[Batch] = ()
@@ -75,4 +86,10 @@ class EnqueueOnce:
         for batch in batches:
             # Lua counts from 1; each member's own wire stays its ledger entry's message.
             argv += [len(batch.members), *(index + 1 for index in batch.members), batch.wire]
-        return [bool(flag) for flag in self._script(keys=keys, args=argv)]
+        if self.wait is None:
+            return [bool(flag) for flag in self._script(keys=keys, args=argv)]
+        flags = [bool(flag) for flag in eval_then_wait(self._client, self._script, keys, argv,
+                                                       self.wait)]  # fmt: skip
+        if not all(flags):
+            self.wait.cover_earlier_writes(self._client, self.keys)
+        return flags
