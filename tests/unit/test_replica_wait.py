@@ -45,9 +45,7 @@ def replica(topology: RedisTopology) -> Node:
 
 
 @pytest.fixture
-def make(
-    topology: RedisTopology, master: redis.Redis, tmp_path: Path
-) -> Callable[..., Producer]:
+def make(topology: RedisTopology, master: redis.Redis, tmp_path: Path) -> Callable[..., Producer]:
     path = tmp_path / "destinations.toml"
     path.write_text(net_destination_toml("http://127.0.0.1:9"))
 

@@ -94,7 +94,7 @@ class RedisTopology:
         """The master the Sentinels name now (the first that answers)."""
         for index in range(len(self.sentinels)):
             try:
-                host, port = self.sentinel_client(index).sentinel_get_master_addr_by_name(
+                _host, port = self.sentinel_client(index).sentinel_get_master_addr_by_name(
                     self.master_name
                 )
                 return Node(int(port))
