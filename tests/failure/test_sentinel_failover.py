@@ -1,0 +1,233 @@
+"""Losing the Redis master under load: one master, two replicas, three Sentinels (real
+redis-server processes), two worker processes and a producer process producing steadily, all on
+``sentinel://``. The master is SIGKILLed mid-stream; the Sentinels promote a replica; the
+workers and the producer follow it without a restart.
+
+With POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS=1 every event whose produce() returned is delivered
+or dead-lettered: 0 lost. Without it, Redis's asynchronous replication may lose writes the old
+master had acknowledged; the test prints how many accepted events the failover lost (possibly
+none) and holds the accounting to add up. Both print the seconds without a delivery around the
+failover and the duplicates (deliveries the new master did not know were done go out again,
+with the same idempotency key).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from config.keys import RedisKeys, queue_for
+from schemas.envelope import delivery_id_for
+from tests.conftest import WorkerProcess
+from tests.failure.test_crashes import destinations, tail
+from tests.helpers import ROOT, wait_until
+from workers.dev.receiver import PostbackReceiver
+from workers.dev.redis_topology import Node, RedisTopology
+from workers.stores.deadletter import DeadLetterStore
+
+pytestmark = pytest.mark.integration
+
+QUEUE = queue_for("templated")
+KEYS = RedisKeys("pr")
+DESTINATION = "crash-net"
+EVENTS = 500
+RATE = 50  # events a second: about 10 s of producing
+KILL_AFTER_DELIVERED = 100
+VISIBILITY = 6
+# Timeouts nest: connect + read (2) < soft (3) < hard (4) < visibility (6); the ledger's
+# shortest lease, so what the new master still lists as unfinished goes out again soon.
+ENV = {
+    "POSTBACK_RELAY_VISIBILITY_TIMEOUT": str(VISIBILITY),
+    "POSTBACK_RELAY_TASK_SOFT_TIME_LIMIT": "3",
+    "POSTBACK_RELAY_TASK_TIME_LIMIT": "4",
+    "POSTBACK_RELAY_HTTP_CONNECT_TIMEOUT": "0.5",
+    "POSTBACK_RELAY_HTTP_READ_TIMEOUT": "1.5",
+    "POSTBACK_RELAY_LEDGER_LEASE": "10",
+    # Redis commands to a dead master fail within a second rather than the default ten.
+    "POSTBACK_RELAY_REDIS_SOCKET_TIMEOUT": "1",
+    "POSTBACK_RELAY_REDIS_CONNECT_TIMEOUT": "1",
+}
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[RedisTopology]:
+    with RedisTopology(tmp_path / "redis", replicas=2, sentinels=3) as started:
+        yield started
+
+
+class ProducerProcess:
+    """tests/failure/steady_producer.py in its own process group; killed at teardown."""
+
+    def __init__(self, env: dict[str, str], out: Path, prefix: str) -> None:
+        self.out = out
+        self.log_path = out.with_suffix(".log")
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.failure.steady_producer", str(out), prefix,
+                 str(EVENTS), str(RATE)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            )  # fmt: skip
+
+    def lines(self) -> list[list[str]]:
+        if not self.out.exists():
+            return []
+        return [line.split() for line in self.out.read_text().splitlines() if line]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@dataclass(frozen=True)
+class Account:
+    """What the producer was told, what the partner received, what the new master holds."""
+
+    tried: set[str]  # event ids produce() was called for
+    accepted: set[str]  # ... whose produce() returned
+    produce_errors: Counter[str]  # error type -> count (the producer retried each)
+    delivered: Counter[str]  # event id -> 2xx requests
+    dead: set[str]  # event ids in the dead-letter store
+    arrivals: list[float]  # every 2xx request's arrival time
+
+    @property
+    def lost(self) -> set[str]:
+        return self.accepted - set(self.delivered) - self.dead
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.delivered.values()) - len(self.delivered)
+
+    def silence_around(self, killed_at: float) -> float:
+        """The longest wait between two deliveries from a second before the kill on (or from
+        the kill to the first delivery after it)."""
+        times = [killed_at, *(t for t in self.arrivals if t >= killed_at - 1)]
+        times.sort()
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def account(producer: ProducerProcess, receiver: PostbackReceiver, master: Node) -> Account:
+    lines = producer.lines()
+    ok = [r for r in receiver.received(ok_only=True)]
+    assert all(
+        r.headers["X-Idempotency-Key"]
+        == delivery_id_for(r.path.removeprefix("/pb/"), DESTINATION)
+        for r in ok
+    ), "a request's idempotency key is not its event's"
+    dead = {
+        e.envelope.event.event_id or ""
+        for e in DeadLetterStore(master.client(5), KEYS).iter_entries()
+        if e.envelope is not None
+    }
+    return Account(
+        tried={line[1] for line in lines if line[0] == "try"},
+        accepted={line[1] for line in lines if line[0] == "ok"},
+        produce_errors=Counter(line[2] for line in lines if line[0] == "error"),
+        delivered=Counter(r.path.removeprefix("/pb/") for r in ok),
+        dead=dead,
+        arrivals=sorted(r.at for r in ok),
+    )
+
+
+def settled(master: Node, receiver: PostbackReceiver) -> Callable[[], bool]:
+    """Nothing is left to deliver on ``master``, and nothing arrived for two seconds."""
+
+    def check() -> bool:
+        try:
+            client = master.client(2)
+            pending = (
+                client.llen(QUEUE)
+                + client.hlen("unacked")
+                + client.zcard(KEYS.ledger())
+                + client.zcard(KEYS.delayed(QUEUE))
+            )
+        except redis.RedisError:
+            return False
+        arrivals = receiver.received()
+        return pending == 0 and (not arrivals or time.time() - arrivals[-1].at > 2)
+
+    return check
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("wait_replicas", [1, 0], ids=["wait-for-1-replica", "no-wait"])
+def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delivered(
+    wait_replicas: int,
+    topology: RedisTopology,
+    receiver: PostbackReceiver,
+    write_destinations: Callable[[str], Path],
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    started = time.time()
+    path = write_destinations(destinations(receiver.url))
+    env = {
+        **ENV,
+        "POSTBACK_RELAY_REDIS_URL": topology.sentinel_url(),
+        "POSTBACK_RELAY_REDIS_SENTINEL_MASTER": topology.master_name,
+        "POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS": str(wait_replicas),
+        "POSTBACK_RELAY_PRODUCE_WAIT_TIMEOUT_MS": "1000",
+    }
+    options = ["--queues", "templated", "--pool", "gevent", "--concurrency", "8"]
+    workers = [
+        start_worker(path, *options, "--hostname", f"w{n}@%h", env=env, ready=False)
+        for n in (1, 2)
+    ]
+    for worker in workers:
+        worker.wait_ready()
+    producer = ProducerProcess(
+        {**os.environ, "POSTBACK_RELAY_DESTINATIONS_FILE": str(path), **env},
+        tmp_path / "produced.txt",
+        f"fo{wait_replicas}",
+    )
+    try:
+        assert wait_until(lambda: len(receiver.received()) >= KILL_AFTER_DELIVERED, 30), (
+            tail(*workers) + producer.log_path.read_text()
+        )
+        old = topology.kill_master()
+        killed_at = time.time()
+        accepted_at_kill = sum(1 for line in producer.lines() if line[0] == "ok")
+        new = topology.wait_promoted(old, 30)
+        promoted_at = time.time()
+
+        assert producer.proc.wait(60) == 0, producer.log_path.read_text()[-3000:]
+        produced_at = time.time()
+        assert wait_until(settled(new, receiver), 45, interval=0.2), tail(*workers)
+    finally:
+        producer.kill()
+    got = account(producer, receiver, new)
+    print(
+        f"\nWAIT {wait_replicas} replica(s): {len(got.accepted)} events accepted "
+        f"({accepted_at_kill} before the kill); produce() errors retried: "
+        f"{dict(got.produce_errors)}; promoted {promoted_at - killed_at:.1f} s after the kill; "
+        f"longest time without a delivery around the failover: "
+        f"{got.silence_around(killed_at):.1f} s; delivered {len(got.delivered)} distinct, "
+        f"{got.duplicates} duplicate requests; dead-lettered {len(got.dead)}; "
+        f"accepted and lost: {len(got.lost)}; settled {time.time() - produced_at:.1f} s after "
+        f"the last produce; test {time.time() - started:.0f} s"
+    )
+    # The workers and the producer followed the new master without a restart.
+    for worker in workers:
+        assert worker.proc.poll() is None, tail(worker)
+    assert got.accepted == got.tried, "the producer gave up on an event"
+    assert len(got.accepted) == EVENTS
+    assert accepted_at_kill < EVENTS, "the kill must land mid-stream"
+    assert any(t > promoted_at for t in got.arrivals), "nothing delivered after the failover"
+    # The accounting adds up: nothing delivered that was not produced, and every accepted
+    # event is delivered, dead-lettered or counted lost.
+    assert set(got.delivered) | got.dead <= got.tried
+    assert len(got.accepted) == len(got.accepted & (set(got.delivered) | got.dead)) + len(
+        got.lost
+    )
+    if wait_replicas:
+        assert got.lost == set(), f"{len(got.lost)} accepted events lost: {sorted(got.lost)[:10]}"
