@@ -50,8 +50,8 @@ ENV = {
     "POSTBACK_RELAY_VISIBILITY_TIMEOUT": str(VISIBILITY),
     "POSTBACK_RELAY_TASK_SOFT_TIME_LIMIT": "3",
     "POSTBACK_RELAY_TASK_TIME_LIMIT": "4",
-    "POSTBACK_RELAY_HTTP_CONNECT_TIMEOUT": "0.5",
-    "POSTBACK_RELAY_HTTP_READ_TIMEOUT": "1.5",
+    "POSTBACK_RELAY_HTTP_CONNECT_TIMEOUT": "1",
+    "POSTBACK_RELAY_HTTP_READ_TIMEOUT": "1",
     "POSTBACK_RELAY_LEDGER_LEASE": "10",
     # Redis commands to a dead master fail within a second rather than the default ten.
     "POSTBACK_RELAY_REDIS_SOCKET_TIMEOUT": "1",
@@ -170,7 +170,7 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
     tmp_path: Path,
 ) -> None:
     started = time.time()
-    path = write_destinations(destinations(receiver.url))
+    path = write_destinations(destinations(receiver.url, read=1))
     env = {
         **ENV,
         "POSTBACK_RELAY_REDIS_URL": topology.sentinel_url(),
