@@ -11,6 +11,8 @@ from typing import Literal, get_args
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.redis import RedisConfigError, RedisSettings
+
 ENV_PREFIX = "POSTBACK_RELAY_"
 # The one version source is pyproject.toml; the installed package's metadata carries it.
 VERSION = version("postback-relay")
@@ -33,6 +35,9 @@ VISIBILITY_MARGIN = 60
 REDIS_SPARE_CONNECTIONS = 8
 # Redis connections per pool that the deliveries of batches share; see ``redis_pool_size``.
 MAX_SHARED_CONNECTIONS = 256
+# Settings of one Redis instance (config/redis.py): each is ``redis_<field>`` for the broker's
+# (and, by default, the state's) and ``state_redis_<field>`` for a separate state instance.
+REDIS_FIELDS = tuple(RedisSettings.model_fields)
 
 
 class Settings(BaseSettings):
@@ -44,10 +49,31 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
+    # The broker's Redis (Celery's queues), and the state's unless STATE_REDIS_URL is set:
+    # config/redis.py has the URL forms and the rules.
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("POSTBACK_RELAY_REDIS_URL", "REDIS_URL"),
     )
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
+    redis_tls_verify: bool = True
+    redis_socket_timeout: float = Field(default=10.0, gt=0)
+    redis_connect_timeout: float = Field(default=5.0, gt=0)
+    # A separate state Redis (ledger, dead letters, attempt log, limiter, XMP aggregates);
+    # unset: the broker's instance holds the state too (the same settings, the same clients).
+    state_redis_url: str | None = None
+    state_redis_sentinel_master: str | None = None
+    state_redis_sentinel_password: SecretStr | None = None
+    state_redis_tls_ca_file: Path | None = None
+    state_redis_tls_cert_file: Path | None = None
+    state_redis_tls_key_file: Path | None = None
+    state_redis_tls_verify: bool = True
+    state_redis_socket_timeout: float = Field(default=10.0, gt=0)
+    state_redis_connect_timeout: float = Field(default=5.0, gt=0)
     destinations_file: Path = Path("config/destinations.toml")
     data_dir: Path = Path(".postback-relay")
 
@@ -135,6 +161,48 @@ class Settings(BaseSettings):
         """Twice the visibility timeout by default: kombu's own restore of a dead worker's
         messages comes first; the ledger only catches what kombu lost (600 s by default)."""
         return self.ledger_lease or 2 * self.visibility_timeout_seconds
+
+    @property
+    def broker_redis(self) -> RedisSettings:
+        """The broker's Redis instance (Celery's queues, kombu's unacked messages)."""
+        return self._redis_instance("redis_")
+
+    @property
+    def state_redis(self) -> RedisSettings:
+        """The state's Redis instance: the broker's settings unless STATE_REDIS_URL is set
+        (``separate_state``), and then a process uses one client for both."""
+        if self.state_redis_url is None:
+            return self.broker_redis
+        return self._redis_instance("state_redis_")
+
+    @property
+    def separate_state(self) -> bool:
+        return self.state_redis_url is not None
+
+    def _redis_instance(self, prefix: str) -> RedisSettings:
+        values = {field: getattr(self, prefix + field) for field in REDIS_FIELDS}
+        context = {"env_prefix": (ENV_PREFIX + prefix).upper()}
+        return RedisSettings.model_validate(values, context=context)
+
+    @model_validator(mode="after")
+    def _redis_instances_valid(self) -> Settings:
+        """Both instances are checked here, at start-up (properties build them again later:
+        model_copy() does not run validators)."""
+        self.broker_redis  # noqa: B018 - raises RedisConfigError naming the variable
+        if self.state_redis_url is None:
+            orphans = sorted(
+                f"{ENV_PREFIX}{name.upper()}"
+                for name in self.model_fields_set
+                if name.startswith("state_redis_")
+            )
+            if orphans:
+                raise RedisConfigError(
+                    f"{', '.join(orphans)}: only read with {ENV_PREFIX}STATE_REDIS_URL set "
+                    "(without it the state instance is the broker's)"
+                )
+        else:
+            self.state_redis  # noqa: B018
+        return self
 
     @model_validator(mode="after")
     def _timeouts_nest(self) -> Settings:

@@ -18,6 +18,7 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
+from workers import redis_clients
 from workers.broker.publish import Batch, Enqueue, EnqueueOnce
 from workers.broker.replication import ReplicaWait
 from workers.broker.wire import TaskMessageEncoder
@@ -68,10 +69,7 @@ class Producer:
     def from_settings(cls, settings: Settings | None = None) -> Producer:
         settings = settings or Settings()
         destinations = load_destinations(settings.destinations_file)
-        client = redis.Redis.from_url(
-            settings.redis_url, health_check_interval=30, socket_keepalive=True
-        )
-        return cls(settings, destinations, client)
+        return cls(settings, destinations, redis_clients.client(settings.broker_redis))
 
     def envelope_for(
         self, event: ConversionEvent, dest: DestinationBase, route: Route, now: datetime

@@ -16,17 +16,16 @@ from config.destinations import Destinations, check_timeouts_nest, load_destinat
 from config.keys import RedisKeys, queue_for, task_name_for
 from config.kinds import KINDS
 from config.settings import Settings
+from workers import redis_clients
 from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
 from workers.broker.internals import check_internals
 from workers.broker.transport import Channel, KeepUnreadable
 from workers.broker.wire import TaskMessageEncoder
 from workers.kinds import kind_tasks
-from workers.runtime import WorkerRuntime, redis_client
+from workers.runtime import WorkerRuntime
 from workers.stores.delay import DelaySet
 from workers.stores.ledger import DeliveryLedger
-
-TRANSPORT = "workers.broker.transport:Transport"
 
 log = structlog.get_logger("postback_relay.app")
 
@@ -55,13 +54,16 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     app.settings = settings
     app.destinations = destinations
     app.runtime = WorkerRuntime(settings, destinations, app)
+    # Our transport (workers/broker/transport.py) on every URL form, TLS and Sentinel included.
+    broker = redis_clients.kombu_connection_options(settings.broker_redis)
     app.conf.update(
-        broker_url=settings.redis_url,
-        # rediss:// (TLS) keeps kombu's own transport; see workers/broker/transport.py for ours.
-        broker_transport=None if settings.redis_url.startswith("rediss") else TRANSPORT,
+        broker_url=broker["broker_url"],
+        broker_transport=broker["broker_transport"],
+        broker_use_ssl=broker["broker_use_ssl"],
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # Redis restarts: keep trying, never give up
         broker_transport_options={
+            **broker["broker_transport_options"],
             "visibility_timeout": settings.visibility_timeout_seconds,
             # Every task acks through the consumer's channel; kombu's pool of 10 connections
             # failed acks (MaxConnectionsError) under gevent, and each was a duplicate later.
@@ -173,7 +175,8 @@ class DelayMover(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         app: PostbackRelay = worker.app
-        client, keys = redis_client(app.settings), RedisKeys(app.settings.key_prefix)
+        settings, keys = app.settings, RedisKeys(app.settings.key_prefix)
+        client = redis_clients.client(settings.state_redis, pool_size=settings.redis_pool_size)
         # Due deliveries of one kind go back in batch messages, as produce_many sends them.
         self.delays = DelaySet(client, keys, app.settings.batch_size, TaskMessageEncoder(app))
         self.ledger = DeliveryLedger(

@@ -8,14 +8,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, cast, overload
 
-import redis
 import structlog
+from redis import Redis
 
 from config.destinations import Destinations
 from config.keys import RedisKeys
+from config.redis import RedisSettings
 from config.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.envelope import DeliveryEnvelope, PoisonMessage
+from workers import redis_clients
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.batch import BatchReport, BatchRunner
 from workers.delivery.client import http_client
@@ -37,23 +39,6 @@ from workers.stores.requeue import Requeuer
 log = structlog.get_logger("postback_relay.worker")
 
 _T = TypeVar("_T")
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    """A client over a pool sized to the concurrency that waits for a free connection (up to
-    the socket timeout) instead of failing with MaxConnectionsError, as redis-py's bounded
-    pool would, or opening connections without bound, as its default pool does."""
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_pool_size,
-        timeout=10,
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        retry_on_timeout=True,
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 class built_once(Generic[_T]):
@@ -94,7 +79,20 @@ class WorkerRuntime:
         # Reentrant: building the pipeline builds the stores it is made of under the same lock.
         self._lock = threading.RLock()
 
-    redis = built_once(lambda rt: redis_client(rt.settings))
+    # The state instance, over a pool sized to the concurrency (workers/redis_clients.py).
+    redis = built_once(
+        lambda rt: redis_clients.client(
+            rt.settings.state_redis, pool_size=rt.settings.redis_pool_size
+        )
+    )
+    # The broker instance's client: the same one unless the state has its own instance.
+    broker_redis = built_once(
+        lambda rt: (
+            redis_clients.client(rt.settings.broker_redis, pool_size=rt.settings.redis_pool_size)
+            if rt.settings.separate_state
+            else rt.redis
+        )
+    )
     # Deliveries and XMP's flush share one sender on urllib3's pools; the reconciler streams
     # AppMetrica's export through a requests session (workers/delivery/http.py says why).
     http = built_once(lambda rt: http_client(rt.settings))
@@ -123,7 +121,7 @@ class WorkerRuntime:
         return DeliveryPipeline(
             destinations=self.destinations,
             sender=self.sender,
-            limiter=GlobalRateLimiter(self.settings.redis_url, self.keys, client=self.redis),
+            limiter=GlobalRateLimiter(self.redis, self.keys),
             pauses=self.pauses,
             requeuer=self.requeuer,
             dead_letters=self.dead_letters,
@@ -168,6 +166,9 @@ class WorkerRuntime:
             delays=self.delays,
             ledger_lease_seconds=self.settings.ledger_lease_seconds,
         )
+
+    def client_of(self, conf: RedisSettings) -> Redis:
+        return redis_clients.client(conf, pool_size=self.settings.redis_pool_size)
 
     def keep_unreadable_item(
         self, queue: str | None, item: bytes, reason: str, message_id: str | None = None

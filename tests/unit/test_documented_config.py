@@ -117,7 +117,25 @@ def readme_settings_table() -> str:
     return text[start : text.index("\n\n", start)]
 
 
-@pytest.mark.parametrize("field", sorted(Settings.model_fields))
+# Issue 15's Redis instance settings: the lead writes their README rows. Strict, so the test
+# fails once a row is there, and the name is then taken off this list.
+AWAITING_README_ROWS = {
+    f"{prefix}redis_{field}"
+    for prefix in ("", "state_")
+    for field in ("sentinel_master", "sentinel_password", "tls_ca_file", "tls_cert_file",
+                  "tls_key_file", "tls_verify", "socket_timeout", "connect_timeout")
+} | {"state_redis_url"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        pytest.param(field, marks=pytest.mark.xfail(strict=True, reason="README row to be written"))
+        if field in AWAITING_README_ROWS
+        else field
+        for field in sorted(Settings.model_fields)
+    ],
+)
 def test_every_setting_is_in_the_readmes_settings_table(field: str) -> None:
     table = readme_settings_table()
     name = field.upper()

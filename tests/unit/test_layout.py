@@ -162,3 +162,47 @@ def test_no_production_module_is_over_400_lines() -> None:
     assert too_long == {}, f"split these (at most {MAX_LINES} lines each)"
     fixed = {path for path in TOO_LONG_FOR_NOW if lengths.get(path, 0) <= MAX_LINES}
     assert fixed == set(), "no longer too long: drop these from TOO_LONG_FOR_NOW"
+
+
+# Calls that build a Redis client or pool; only workers/redis_clients.py makes them.
+_CLIENT_BUILDERS = {
+    "Redis", "StrictRedis", "from_url", "from_pool", "ConnectionPool", "BlockingConnectionPool",
+    "Sentinel", "SentinelConnectionPool", "master_for", "slave_for",
+}  # fmt: skip
+# The factory, and the dev-only embedded server's readiness probe (it runs before any settings).
+_MAY_BUILD_CLIENTS = {"workers/redis_clients.py", "workers/dev/embedded_redis.py"}
+
+
+def _client_constructions(source: str) -> list[int]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in _CLIENT_BUILDERS:
+                found.append(node.lineno)
+    return found
+
+
+def test_the_client_check_finds_every_way_of_building_one() -> None:
+    source = (
+        "import redis\nfrom redis import Redis\n"
+        "a = redis.Redis.from_url(u)\nb = Redis(host='h')\n"
+        "c = redis.BlockingConnectionPool(max_connections=2)\n"
+        "d = redis.sentinel.Sentinel([('h', 1)]).master_for('m')\n"
+    )
+    assert _client_constructions(source) == [3, 4, 5, 6, 6]
+
+
+def test_only_the_client_factory_builds_redis_clients() -> None:
+    """Every client and pool comes from workers/redis_clients.py, so every URL form, TLS option
+    and timeout of config/redis.py applies to the broker, the limiter, the producer and the CLI
+    alike (dev code and sandboxes included)."""
+    builders = {
+        relative: lines
+        for package in PRODUCTION
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (relative := str(path.relative_to(ROOT))) not in _MAY_BUILD_CLIENTS
+        and (lines := _client_constructions(path.read_text()))
+    }
+    assert builders == {}, "take these clients from workers/redis_clients.py"

@@ -213,7 +213,7 @@ def test_every_script_touches_only_the_keys_its_call_declares(
     store.add_envelope(envelope, "HTTP 400")
     watch.check(lambda: store.remove(entry))
 
-    limiter = GlobalRateLimiter(redis_url, KEYS, client=redis_client)
+    limiter = GlobalRateLimiter(redis_client, KEYS)
     watch.check(lambda: limiter.tighten("now", 1, time.time() + 60))
     # A reservation under both the destination's own limit and the partner's budget.
     watch.check(lambda: limiter.reserve("now", limits.parse("5/second"), server_budget=True))

@@ -117,7 +117,7 @@ def test_reservations_match_the_model_and_no_window_holds_more_than_limit_plus_b
         start, gaps = start - start % 1000, [gap - gap % 1000 for gap in gaps]
     with clock_at(start) as now:
         client = fakeredis.FakeRedis(server=server)
-        limiter = GlobalRateLimiter("redis://unused", KEYS, client=client, burst=burst)
+        limiter = GlobalRateLimiter(client, KEYS, burst=burst)
         model = GcraModel(interval, interval * burst)
         if budget is not None:
             remaining, reset_in_ms = budget
@@ -156,7 +156,7 @@ def test_reservations_on_a_real_redis_match_the_model_at_the_times_redis_reports
     interval = emission_interval_us(item)
     client = redis.Redis.from_url(redis_url)
     try:
-        limiter = GlobalRateLimiter(redis_url, KEYS, client=client, burst=burst)
+        limiter = GlobalRateLimiter(client, KEYS, burst=burst)
         key = f"prop-{next(_names)}"
         model = GcraModel(interval, interval * burst)
         sent: list[int] = []

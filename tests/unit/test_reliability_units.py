@@ -545,7 +545,7 @@ def test_rate_limiter_reserves_times_one_interval_apart_so_the_sixth_waits_a_sec
 ) -> None:
     import limits
 
-    limiter = GlobalRateLimiter(redis_url, KEYS)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS)
     item = limits.parse("5/second")
     reserved = [limiter.reserve("net", item) for _ in range(6)]
     times = [r.send_at for r in reserved if r is not None]
@@ -567,7 +567,7 @@ def test_rate_limiter_reserves_times_one_interval_apart_so_the_sixth_waits_a_sec
     # No limit configured: nothing to reserve, no wait.
     assert all(limiter.reserve("net", None) is None for _ in range(20))
     # A second limiter (another worker process) shares the same schedule.
-    other_process = GlobalRateLimiter(redis_url, KEYS)
+    other_process = GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS)
     seventh = other_process.reserve("net", item)
     assert seventh is not None
     assert round(seventh.send_at - sixth.send_at, 6) == 0.2

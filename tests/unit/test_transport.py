@@ -13,8 +13,9 @@ import redis
 from kombu import Connection
 
 from config.settings import Settings
-from workers.app import TRANSPORT, create_app
-from workers.runtime import redis_client
+from workers import redis_clients
+from workers.app import create_app
+from workers.redis_clients import TRANSPORT
 
 
 def settings_for(redis_url: str, tmp_path: Path, **values: Any) -> Settings:
@@ -135,7 +136,7 @@ def test_every_redis_pool_of_a_worker_is_sized_to_its_concurrency(
         channel = conn.default_channel
         assert channel.pool.max_connections == expected
         assert channel.async_pool.max_connections == expected
-    own = redis_client(settings)
+    own = redis_clients.client(settings.state_redis, pool_size=settings.redis_pool_size)
     assert isinstance(own.connection_pool, redis.BlockingConnectionPool)
     assert own.connection_pool.max_connections == expected
     limiter = app.runtime.pipeline.limiter

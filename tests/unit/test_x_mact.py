@@ -595,7 +595,7 @@ def pipeline_for(redis_url: str, redis_client: redis.Redis) -> Iterator[Any]:
         return DeliveryPipeline(
             destinations=destinations,
             sender=Sender(client),
-            limiter=GlobalRateLimiter(redis_url, KEYS),
+            limiter=GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS),
             pauses=PauseRegistry(redis_client, KEYS),
             requeuer=Requeuer(
                 redis_client,
@@ -1086,7 +1086,7 @@ def wait_of(reservation: Reservation | None) -> float:
 
 @pytest.mark.usefixtures("redis_client")
 def test_tightened_budget_denies_the_third_send_until_the_reset(redis_url: str) -> None:
-    limiter = GlobalRateLimiter(redis_url, KEYS)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS)
     reset_at = time.time() + 2
     limiter.tighten("x", 2, reset_at)
     big = limits.parse("60000 per 15 minutes")  # the x_mact default: never the binding limit
@@ -1115,7 +1115,7 @@ def test_tightened_budget_denies_the_third_send_until_the_reset(redis_url: str) 
 def test_tighten_with_a_past_reset_changes_nothing_and_a_new_window_replaces_the_budget(
     redis_url: str,
 ) -> None:
-    limiter = GlobalRateLimiter(redis_url, KEYS)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS)
     limiter.tighten("x", 0, time.time() - 1)
     assert wait_of(limiter.reserve("x", None, server_budget=True)) == 0
     assert limiter.redis.exists(KEYS.server_budget("x")) == 0
@@ -1133,7 +1133,7 @@ def test_tighten_with_a_past_reset_changes_nothing_and_a_new_window_replaces_the
 
 @pytest.mark.usefixtures("redis_client")
 def test_a_late_answer_in_the_same_window_does_not_raise_the_budget(redis_url: str) -> None:
-    limiter = GlobalRateLimiter(redis_url, KEYS)
+    limiter = GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS)
     reset_at = time.time() + 30
     limiter.tighten("x", 1, reset_at)  # answer to request k: one left
     assert wait_of(limiter.reserve("x", None, server_budget=True)) == 0  # k+1 takes it

@@ -973,7 +973,7 @@ def test_the_delivery_pipeline_aggregates_xmp_deliveries_and_dead_letters_reject
     pipeline = DeliveryPipeline(
         destinations=destinations,
         sender=Sender(http_client(Settings())),
-        limiter=GlobalRateLimiter(redis_url, KEYS),
+        limiter=GlobalRateLimiter(redis.Redis.from_url(redis_url), KEYS),
         pauses=PauseRegistry(redis_client, KEYS),
         requeuer=Requeuer(
             redis_client,

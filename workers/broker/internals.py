@@ -75,6 +75,13 @@ INTERNALS = (
              ("asynchronous",)),
     Internal(kombu_redis.Channel, "client", TRANSPORT + "the BRPOP reply callback"),
     Internal(kombu_redis.Channel, "pool", TRANSPORT + "one client per channel"),
+    Internal(kombu_redis.Channel, "_connparams", TRANSPORT + "pools from redis_clients.py",
+             ("asynchronous",)),
+    Internal(kombu_redis.Channel, "_get_pool", TRANSPORT + "pools from redis_clients.py",
+             ("asynchronous",)),
+    Internal(kombu_redis.Channel, "connection_class", TRANSPORT + "pools from redis_clients.py"),
+    Internal(kombu_redis.Channel, "connection_class_ssl", TRANSPORT + "TLS from redis_clients.py"),
+    Internal(kombu_redis.Channel, "keyprefix_fanout", TRANSPORT + "pools from redis_clients.py"),
     Internal(kombu_redis.Channel, "sep", TRANSPORT + "the queue of an unreadable item"),
     Internal(kombu_redis.Channel, "from_transport_options", "workers/app.py: transport options"),
     Internal(kombu_redis.QoS, "restore_unacked_once", TRANSPORT + "restore after a lost "

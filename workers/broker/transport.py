@@ -12,6 +12,11 @@
    that restore is skipped: the messages stay in kombu's unacked hash and are restored once the
    visibility timeout passes, as after any crash.
 
+3. Every URL form of config/redis.py (redis, rediss, unix, Sentinel) runs through this same
+   transport: a channel builds its pools with workers/redis_clients.py from the
+   ``redis_settings`` transport option (``_connparams``, ``_get_pool``), so TLS verifies as
+   every other client does, and Sentinel follows the master the sentinels name.
+
 It also stops sooner on SIGTERM with the gevent pool (``Transport.drain_events``), and makes one
 thing cheaper: kombu builds a new ``redis.Redis`` client object for every
 publish, ack and unacked-index write (``conn_or_acquire``), and redis-py's client constructor
@@ -21,9 +26,11 @@ redis-py client holds no connection of its own, so sharing it between threads is
 
 kombu internals this module relies on (kombu 5.7): ``Channel._brpop_read`` (decodes the BRPOP
 reply and hands it on), ``Channel._create_client`` and the ``client`` cached property, the
-``Channel.pool`` property, ``Channel.sep`` (priority suffix of a queue's key),
-``QoS.restore_unacked_once`` and ``QoS.restore_by_tag``; ``virtual.Message`` (raises on a payload
-that is not kombu's envelope) and ``Channel.from_transport_options`` are public.
+``Channel.pool`` property, ``Channel._connparams`` and ``Channel._get_pool`` (a channel's
+connection parameters and pool), ``Channel.connection_class``, ``Channel.sep`` (priority
+suffix of a queue's key), ``QoS.restore_unacked_once`` and ``QoS.restore_by_tag``;
+``virtual.Message`` (raises on a payload that is not kombu's envelope) and
+``Channel.from_transport_options`` are public.
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from config.redis import RedisSettings
 from schemas.errors import PostbackRelayError
+from workers import redis_clients
 
 log = structlog.get_logger("postback_relay.transport")
 
@@ -111,8 +120,14 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     Message = Message
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "on_unreadable_item")
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options,
+        "on_unreadable_item",
+        "redis_settings",
+    )
     on_unreadable_item: UnreadableItemHandler | None = None
+    # The instance (config/redis.py); None: kombu's own parsing of the URL (a bare Connection).
+    redis_settings: RedisSettings | None = None
     _shared_client: Any = None
     # The last BRPOP reply (queue key, raw item) until kombu has turned it into a message.
     _brpop_reply: tuple[bytes, bytes] | None = None
@@ -131,6 +146,30 @@ class Channel(kombu_redis.Channel):
 
         client.set_response_callback("BRPOP", keep_reply)
         return client
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        """kombu's parameters (its connection subclass that takes a dropped socket out of the
+        poller, its transport options) over the factory's connection class and arguments."""
+        conf = self.redis_settings
+        if conf is None:
+            return super()._connparams(asynchronous)  # type: ignore[misc]
+        # kombu subclasses this class for the poller (and picks its SSL class for broker_use_ssl).
+        self.connection_class = self.connection_class_ssl = redis_clients.connection_class(conf)
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[misc]
+        kombu_class = params["connection_class"]
+        params |= redis_clients.connection_kwargs(conf)
+        params["connection_class"] = kombu_class
+        if conf.form in {"unix", "sentinel"}:
+            for key in ("host", "port"):
+                params.pop(key, None)
+        return params
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        if self.redis_settings is None:
+            return super()._get_pool(asynchronous)  # type: ignore[misc]
+        params = self._connparams(asynchronous)
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return redis_clients.pool(self.redis_settings, **params)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

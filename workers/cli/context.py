@@ -13,13 +13,14 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 from pydantic import ValidationError
+from redis import Redis
 from rich.console import Console
 
 from config.destination_base import ConfigError
 from config.destinations import Destinations, load_destinations
 from config.keys import RedisKeys
+from config.redis import RedisSettings
 from config.settings import Settings
 from schemas.errors import describe_validation_error
 
@@ -37,6 +38,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def load_settings() -> Settings:
     try:
         return Settings()
+    except ConfigError as exc:  # a Redis instance's settings (config/redis.py)
+        raise click.ClickException(f"settings: {exc}") from None
     except ValidationError as exc:
         raise click.ClickException(
             "settings: "
@@ -81,10 +84,26 @@ class CliContext:
         return resolved
 
     @cached_property
-    def redis(self) -> redis.Redis:
-        from workers.runtime import redis_client
+    def redis(self) -> Redis:
+        """The state instance's client (dead letters, attempts, pauses, the ledger)."""
+        from workers.redis_clients import client
 
-        return redis_client(self.settings)
+        return client(self.settings.state_redis)
+
+    @cached_property
+    def broker_redis(self) -> Redis:
+        """The broker instance's client (queues, in-flight messages): ``redis`` unless the state
+        has an instance of its own."""
+        from workers.redis_clients import client
+
+        return client(self.settings.broker_redis) if self.settings.separate_state else self.redis
+
+    def instances(self) -> list[tuple[str, RedisSettings, Redis]]:
+        """(which, its settings, its client) of each Redis instance this process talks to."""
+        broker, state = self.settings.broker_redis, self.settings.state_redis
+        if not self.settings.separate_state:
+            return [("broker and state (one instance)", broker, self.redis)]
+        return [("broker", broker, self.broker_redis), ("state", state, self.redis)]
 
     @property
     def keys(self) -> RedisKeys:

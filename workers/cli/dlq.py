@@ -170,7 +170,7 @@ def dlq_replay(selection: Selection, dry_run: bool) -> None:
         ctx.dead_letters,
         ctx.destinations,
         TaskMessageEncoder(Celery("postback_relay", set_as_current=False)),
-        GlobalRateLimiter(ctx.settings.redis_url, ctx.keys),
+        GlobalRateLimiter(ctx.redis, ctx.keys),
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip

@@ -40,20 +40,35 @@ def consumers_by_queue(replies: list[dict[str, Any]]) -> dict[str, list[str]]:
     return consumers
 
 
+def redis_instances(ctx: CliContext) -> tuple[list[str], list[str]]:
+    """(each instance: which, where and the role it reports; what is wrong with them). A
+    replica is a problem: it refuses writes, and every process writes."""
+    import redis as redis_lib
+
+    from workers.redis_clients import server_role
+
+    notes, problems = [], []
+    for which, conf, client in ctx.instances():
+        try:
+            role = server_role(client)
+        except redis_lib.RedisError as exc:
+            problems.append(f"redis: {which}: unreachable at {conf.describe()} ({exc})")
+            continue
+        notes.append(f"redis: {which}: {conf.describe()}, {role}")
+        if role != "master":
+            problems.append(f"redis: {which}: {conf.describe()} is a {role}, not a master")
+    return notes, problems
+
+
 def _health_problems(
     ctx: CliContext, checks: set[str], kinds: list[str]
 ) -> tuple[list[str], list[str]]:
     """(what was found, what is wrong)."""
-    import redis as redis_lib
-
     from config.keys import queue_for
 
-    try:
-        ctx.redis.ping()
-    except redis_lib.RedisError as exc:
-        return [], [f"redis: unreachable at {ctx.settings.redis_url.split('@')[-1]} ({exc})"]
-    notes: list[str] = []
-    problems = []
+    notes, problems = redis_instances(ctx)
+    if problems:
+        return notes, problems
     if "consumers" in checks:
         app = ctx.start_app()
         replies = app.control.broadcast("active_queues", reply=True, timeout=2.0)
@@ -115,20 +130,26 @@ def health(checks: tuple[str, ...], queues: tuple[str, ...]) -> None:
 
 @click.command()
 def status() -> None:
-    """One screen for on-call: per destination its queue, delay set, in-flight messages,
-    the last hour's delivered/failed attempts, dead letters and pauses."""
+    """One screen for on-call: the Redis instance(s) and their roles, then per destination its
+    queue, delay set, in-flight messages, the last hour's delivered/failed attempts, dead
+    letters and pauses."""
     from datetime import UTC, datetime, timedelta
 
     from config.keys import queue_for
 
     ctx = context()
+    notes, problems = redis_instances(ctx)
+    for line in notes + [f"FAIL {problem}" for problem in problems]:
+        console.print(line, highlight=False, soft_wrap=True)
+    if problems:
+        sys.exit(1)
     log = ctx.attempt_log
     hour: Counter[tuple[str, str]] = Counter()
     for record in log.iter_records(datetime.now(UTC) - timedelta(hours=1)):
         hour[(record.get("destination", "?"), record.get("notifying_status", "?"))] += 1
     dead = ctx.dead_letters.counts_by_destination()
     pauses = ctx.pauses
-    in_flight = Counter(unacked_queues(ctx.redis))
+    in_flight = Counter(unacked_queues(ctx.broker_redis))
     table = Table(title=f"postback-relay status at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
     for column in ("destination", "kind", "queued", "delayed", "in flight", "sent 1h",
                    "failed 1h", "dead letters", "paused"):  # fmt: skip
@@ -137,7 +158,7 @@ def status() -> None:
         queue = queue_for(dest.kind)
         until = pauses.paused_until(dest.name)
         table.add_row(
-            dest.name, dest.kind, str(ctx.redis.llen(queue_list(queue))),
+            dest.name, dest.kind, str(ctx.broker_redis.llen(queue_list(queue))),
             str(ctx.redis.zcard(ctx.keys.delayed(queue))), str(in_flight[queue]),
             str(hour[(dest.name, "sent")]), str(hour[(dest.name, "failed")]),
             str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",

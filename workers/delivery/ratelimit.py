@@ -44,18 +44,12 @@ def emission_interval_us(item: limits.RateLimitItem) -> int:
 
 
 class GlobalRateLimiter:
-    def __init__(
-        self,
-        redis_url: str,
-        keys: RedisKeys,
-        client: redis.Redis | None = None,
-        burst: int = BURST,
-    ) -> None:
-        """``client``: share its connection pool (a worker's, sized to its concurrency)
-        instead of opening one of its own."""
+    def __init__(self, client: redis.Redis, keys: RedisKeys, burst: int = BURST) -> None:
+        """``client``: the state instance's (workers/redis_clients.py), a worker's sized to its
+        concurrency."""
         self.keys = keys
         self.burst = burst
-        self.redis = client if client is not None else redis.Redis.from_url(redis_url)
+        self.redis = client
         self._reserve = load_script(self.redis, "workers.delivery", "reserve")
         self._tighten = load_script(self.redis, "workers.delivery", "budget_tighten")
         # Redis's clock minus ours, learnt from each reservation: a parked delivery compares

@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import redis
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -33,6 +32,7 @@ from config.destinations import load_destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from producers.produce import Producer
+from workers import redis_clients
 from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.deadletter import DeadLetterStore
@@ -256,7 +256,7 @@ def run_demo(
         demo_settings = settings.model_copy(
             update={"redis_url": redis_url, "destinations_file": dest_file}
         )
-        client = redis.Redis.from_url(redis_url)
+        client = redis_clients.client(demo_settings.state_redis)
         stack.callback(client.close)
         producer = Producer(demo_settings, load_destinations(dest_file), client)
         tally = _Tally(receiver, DeadLetterStore(client, RedisKeys(demo_settings.key_prefix)))
