@@ -29,14 +29,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import kombu
 import pytest
 import redis
 
 from config.keys import RedisKeys, queue_for
+from config.redis import RedisSettings
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.failure.test_crashes import destinations, tail
 from tests.helpers import ROOT, wait_until
+from workers import redis_clients
 from workers.dev.receiver import Answer, PostbackReceiver
 from workers.dev.redis_topology import Node, RedisTopology
 from workers.stores.deadletter import DeadLetterStore
@@ -270,3 +273,24 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
     )
     if wait_replicas:
         assert got.lost == set(), f"{len(got.lost)} accepted events lost: {sorted(got.lost)[:10]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_connection_opened_during_a_failover_waits_for_the_promoted_master(
+    topology: RedisTopology,
+) -> None:
+    """Celery opens the broker connection again once after an error, then backs off 2, 4, 6 s;
+    our transport keeps looking for the master on sentinel:// until one is promoted."""
+    conf = RedisSettings(url=topology.sentinel_url(), sentinel_master=topology.master_name)
+    options = redis_clients.kombu_connection_options(conf)
+    old = topology.kill_master()
+    with kombu.Connection(
+        options["broker_url"],
+        transport=options["broker_transport"],
+        transport_options=options["broker_transport_options"],
+    ) as connection:
+        connection.connect()  # no retries of kombu's or Celery's: the first attempt
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as client:
+            assert client.info("replication")["role"] == "master"
+            assert client.connection_pool.get_master_address()[1] != old.port
