@@ -19,6 +19,7 @@ delivered is what a failover without WAIT loses.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -124,15 +125,14 @@ class Account:
         the kill to the first delivery after it)."""
         times = [killed_at, *(t for t in self.arrivals if t >= killed_at - 1)]
         times.sort()
-        return max(b - a for a, b in zip(times, times[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(times))
 
 
 def account(producer: ProducerProcess, receiver: PostbackReceiver, master: Node) -> Account:
     lines = producer.lines()
     ok = [r for r in receiver.received(ok_only=True)]
     assert all(
-        r.headers["X-Idempotency-Key"]
-        == delivery_id_for(r.path.removeprefix("/pb/"), DESTINATION)
+        r.headers["X-Idempotency-Key"] == delivery_id_for(r.path.removeprefix("/pb/"), DESTINATION)
         for r in ok
     ), "a request's idempotency key is not its event's"
     dead = {
@@ -217,8 +217,7 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
     }
     options = ["--queues", "templated", "--pool", "gevent", "--concurrency", str(CONCURRENCY)]
     workers = [
-        start_worker(path, *options, "--hostname", f"w{n}@%h", env=env, ready=False)
-        for n in (1, 2)
+        start_worker(path, *options, "--hostname", f"w{n}@%h", env=env, ready=False) for n in (1, 2)
     ]
     for worker in workers:
         worker.wait_ready()
@@ -268,9 +267,7 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
     # The accounting adds up: nothing delivered that was not produced, and every accepted
     # event is delivered, dead-lettered or counted lost.
     assert set(got.delivered) | got.dead <= got.tried
-    assert len(got.accepted) == len(got.accepted & (set(got.delivered) | got.dead)) + len(
-        got.lost
-    )
+    assert len(got.accepted) == len(got.accepted & (set(got.delivered) | got.dead)) + len(got.lost)
     if wait_replicas:
         assert got.lost == set(), f"{len(got.lost)} accepted events lost: {sorted(got.lost)[:10]}"
 

@@ -69,7 +69,7 @@ class ReplicaWait:
         write the master made before it (a duplicate's claim, written by another call)."""
         with client.pipeline(transaction=False) as pipe:
             pipe.set(keys.replication_mark(), 1, px=MARK_TTL_MS)
-            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+            pipe.wait(self.replicas, self.timeout_ms)
             _, acknowledged = pipe.execute()
         self.check(int(acknowledged))
 
@@ -83,7 +83,7 @@ def eval_then_wait(
     for _ in range(2):
         with client.pipeline(transaction=False) as pipe:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", wait.replicas, wait.timeout_ms)
+            pipe.wait(wait.replicas, wait.timeout_ms)
             result, acknowledged = pipe.execute(raise_on_error=False)
         if isinstance(result, NoScriptError):  # a restarted or new master: load, then again
             client.script_load(script.script)

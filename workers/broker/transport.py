@@ -251,7 +251,8 @@ class Transport(kombu_redis.Transport):
         name no master (or the dead one), and Celery retries a lost broker connection only
         after 2, then 4, 6... s: measured in tests/failure/test_sentinel_failover.py, workers
         came back ~4 s after the promotion that way."""
-        conf = self.client.transport_options.get("redis_settings")
+        options = self.client.transport_options if self.client is not None else None
+        conf = (options or {}).get("redis_settings")
         deadline = time.monotonic() + FAILOVER_WAIT
         while True:
             try:

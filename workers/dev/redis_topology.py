@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, cast
 
 import redis
 
@@ -94,10 +95,10 @@ class RedisTopology:
         """The master the Sentinels name now (the first that answers)."""
         for index in range(len(self.sentinels)):
             try:
-                _host, port = self.sentinel_client(index).sentinel_get_master_addr_by_name(
+                address = self.sentinel_client(index).sentinel_get_master_addr_by_name(
                     self.master_name
                 )
-                return Node(int(port))
+                return Node(int(cast(tuple[str, str], address)[1]))
             except (redis.RedisError, TypeError):
                 continue
         raise RuntimeError("no Sentinel answers")
@@ -156,8 +157,8 @@ class RedisTopology:
         def known() -> bool:
             for index in range(len(self.sentinels)):
                 client = self.sentinel_client(index)
-                replicas = client.sentinel_slaves(self.master_name)
-                peers = client.sentinel_sentinels(self.master_name)
+                replicas = cast(list[Any], client.sentinel_slaves(self.master_name))
+                peers = cast(list[Any], client.sentinel_sentinels(self.master_name))
                 if len(replicas) < self.replica_count or len(peers) < self.sentinel_count - 1:
                     return False
             return True
