@@ -124,7 +124,7 @@ AWAITING_README_ROWS = {
     for prefix in ("", "state_")
     for field in ("sentinel_master", "sentinel_password", "tls_ca_file", "tls_cert_file",
                   "tls_key_file", "tls_verify", "socket_timeout", "connect_timeout")
-} | {"state_redis_url"}  # fmt: skip
+} | {"state_redis_url", "produce_wait_replicas", "produce_wait_timeout_ms"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import redis
 
+from config.redis import RedisSettings
+from workers import redis_clients
 from workers.dev.embedded_redis import EmbeddedRedis, redis_server_binary
 
 LOCALHOST = "127.0.0.1"
@@ -48,9 +50,7 @@ class Node:
     port: int
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
-        return redis.Redis(
-            LOCALHOST, self.port, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        return plain_client(self.port, timeout)
 
 
 class RedisTopology:
@@ -88,8 +88,7 @@ class RedisTopology:
         return f"sentinel://{hosts}/{db}"
 
     def sentinel_client(self, index: int = 0) -> redis.Redis:
-        return redis.Redis(LOCALHOST, self.sentinels[index].port, socket_timeout=1,
-                           socket_connect_timeout=1, decode_responses=True)  # fmt: skip
+        return plain_client(self.sentinels[index].port)
 
     def master(self) -> Node:
         """The master the Sentinels name now (the first that answers)."""
@@ -202,6 +201,14 @@ class RedisTopology:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def plain_client(port: int, timeout: float = 1.0) -> redis.Redis:
+    """A client of one node or Sentinel as such (not of the master a Sentinel names)."""
+    conf = RedisSettings(
+        url=f"redis://{LOCALHOST}:{port}/0", socket_timeout=timeout, connect_timeout=timeout
+    )
+    return redis_clients.client(conf)
 
 
 def _alive(node: EmbeddedRedis) -> bool:
