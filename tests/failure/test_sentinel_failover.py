@@ -120,11 +120,16 @@ class Account:
     def duplicates(self) -> int:
         return sum(self.delivered.values()) - len(self.delivered)
 
-    def silence_around(self, killed_at: float) -> float:
-        """The longest wait between two deliveries from a second before the kill on (or from
-        the kill to the first delivery after it)."""
-        times = [killed_at, *(t for t in self.arrivals if t >= killed_at - 1)]
-        times.sort()
+    def resumed(self, promoted_at: float) -> float:
+        """When the first delivery after the promotion arrived."""
+        return min((t for t in self.arrivals if t > promoted_at), default=promoted_at)
+
+    def silence_around(self, killed_at: float, promoted_at: float) -> float:
+        """The longest wait between two deliveries from a second before the kill until the
+        first delivery after the promotion (the kill itself counts as a delivery, so a silence
+        that starts there is measured too; the tail of the run is not)."""
+        resumed = self.resumed(promoted_at)
+        times = sorted([killed_at, *(t for t in self.arrivals if killed_at - 1 <= t <= resumed)])
         return max(b - a for a, b in itertools.pairwise(times))
 
 
@@ -252,7 +257,8 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
         f"({accepted_at_kill} before the kill); produce() errors retried: "
         f"{dict(got.produce_errors)}; promoted {promoted_at - killed_at:.1f} s after the kill; "
         f"longest time without a delivery around the failover: "
-        f"{got.silence_around(killed_at):.1f} s; delivered {len(got.delivered)} distinct, "
+        f"{got.silence_around(killed_at, promoted_at):.1f} s (deliveries resumed "
+        f"{got.resumed(promoted_at) - promoted_at:.1f} s after the promotion); delivered {len(got.delivered)} distinct, "
         f"{got.duplicates} duplicate requests; dead-lettered {len(got.dead)}; "
         f"accepted and lost: {len(got.lost)}; settled {time.time() - produced_at:.1f} s after "
         f"the last produce; test {time.time() - started:.0f} s"
