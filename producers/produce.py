@@ -155,7 +155,9 @@ class Producer:
     def produce_many(
         self, events: Iterable[ConversionEvent | dict[str, Any]]
     ) -> list[ProduceResult]:
-        """One result per input, in order; the valid events are enqueued, one round trip a batch."""
+        """One result per input, in order; the valid events are enqueued, one round trip a batch.
+        NotReplicated (with the replica wait) fails the whole call: produce every event again
+        (those already enqueued come back as duplicates)."""
         results: list[ProduceResult] = []
         batch: list[tuple[int, str | None, list[_Planned]]] = []
         pending = 0  # deliveries in the batch: one Lua call carries at most MAX_BATCH
