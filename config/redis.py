@@ -37,13 +37,17 @@ class RedisConfigError(ConfigError):
 
 
 def masked_url(url: str) -> str:
-    """``url`` with the password of its userinfo replaced by ``***``: safe to show."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    """``url`` with the password of its userinfo replaced by ``***`` and its query's values
+    left out (a query is refused, and may hold one too): safe to show."""
+    url, question, query = url.partition("?")
+    if question:
+        url += "?" + "&".join(f"{pair.partition('=')[0]}=..." for pair in query.split("&"))
+    scheme, sep, rest = url.rpartition("://")
+    if "@" not in rest:
         return url
     userinfo, _, hosts = rest.rpartition("@")
     user, colon, _password = userinfo.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{hosts}"
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{hosts}"
 
 
 class RedisSettings(BaseModel):
@@ -76,15 +80,13 @@ class RedisSettings(BaseModel):
     _username: str | None = PrivateAttr(None)
     _password: SecretStr | None = PrivateAttr(None)
     _path: str | None = PrivateAttr(None)
+    _env_prefix: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Self:
         # Field names become environment variables when Settings builds this (its context).
-        env_prefix = (info.context or {}).get("env_prefix") if info else None
-
-        def name(field: str) -> str:
-            return f"{env_prefix}{field.upper()}" if env_prefix else field
-
+        self._env_prefix = (info.context or {}).get("env_prefix") if info else None
+        name = self.setting_name
         try:
             self._parse_url()
         except ValueError as exc:
@@ -98,7 +100,7 @@ class RedisSettings(BaseModel):
         scheme, sep, _ = self.url.partition("://")
         if not sep or scheme not in FORMS:
             raise ValueError(
-                f"unsupported URL form {scheme + sep or 'without a scheme'!r}; "
+                f"unsupported URL form {f'{scheme}://' if sep else 'without a scheme'!r}; "
                 "use redis://, rediss://, unix:// or sentinel://"
             )
         if scheme == "sentinel":
@@ -121,7 +123,7 @@ class RedisSettings(BaseModel):
             db = parts.path.strip("/") or "0"
         if query or (scheme != "unix" and parts.query):
             raise ValueError(
-                f"query parameters ({', '.join(sorted(query)) or parts.query}) are not read; "
+                f"query parameters ({', '.join(sorted(query)) or '?'}) are not read; "
                 "each option has its own setting (e.g. _TLS_VERIFY, _SOCKET_TIMEOUT)"
             )
         self._db = _database(db)
@@ -172,6 +174,11 @@ class RedisSettings(BaseModel):
                 ("tls_ca_file", "a CA is only used to verify the server: unset it or verify")
             )
         return problems
+
+    def setting_name(self, field: str) -> str:
+        """How a user sets ``field``: its environment variable when built from the environment
+        (POSTBACK_RELAY_REDIS_TLS_CA_FILE, POSTBACK_RELAY_STATE_REDIS_...), else its name."""
+        return f"{self._env_prefix}{field.upper()}" if self._env_prefix else field
 
     @property
     def form(self) -> RedisForm:

@@ -192,8 +192,8 @@ class Settings(BaseSettings):
         if self.state_redis_url is None:
             orphans = sorted(
                 f"{ENV_PREFIX}{name.upper()}"
-                for name in self.model_fields_set
-                if name.startswith("state_redis_")
+                for name, field in type(self).model_fields.items()
+                if name.startswith("state_redis_") and getattr(self, name) != field.default
             )
             if orphans:
                 raise RedisConfigError(

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ssl
 from typing import Any, Literal
+from urllib.parse import quote
 
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from config.redis import RedisSettings
+from schemas.errors import PostbackRelayError
 
 # Seconds between redis-py's PINGs on a connection idle this long before it is used again: a
 # connection a NAT or load balancer dropped silently fails its check, not a command.
@@ -30,9 +32,44 @@ TCP_ONLY = ("host", "port", "socket_keepalive", "socket_keepalive_options")
 Role = Literal["master", "replica"]
 
 
+class TLSConnection(redis.SSLConnection):
+    """redis-py's TLS connection, whose certificate verification failure says which setting
+    holds the CA it was checked against (redis-py says only "certificate verify failed")."""
+
+    def __init__(self, *, ca_setting: str = "the system's CAs", **kwargs: Any) -> None:
+        # kombu's transport passes ours on (workers/broker/transport.py), so its connections
+        # say the same.
+        super().__init__(**kwargs)
+        self.ca_setting = ca_setting
+
+    def _connect(self) -> Any:
+        try:
+            return super()._connect()  # type: ignore[no-untyped-call]
+        except ssl.SSLCertVerificationError as exc:
+            if "mismatch" in str(exc.verify_message):  # a good certificate, for another name
+                why = (
+                    f"the server's certificate is not for {self.host} ({exc.verify_message}); "
+                    "connect by a name or address it lists"
+                )
+            else:
+                why = (
+                    f"the server's certificate failed verification ({exc.verify_message}) "
+                    f"against {self.ca_setting}, which must hold the CA that signed it"
+                )
+            # Two arguments: redis-py's message is "Error TLS connecting to HOST:PORT. WHY."
+            raise TLSVerificationFailed("TLS", why) from exc
+
+
+class TLSVerificationFailed(PostbackRelayError, ssl.SSLCertVerificationError):
+    """The server's certificate did not verify: a configuration error, not an outage."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1])
+
+
 class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A Sentinel pool that waits for a free connection (up to ``timeout``) instead of failing
-    with MaxConnectionsError when all are taken, as the plain pools below do."""
+    """A Sentinel pool that waits for a free connection (up to ``timeout``) when all are taken,
+    instead of failing with MaxConnectionsError as redis-py's own Sentinel pool does."""
 
 
 def tls_options(conf: RedisSettings) -> dict[str, Any]:
@@ -50,7 +87,7 @@ def connection_class(conf: RedisSettings) -> type[redis.connection.AbstractConne
     if conf.form == "unix":
         return redis.UnixDomainSocketConnection
     if conf.form == "rediss":
-        return redis.SSLConnection
+        return TLSConnection
     if conf.form == "sentinel":
         return SentinelManagedConnection
     return redis.Connection
@@ -77,6 +114,12 @@ def connection_kwargs(conf: RedisSettings) -> dict[str, Any]:
         kwargs["host"], kwargs["port"] = conf.hosts[0]
     if conf.form == "rediss":
         kwargs |= tls_options(conf)
+        ca_setting = conf.setting_name("tls_ca_file")
+        kwargs["ca_setting"] = (
+            f"{ca_setting}={conf.tls_ca_file}"
+            if conf.tls_ca_file
+            else f"the system's CAs ({ca_setting} unset)"
+        )
     return kwargs
 
 
@@ -152,6 +195,10 @@ def kombu_connection_options(conf: RedisSettings) -> dict[str, Any]:
     if conf.form == "sentinel":
         host, port = conf.hosts[0]
         url = f"sentinel://{host}:{port}/{conf.db}"
+    elif conf.form == "unix":
+        # kombu reads a URL's path as the database and passes ?db=N on to its Connection
+        # (TypeError): the socket goes in the host part, quoted.
+        url = f"unix://{quote(conf.socket_path or '', safe='')}/{conf.db}"
     return {
         "broker_url": url,
         "broker_transport": TRANSPORT,
@@ -162,6 +209,16 @@ def kombu_connection_options(conf: RedisSettings) -> dict[str, Any]:
             "socket_connect_timeout": conf.connect_timeout,
         },
     }
+
+
+def tls_verification_failure(exc: BaseException) -> TLSVerificationFailed | None:
+    """The TLS verification failure behind a redis-py ConnectionError, if that is its cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TLSVerificationFailed):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def server_role(client: Any) -> str:

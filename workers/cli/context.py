@@ -105,6 +105,25 @@ class CliContext:
             return [("broker and state (one instance)", broker, self.redis)]
         return [("broker", broker, self.broker_redis), ("state", state, self.redis)]
 
+    def refuse_unverified_tls(self) -> None:
+        """Stop (exit 2) when a rediss:// instance's certificate does not verify: that is a
+        wrong setting, which retrying forever (what a worker does while Redis is down, rule 7)
+        would never fix. Any other connection error is left to those retries."""
+        from redis import ConnectionError as RedisConnectionError
+
+        from workers.redis_clients import tls_verification_failure
+
+        for which, conf, client in self.instances():
+            if conf.form != "rediss":
+                continue
+            try:
+                client.ping()
+            except RedisConnectionError as exc:
+                failure = tls_verification_failure(exc)
+                if failure is not None:
+                    click.echo(f"Error: redis {which} at {conf.describe()}: {failure}", err=True)
+                    sys.exit(EXIT_CONFIG)
+
     @property
     def keys(self) -> RedisKeys:
         return RedisKeys(self.settings.key_prefix)
@@ -136,6 +155,7 @@ class CliContext:
         if destinations is None:
             destinations = self.destinations
         configure_logging(self.settings, destinations.secrets_held())
+        self.refuse_unverified_tls()
         try:
             return create_app(self.settings, destinations)
         except ConfigError as exc:
