@@ -88,8 +88,7 @@ class EnqueueOnce:
             argv += [len(batch.members), *(index + 1 for index in batch.members), batch.wire]
         if self.wait is None:
             return [bool(flag) for flag in self._script(keys=keys, args=argv)]
-        flags = [bool(flag) for flag in eval_then_wait(self._client, self._script, keys, argv,
-                                                       self.wait)]  # fmt: skip
-        if not all(flags):
+        flags = eval_then_wait(self._client, self._script, keys, argv, self.wait)
+        if not all(flags):  # a duplicate: its claim was written by an earlier call
             self.wait.cover_earlier_writes(self._client, self.keys)
-        return flags
+        return [bool(flag) for flag in flags]
