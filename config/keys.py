@@ -22,6 +22,8 @@ is the one place that decides, per key family:
 | ``xmp_*``, ``reconciled``, ``reconcile_*``     | state    | aggregates, reconciler     |
 | ``metrics_counters``, ``metrics_histogram``    | state    |                            |
 | ``lock(name)``                                 | state    | periodic jobs' locks       |
+| ``replication_mark``                           | state    | produce()'s WAIT after a   |
+|                                                |          |   duplicate (replication)  |
 
 Every accepted delivery is in the state instance's ledger until it is finished, whether its
 message is on a queue or in the delay set; losing the broker's data loses no accepted delivery
@@ -156,6 +158,11 @@ class RedisKeys:
         """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not);
         on the broker instance, beside the queues."""
         return f"{self.tag}:ledger:drained"
+
+    def replication_mark(self) -> str:
+        """Written by a producer that waits for replicas after a duplicate: its write carries
+        the WAIT (workers/broker/replication.py)."""
+        return f"{self.tag}:replication-mark"
 
     def lock(self, name: str) -> str:
         return f"{self.tag}:lock:{name}"

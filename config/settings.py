@@ -86,6 +86,11 @@ class Settings(BaseSettings):
 
     # produce(): the same event_id is enqueued once per destination within this window.
     dedupe_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    # produce() returns only once this many replicas acknowledged its write (Redis WAIT), so
+    # an accepted event survives a failover; it raises NotReplicated when fewer did within the
+    # timeout (workers/broker/replication.py). 0: no waiting (Redis replicates asynchronously).
+    produce_wait_replicas: int = Field(default=0, ge=0, le=100)
+    produce_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
     # Redis key prefix for everything that is not the Celery broker's own keys.
     key_prefix: str = Field(default="pr", pattern=r"^[a-z][a-z0-9_-]{0,15}$")
 

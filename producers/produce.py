@@ -20,6 +20,7 @@ from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
 from workers import redis_clients
 from workers.broker.publish import Batch, Enqueue, EnqueueOnce
+from workers.broker.replication import ReplicaWait
 from workers.broker.wire import TaskMessageEncoder
 
 MAX_BATCH = 500
@@ -68,7 +69,14 @@ class Producer:
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
-        self._enqueue = EnqueueOnce(client, self.keys, settings.ledger_lease_seconds, broker=broker)
+        wait = (
+            ReplicaWait(settings.produce_wait_replicas, settings.produce_wait_timeout_ms)
+            if settings.produce_wait_replicas
+            else None
+        )
+        self._enqueue = EnqueueOnce(
+            client, self.keys, settings.ledger_lease_seconds, wait, broker=broker
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Producer:
@@ -151,7 +159,9 @@ class Producer:
         return batches
 
     def produce(self, event: ConversionEvent | dict[str, Any]) -> ProduceResult:
-        """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad."""
+        """Validate, route and enqueue one event; raise InvalidEvent and enqueue nothing if bad.
+        With POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS, raise NotReplicated when too few replicas
+        acknowledged the write in time (produce the event again: see NotReplicated)."""
         parsed = ConversionEvent.parse(event)
         planned = self._plan(parsed, datetime.now(UTC))
         return _result(parsed.event_id, planned, self._run(planned))
@@ -159,7 +169,9 @@ class Producer:
     def produce_many(
         self, events: Iterable[ConversionEvent | dict[str, Any]]
     ) -> list[ProduceResult]:
-        """One result per input, in order; the valid events are enqueued, one round trip a batch."""
+        """One result per input, in order; the valid events are enqueued, one round trip a batch.
+        NotReplicated (with the replica wait) fails the whole call: produce every event again
+        (those already enqueued come back as duplicates)."""
         results: list[ProduceResult] = []
         batch: list[tuple[int, str | None, list[_Planned]]] = []
         pending = 0  # deliveries in the batch: one Lua call carries at most MAX_BATCH

@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 import redis
+import structlog
 from kombu import Connection
 
+from config.redis import RedisSettings
 from config.settings import Settings
 from workers import redis_clients
 from workers.app import create_app
+from workers.dev.embedded_redis import free_port
 from workers.redis_clients import TRANSPORT
 
 
@@ -246,3 +249,18 @@ def test_an_unreadable_item_that_cannot_be_kept_goes_back_on_its_queue(
         queue.close()
     assert [i for _, i, _ in kept.items] == [item]
     assert redis_client.llen("transport-unkept") == 0
+
+
+def test_a_lost_plain_redis_is_left_to_celerys_backoff() -> None:
+    """Only on sentinel:// does the transport look for a master again (a promotion is on its
+    way there); a plain server that is down fails the attempt at once."""
+    conf = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout=0.5)
+    options = redis_clients.kombu_connection_options(conf)
+    connection = Connection(
+        options["broker_url"],
+        transport=options["broker_transport"],
+        transport_options=options["broker_transport_options"],
+    )
+    with structlog.testing.capture_logs() as logs, pytest.raises(redis.ConnectionError):
+        connection.transport.establish_connection()
+    assert [e for e in logs if e["event"] == "transport.waiting_for_master"] == []

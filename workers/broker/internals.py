@@ -95,6 +95,8 @@ INTERNALS = (
     Internal(kombu_redis.Channel, "_q_for_pri", PUBLISH + "the list of a priority-0 message",
              ("queue", "pri")),
     Internal(kombu_redis.Transport, "brpop_timeout", TRANSPORT + "shutdown within 1 s"),
+    Internal(kombu_redis.Transport, "establish_connection", TRANSPORT + "a Sentinel "
+             "failover's new master found within a quarter second", ()),
     Internal(virtual.Message, "__init__", TRANSPORT + "non-kombu payloads",
              ("payload", "channel")),
     Internal(EventDispatcher, "__init__", EVENTS + "task events in batches",

@@ -19,6 +19,7 @@ import structlog
 
 from config.keys import RedisKeys
 from workers.broker.keys import queue_list
+from workers.broker.replication import ReplicaWait, eval_then_wait
 from workers.broker.scripts import load_script
 
 log = structlog.get_logger("postback_relay.publish")
@@ -71,13 +72,18 @@ class EnqueueOnce:
         client: redis.Redis,
         keys: RedisKeys,
         lease_seconds: float,
+        wait: ReplicaWait | None = None,
         *,
         broker: redis.Redis | None = None,
     ) -> None:
+        """``wait``: replicas that must acknowledge each call's write (workers/broker/
+        replication.py; with a broker instance of its own, the state's write, the one that
+        keeps an accepted event); a call raises NotReplicated when too few did."""
         self.redis = client
         self.broker = client if broker is None else broker
         self.keys = keys
         self.lease_seconds = lease_seconds
+        self.wait = wait
         if self.broker is client:
             self._script = load_script(client, "workers.broker", "enqueue_once")
         else:
@@ -100,7 +106,17 @@ class EnqueueOnce:
         for batch in batches:
             # Lua counts from 1; each member's own wire stays its ledger entry's message.
             argv += [len(batch.members), *(index + 1 for index in batch.members), batch.wire]
-        return [bool(flag) for flag in self._script(keys=keys, args=argv)]
+        return self._run(self._script, keys, argv)
+
+    def _run(self, script: Any, keys: list[str], argv: list[Any]) -> list[bool]:
+        """``script``'s flags (new or duplicate, per item), after the replicas' acknowledgement
+        when ``wait`` asks for one."""
+        if self.wait is None:
+            return [bool(flag) for flag in script(keys=keys, args=argv)]
+        flags = eval_then_wait(self.redis, script, keys, argv, self.wait)
+        if not all(flags):  # a duplicate: its claim was written by an earlier call
+            self.wait.cover_earlier_writes(self.redis, self.keys)
+        return [bool(flag) for flag in flags]
 
     def _claim_then_publish(
         self, items: Sequence[Enqueue], ttl_seconds: int, batches: Sequence[Batch]
@@ -109,7 +125,7 @@ class EnqueueOnce:
         for item in items:
             argv += [repr(item.due), item.ledger_id, f"{item.queue}\n{item.wire}"]
         keys = [self.keys.ledger(), self.keys.ledger_messages(), *(i.claim_key for i in items)]
-        flags = [bool(flag) for flag in self._claim(keys=keys, args=argv)]
+        flags = self._run(self._claim, keys, argv)
         claimed = [item for item, new in zip(items, flags, strict=True) if new]
         if not claimed:
             return flags

