@@ -2,7 +2,8 @@
 # Run every benchmark once with its defaults; everything printed also goes to
 # bench/results/latest.txt, with the machine described at the top. Each script judges its own
 # target (MET / MISSED) and exits 0; a non-zero exit means the harness itself broke.
-# Usage: bench/run_all.sh [script ...]   (default: all, in the order below)
+# Usage: bench/run_all.sh ["script [options]" ...]   (default: all, in the order below: each
+# script at the defaults, and the delivery ones again with batches of 50 as well)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -10,7 +11,9 @@ mkdir -p bench/results
 OUT=bench/results/latest.txt
 SCRIPTS=("$@")
 if [ ${#SCRIPTS[@]} -eq 0 ]; then
-  SCRIPTS=(produce deliver_fast deliver_slow latency rate_limit xmp memory)
+  SCRIPTS=(produce "deliver_fast --batch-sizes 1,50" deliver_slow
+           "deliver_slow --batch-size 50 --backlog 20000 --window 6" latency
+           "latency --batch-size 50" rate_limit "rate_limit --batch-size 50" xmp memory)
 fi
 
 {
@@ -24,10 +27,12 @@ fi
   echo "arq + httpx reference (deliver_fast, deliver_slow):" \
     "$("$PY" -c 'import sys; sys.path.insert(0, "bench"); import common; print(common.arq_describe())' 2>&1 | tail -1)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  for script in "${SCRIPTS[@]}"; do
+  for entry in "${SCRIPTS[@]}"; do
+    read -r script options <<<"$entry"
     started=$(date +%s)
-    "$PY" "bench/$script.py"
+    # shellcheck disable=SC2086  # the options are words
+    "$PY" "bench/$script.py" $options
     code=$?
-    echo "  ($script.py: $(($(date +%s) - started)) s, exit $code)"
+    echo "  ($script.py $options: $(($(date +%s) - started)) s, exit $code)"
   done
 } 2>&1 | tee "$OUT"
