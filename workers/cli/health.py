@@ -164,10 +164,11 @@ def status() -> None:
             str(dead.get(dest.name, 0)), f"{until - time.time():.0f}s" if until else "no",
         )  # fmt: skip
     console.print(table)
+    size = ctx.settings.batch_size
+    carries = f"up to {size} deliveries" if size > 1 else "one delivery"
     console.print(
         "queued/delayed/in flight count messages per kind queue, shared by its destinations; "
-        f"a message carries up to {ctx.settings.batch_size} deliveries "
-        "(POSTBACK_RELAY_BATCH_SIZE)"
+        f"a message carries {carries} (POSTBACK_RELAY_BATCH_SIZE={size})"
     )
     console.print(f"deliveries outstanding (ledger: queued, parked or in flight): "
                   f"{ctx.redis.zcard(ctx.keys.ledger())}")  # fmt: skip
