@@ -179,6 +179,14 @@ def test_the_dashboard_has_the_panels_on_call_needs_over_a_datasource_variable()
     } <= titles  # fmt: skip
     ids = [p["id"] for p in _panels(dashboard["panels"])]
     assert len(ids) == len(set(ids))
+    cells = [
+        (p["title"], x, y)
+        for p in _panels(dashboard["panels"])
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert all(x < 24 for _, x, _ in cells)  # Grafana's grid is 24 columns wide
+    assert len({(x, y) for _, x, y in cells}) == len(cells), "panels overlap"
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
         for target in panel["targets"]:
