@@ -20,7 +20,9 @@ is the one place that decides, per key family:
 | ``attempts``, ``unfinished_starts``            | state    |                            |
 | ``rate_limit``, ``server_budget``, ``paused``  | state    | the limiter and pauses     |
 | ``xmp_*``, ``reconciled``, ``reconcile_*``     | state    | aggregates, reconciler     |
-| ``metrics_counters``, ``metrics_histogram``    | state    |                            |
+| ``metrics_counters``, ``metrics_histogram``,   | state    |                            |
+|   ``metrics_consumed``,                        |          |                            |
+|   ``metrics_reconcile_runs/done``              |          |                            |
 | ``lock(name)``                                 | state    | periodic jobs' locks       |
 | ``replication_mark``                           | state    | produce()'s WAIT after a   |
 |                                                |          |   duplicate (replication)  |
@@ -103,6 +105,18 @@ class RedisKeys:
     def metrics_histogram(self, name: str, destination: str) -> str:
         """Hash: bucket upper bound (or "sum"/"count") -> value."""
         return f"{self.tag}:metrics:{name}:{destination}"
+
+    def metrics_consumed(self) -> str:
+        """Hash: queue -> when a worker last finished a message of it (epoch seconds)."""
+        return f"{self.tag}:metrics:consumed"
+
+    def metrics_reconcile_runs(self) -> str:
+        """Hash: "source|state" -> reconcile runs that ended in that state."""
+        return f"{self.tag}:metrics:reconcile:runs"
+
+    def metrics_reconcile_done(self) -> str:
+        """Hash: source -> when a reconcile run of it last read its export (epoch seconds)."""
+        return f"{self.tag}:metrics:reconcile:done"
 
     def rate_limit(self, destination: str) -> str:
         return f"{self.tag}:ratelimit:{destination}"

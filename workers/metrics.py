@@ -3,12 +3,18 @@
 Workers add to counters and histogram buckets in Redis as they deliver; the `postback-relay
 metrics` process reads Redis at scrape time (queue depths, delay sets, dead letters, pauses,
 counters, histograms) and serves them on /metrics. Flower has no queue-depth metric; this does.
+
+Workers are not in Redis (kombu keeps no consumer list), so "a queue with no consumer" is read
+as a queue that holds messages while no worker has finished one of its messages for a while:
+the last-consumed time per queue. The reconciler records each run's end state and its last
+successful read of the export, for an alert when it keeps failing or stops running. The alerts
+and dashboard over these metrics: deploy/prometheus/alerts.yml, deploy/grafana/.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -28,6 +34,9 @@ from workers.broker.keys import queue_list
 # Seconds. End-to-end latency includes retries, hence the long tail.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 86400)
 OUTCOMES = DELIVERY_STATUSES
+# How one reconcile request ends (RunReport.state in workers/kinds/redeliver/reconciler.py;
+# its "timed_out" is an operator's run giving up between polls, each poll counted already).
+RECONCILE_STATES = ("done", "pending", "rate_limited", "unauthorized", "failed", "locked")
 HISTOGRAMS = {
     "delivery_latency": "From produce() to the partner's 2xx, retries included.",
     "http_duration": "One HTTP attempt, from sending to the first body bytes read.",
@@ -46,6 +55,17 @@ class MetricsRecorder:
         index = bisect.bisect_left(BUCKETS, seconds)
         pipe.hincrby(key, str(BUCKETS[index]) if index < len(BUCKETS) else "+Inf", 1)
         pipe.hincrbyfloat(key, "sum", seconds)
+
+    def consumed(self, pipe: Any, queues: Iterable[str], now: float) -> None:
+        """A worker finished messages of ``queues`` at ``now``."""
+        mapping = dict.fromkeys(queues, now)
+        if mapping:
+            pipe.hset(self.keys.metrics_consumed(), mapping=mapping)
+
+    def reconcile_run(self, pipe: Any, source: str, state: str, now: float) -> None:
+        pipe.hincrby(self.keys.metrics_reconcile_runs(), f"{source}|{state}", 1)
+        if state == "done":
+            pipe.hset(self.keys.metrics_reconcile_done(), source, now)
 
 
 class RedisStateCollector(Collector):
@@ -77,6 +97,9 @@ class RedisStateCollector(Collector):
             pipe.zcard(self.keys.ledger())
             pipe.hgetall(self.keys.dead_letter_counts())
             pipe.hgetall(self.keys.metrics_counters())
+            pipe.hgetall(self.keys.metrics_consumed())
+            pipe.hgetall(self.keys.metrics_reconcile_runs())
+            pipe.hgetall(self.keys.metrics_reconcile_done())
             for name in names:
                 pipe.exists(self.keys.paused(name))
                 for hist in HISTOGRAMS:
@@ -124,6 +147,8 @@ class RedisStateCollector(Collector):
             for outcome in OUTCOMES:
                 deliveries.add_metric([name, outcome], counters.get(f"{name}|{outcome}", 0))
         yield deliveries
+        yield from self._consumed(queues, next(results))
+        yield from self._reconcile(next(results), next(results))
 
         paused = GaugeMetricFamily(
             "postback_relay_destination_paused",
@@ -147,6 +172,46 @@ class RedisStateCollector(Collector):
                 histograms[hist].add_metric([name], buckets, float(raw.get("sum", 0.0)))
         yield paused
         yield from histograms.values()
+
+    def _consumed(self, queues: list[str], raw: dict[bytes, bytes]) -> Iterator[Any]:
+        consumed = _decoded(raw)
+        last = GaugeMetricFamily(
+            "postback_relay_queue_last_consumed_timestamp_seconds",
+            "When a worker last finished a message of the queue (Unix time; 0: never). With "
+            "messages waiting, an old time means no worker consumes the queue.",
+            labels=["queue"],
+        )
+        for queue in queues:
+            last.add_metric([queue], float(consumed.get(queue, 0)))
+        yield last
+
+    def _reconcile(
+        self, runs_raw: dict[bytes, bytes], done_raw: dict[bytes, bytes]
+    ) -> Iterator[Any]:
+        sources = list(self.destinations.reconcile)
+        runs_counts, done = _decoded(runs_raw), _decoded(done_raw)
+        runs = CounterMetricFamily(
+            "postback_relay_reconcile_runs",
+            "Reconcile runs (and polls of an export being prepared) by the state they ended in.",
+            labels=["source", "state"],
+        )
+        for source in sources:
+            for state in RECONCILE_STATES:
+                runs.add_metric([source, state], int(runs_counts.get(f"{source}|{state}", 0)))
+        yield runs
+        last = GaugeMetricFamily(
+            "postback_relay_reconcile_last_success_timestamp_seconds",
+            "When a reconcile run last read its source's export (Unix time); absent until one has.",
+            labels=["source"],
+        )
+        for source in sources:
+            if source in done:
+                last.add_metric([source], float(done[source]))
+        yield last
+
+
+def _decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def serve_metrics(

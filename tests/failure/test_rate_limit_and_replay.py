@@ -712,6 +712,7 @@ events = ["never"]
     producer = make_producer(path)
     worker = start_worker(path)
     delivered, failed, waiting = 6, 3, 4
+    started = time.time()
     producer.produce_many(
         [install(f"m-{i}") for i in range(delivered)] + [purchase(f"p-{i}") for i in range(failed)]
     )
@@ -729,6 +730,7 @@ events = ["never"]
         timeout=10,
     )
     worker.stop()
+    stopped = time.time()
     # With no worker running, these wait on the queue.
     producer.produce_many([install(f"w-{i}") for i in range(waiting)])
     assert redis_client.llen(QUEUE) == waiting
@@ -771,6 +773,11 @@ events = ["never"]
         == delivered + failed
     )
     assert value("postback_relay_destination_paused", destination="metered") == 0
+    # Messages waiting and nothing consumed since the worker stopped: the no-consumer alert's
+    # two inputs. A queue never consumed reads 0.
+    last = value("postback_relay_queue_last_consumed_timestamp_seconds", queue="postback.templated")
+    assert started <= last <= stopped
+    assert value("postback_relay_queue_last_consumed_timestamp_seconds", queue="postback.xmp") == 0
 
     # A scrape reads Redis live: a purge shows in the next scrape.
     store.remove(next(store.iter_entries()))

@@ -33,6 +33,7 @@ from workers.kinds.base import OutgoingRequest
 from workers.kinds.redeliver.adapter import RedeliverAdapter
 from workers.kinds.redeliver.reconciler import Reconciler, RunReport
 from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.metrics import RECONCILE_STATES
 from workers.stores.delay import DelaySet
 
 TOKEN = "appmetrica-oauth-5b1e9c07d2"
@@ -510,6 +511,28 @@ def test_401_with_a_wrong_token_enqueues_nothing_and_clears_the_pending_window(
     assert redis_client.get(KEYS.reconcile_pending("main")) is None
     assert redis_client.get(KEYS.reconcile_checkpoint("main")) is None
     assert sandbox.requests[-1]["application_id"] == "1111"
+
+
+def test_each_run_counts_its_end_state_and_a_read_export_its_time_for_the_alerts(
+    sandbox: SandboxAppMetrica, dests: Destinations, redis_client: redis.Redis
+) -> None:
+    """What postback_relay_reconcile_runs_total and ..._last_success_timestamp_seconds serve:
+    dry runs are an operator's look and count nothing."""
+    source = source_of(dests)
+    reconciler = make_reconciler(redis_client, dests, clock=lambda: float(NOW))
+    sandbox.rows = [row(pb_url("a"), "failed")]
+    assert reconciler.run(source, dry_run=True).state == "done"
+    assert redis_client.hgetall(KEYS.metrics_reconcile_runs()) == {}
+    sandbox.polls_before_ready = 2  # the dry run's request was the first poll
+    assert reconciler.run(source).state == "pending"
+    assert reconciler.run(source).state == "done"
+    sandbox.polls_before_ready, sandbox.raw_body = 0, b'{"data": [{"postback_url'
+    assert reconciler.run(source).state == "failed"
+
+    runs = redis_client.hgetall(KEYS.metrics_reconcile_runs())
+    assert runs == {b"main|pending": b"1", b"main|done": b"1", b"main|failed": b"1"}
+    assert float(redis_client.hget(KEYS.metrics_reconcile_done(), "main") or 0) == NOW
+    assert {k.decode().split("|")[1] for k in runs} <= set(RECONCILE_STATES)
 
 
 # --- parsing ----------------------------------------------------------------------------------------

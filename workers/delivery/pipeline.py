@@ -17,7 +17,7 @@ import structlog
 
 from config.destination_base import DestinationBase
 from config.destinations import Destinations
-from config.keys import RedisKeys
+from config.keys import RedisKeys, queue_for
 from schemas.attempts import AttemptRecord
 from schemas.envelope import AttemptSummary, DeliveryEnvelope
 from schemas.outcomes import (
@@ -179,11 +179,14 @@ class DeliveryPipeline:
     def finish(self, done: Iterable[tuple[DeliveryEnvelope, PipelineResult | None]]) -> None:
         """The finish writes of the deliveries given, in one round trip. ``None``: nothing was
         done (already settled by an earlier run of its message): only its start is undone."""
+        queues: set[str] = set()
         with self.redis.pipeline(transaction=False) as pipe:
             for envelope, result in done:
                 pipe.delete(self.keys.unfinished_starts(envelope.delivery_id, envelope.attempt))
+                queues.add(queue_for(envelope.kind))
                 if result is not None:
                     self._record(pipe, envelope, result)
+            self.metrics.consumed(pipe, queues, self.clock())
             pipe.execute()
 
     def undo_starts(self, envelopes: Iterable[DeliveryEnvelope]) -> None:

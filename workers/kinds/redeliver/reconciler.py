@@ -35,6 +35,7 @@ from schemas.errors import describe_validation_error
 from workers.broker.publish import Enqueue, EnqueueOnce
 from workers.broker.wire import TaskMessageEncoder
 from workers.delivery.http import retry_after_seconds
+from workers.metrics import MetricsRecorder
 from workers.stores.delay import DelaySet
 
 log = structlog.get_logger("postback_relay.reconciler")
@@ -131,6 +132,7 @@ class Reconciler:
         self._enqueue_once = EnqueueOnce(
             self.redis, self.keys, self.ledger_lease_seconds, broker=self.delays.redis
         )
+        self._metrics = MetricsRecorder(self.keys)
 
     def window(self, source: ReconcileSource) -> tuple[datetime, datetime]:
         """From the checkpoint minus the overlap (or the first look-back) to now minus settle.
@@ -229,7 +231,17 @@ class Reconciler:
         lock = self.redis.lock(self.keys.lock(f"reconcile:{source.name}"), timeout=3600)
         if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
             report.state, report.detail = "locked", "another reconcile run holds the lock"
-            return report
+        else:
+            self._locked_run(source, report, lock, dry_run)
+        if not dry_run:  # for the alerts: a reconciler failing, or no longer running
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._metrics.reconcile_run(pipe, source.name, report.state, self.clock())
+                pipe.execute()
+        return report
+
+    def _locked_run(
+        self, source: ReconcileSource, report: RunReport, lock: Any, dry_run: bool
+    ) -> None:
         try:
             self._run(source, report, dry_run=dry_run)
         finally:
@@ -237,7 +249,6 @@ class Reconciler:
                 lock.release()
             except LockError:
                 log.warning("reconcile.lock_lost", source=source.name)
-        return report
 
     def _run(self, source: ReconcileSource, report: RunReport, *, dry_run: bool) -> None:
         pending_key = self.keys.reconcile_pending(source.name)
