@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -117,6 +118,14 @@ class Partners:
     appmetrica: SandboxAppMetrica
     env: dict[str, str]
     never_sent: list[str] = field(default_factory=list)
+    x_hashed_ids: set[str] = field(default_factory=set)  # of the devices produced for X
+
+    def expect_x_device(self, device_id: str) -> None:
+        """The hashed id X must receive for a device: computed here with the demo's partner
+        key, apart from the adapter, so the demo checks what the workers sent."""
+        key = base64.b64decode(self.env["DEMO_X_PARTNER_KEY"])
+        digest = hmac.new(key, device_id.encode(), hashlib.sha256).digest()
+        self.x_hashed_ids.add(base64.b64encode(digest).decode())
 
     @classmethod
     def start(cls, stack: ExitStack) -> Partners:
@@ -177,6 +186,8 @@ class Partners:
             "requests": len(requests),
             "signed": sum(r.status != 401 for r in requests),
             "accepted": len({r.headers.get("X-Idempotency-Key", "") for r in accepted}),
+            "device_ids_verified": sum(r.params.get("hashed_device_id") in self.x_hashed_ids
+                                       for r in accepted),
             "attributed": sum(bool(r.body.get("data", {}).get("twitter_attribution"))
                               for r in accepted),
         }  # fmt: skip

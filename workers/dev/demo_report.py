@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -98,8 +99,8 @@ class Tally:
 
     def live(self, title: str) -> Group:
         self.refresh()
-        grid = Table(title=title, title_justify="left")
-        grid.add_column("destination")
+        grid = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        grid.add_column("destination", no_wrap=True)
         grid.add_column("kind")
         for column in ("produced", "delivered", "non-2xx", "dead", "pending"):
             grid.add_column(column, justify="right")
@@ -111,10 +112,10 @@ class Tally:
     def details(self) -> list[str]:
         x, xmp, run = self.x, self.xmp, self.reconcile
         lines = [
-            f"X: {x['signed']} of {x['requests']} requests verified (OAuth 1.0a), "
-            f"{x['accepted']} accepted, {x['attributed']} attributed to X",
-            f"XMP: {xmp['aggregated']} events aggregated into {xmp['daily_records']} daily "
-            f"records; {xmp['requests']} flush requests sent {xmp['records_sent']} records",
+            f"X: {x['requests']} requests, {x['signed']} signatures and "
+            f"{x['device_ids_verified']} hashed ids verified, {x['attributed']} attributed",
+            f"XMP: {xmp['aggregated']} events in {xmp['daily_records']} daily records; "
+            f"{xmp['requests']} flushes sent {xmp['records_sent']} records",
         ]
         if run.started_at is None:
             lines.append("reconciler: runs once during the demo")
@@ -123,9 +124,9 @@ class Tally:
         else:
             c = run.counts
             lines.append(
-                f"reconciler: export of {c.get('rows read', 0)} rows, {c.get('postbacks', 0)} "
-                f"postbacks, {c.get('already sent', 0)} sent; redelivered "
-                f"{c.get('redelivered', 0)}"
+                f"reconciler: {c.get('rows read', 0)} export rows, {c.get('postbacks', 0)} "
+                f"postbacks, {c.get('already sent', 0)} sent by AppMetrica, "
+                f"{c.get('redelivered', 0)} redelivered"
             )
         return lines
 
@@ -140,7 +141,9 @@ class Tally:
             for kind, rows in by_kind.items()
         }
         out["templated"]["refused"] = by_kind["templated"]["refused"]
-        out["x_mact"] |= {k: self.x[k] for k in ("requests", "signed", "attributed")}
+        out["x_mact"] |= {
+            k: self.x[k] for k in ("requests", "signed", "device_ids_verified", "attributed")
+        }
         out["xmp"] |= {"aggregated": self.xmp["aggregated"]} | {
             k: self.xmp[k] for k in ("requests", "records_sent", "daily_records")
         }
@@ -156,21 +159,25 @@ class Tally:
 
     def summary_table(self) -> Table:
         kinds = self.kinds_summary()
-        grid = Table(title="Summary per kind", title_justify="left")
-        grid.add_column("kind")
-        for column in ("produced", "delivered", "attributed/aggregated", "redelivered", "dead"):
-            grid.add_column(column, justify="right")
+        grid = Table(title="Summary per kind", title_justify="left", box=box.SIMPLE_HEAD,
+                     pad_edge=False)  # fmt: skip
+        grid.add_column("")
+        for kind in ("templated", "x_mact", "xmp", "redeliver"):
+            grid.add_column(kind, justify="right")
         x, xmp, red = kinds["x_mact"], kinds["xmp"], kinds["redeliver"]
-        grid.add_row("templated", str(kinds["templated"]["produced"]),
-                     str(kinds["templated"]["delivered"]), "-", "-",
-                     str(kinds["templated"]["dead_lettered"]))  # fmt: skip
-        grid.add_row("x_mact", str(x["produced"]), str(x["delivered"]),
-                     f"{x['attributed']} attributed", "-", str(x["dead_lettered"]))  # fmt: skip
-        grid.add_row("xmp", f"{xmp['produced']} events", f"{xmp['daily_records']} records",
-                     f"{xmp['aggregated']} aggregated", "-",
-                     str(xmp["dead_lettered"]))  # fmt: skip
-        grid.add_row("redeliver", f"{red['never_sent']} never sent", str(red["delivered"]), "-",
-                     str(red["redelivered"]), str(red["dead_lettered"]))  # fmt: skip
+        rows: list[tuple[str, Any, Any, Any, Any]] = [
+            ("produced (redeliver: never sent)", kinds["templated"]["produced"], x["produced"],
+             xmp["produced"], red["never_sent"]),
+            ("delivered (xmp: daily records)", kinds["templated"]["delivered"], x["delivered"],
+             xmp["daily_records"], red["delivered"]),
+            ("attributed by X", "-", x["attributed"], "-", "-"),
+            ("aggregated into XMP's records", "-", "-", xmp["aggregated"], "-"),
+            ("redelivered by the reconciler", "-", "-", "-", red["redelivered"]),
+            ("dead-lettered", kinds["templated"]["dead_lettered"], x["dead_lettered"],
+             xmp["dead_lettered"], red["dead_lettered"]),
+        ]  # fmt: skip
+        for label, *cells in rows:
+            grid.add_row(label, *(str(c) for c in cells))
         return grid
 
     def as_json(self, extra: dict[str, Any]) -> dict[str, Any]:
