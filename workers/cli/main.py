@@ -273,7 +273,7 @@ def produce(source: Any) -> None:
     default=None,
     help="Also write the summary's figures, per kind and per destination, to this file.",
 )
-def demo(  # noqa: PLR0913 - one parameter per option
+def demo(
     duration: float,
     rate: float,
     data_dir: Path | None,

@@ -161,6 +161,25 @@ class _Run:
                 log = self.procs.log_dir / "reconcile.log"
                 run.counts = ReconcileRun.parse(log.read_text(errors="replace"))
 
+    def start_processes(self, flower: bool, env: dict[str, str]) -> str:
+        """The worker (every queue), beat, the metrics endpoint and Flower; the metrics URL."""
+        console = self.console
+        pid = self.spawn("worker", "worker", "--concurrency", "8")
+        console.print(f"Started worker (pid {pid}) on every kind's queue")
+        pid = self.spawn("beat", "beat")
+        console.print(f"Started beat (pid {pid}): XMP's flush every 2s")
+        port = free_port()
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        pid = self.spawn("metrics", "metrics", "--port", str(port), "--address", "127.0.0.1")
+        console.print(f"Started metrics (pid {pid}): {metrics_url}", soft_wrap=True)
+        if flower:
+            port = free_port()
+            pid = self.spawn("flower", "flower", "--port", str(port))
+            console.print(f"Started Flower (pid {pid}): http://127.0.0.1:{port}")
+            password = env["POSTBACK_RELAY_FLOWER_PASSWORD"]
+            console.print(f"  user demo, password {password}", highlight=False)
+        return metrics_url
+
     @property
     def settled(self) -> bool:
         return self.tally.pending == 0 and self.tally.reconcile.exit_code is not None
@@ -231,7 +250,24 @@ def _print_summary(console: Console, tally: Tally, redis_url: str, dest_file: Pa
             console.print(f"  {command}", soft_wrap=True, highlight=False)
 
 
-def run_demo(  # noqa: PLR0913 - the command's options
+def _child_env(
+    credentials: dict[str, str], redis_url: str, dest_file: Path, data_dir: Path
+) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **credentials,
+        "POSTBACK_RELAY_REDIS_URL": redis_url,
+        "POSTBACK_RELAY_DESTINATIONS_FILE": str(dest_file),
+        "POSTBACK_RELAY_DATA_DIR": str(data_dir),  # beat's schedule file
+        "POSTBACK_RELAY_LOG_FORMAT": "json",
+        "POSTBACK_RELAY_FLOWER_USER": "demo",
+        "POSTBACK_RELAY_FLOWER_PASSWORD": secrets.token_urlsafe(12),
+    }
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def run_demo(
     settings: Settings,
     *,
     duration: float,
@@ -254,19 +290,7 @@ def run_demo(  # noqa: PLR0913 - the command's options
         partners = Partners.start(stack)
         dest_file = data_dir / "destinations.toml"
         dest_file.write_text(partners.destinations_toml())
-        flower_password, flower_port, metrics_port = secrets.token_urlsafe(12), *(
-            free_port(), free_port())  # fmt: skip
-        env = {
-            **os.environ,
-            **partners.env,
-            "POSTBACK_RELAY_REDIS_URL": redis_url,
-            "POSTBACK_RELAY_DESTINATIONS_FILE": str(dest_file),
-            "POSTBACK_RELAY_DATA_DIR": str(data_dir),
-            "POSTBACK_RELAY_LOG_FORMAT": "json",
-            "POSTBACK_RELAY_FLOWER_USER": "demo",
-            "POSTBACK_RELAY_FLOWER_PASSWORD": flower_password,
-        }
-        env.pop("REDIS_URL", None)
+        env = _child_env(partners.env, redis_url, dest_file, data_dir)
         demo_settings = settings.model_copy(
             update={"redis_url": redis_url, "destinations_file": dest_file}
         )
@@ -279,21 +303,8 @@ def run_demo(  # noqa: PLR0913 - the command's options
         procs = _Processes(data_dir, env)
         stack.callback(procs.stop_all)
         run = _Run(console, procs, partners, tally)
-        pid = run.spawn("worker", "worker", "--concurrency", "8")
-        console.print(f"Started worker (pid {pid}) on every kind's queue")
-        pid = run.spawn("beat", "beat")
-        console.print(f"Started beat (pid {pid}): XMP's flush every 2s")
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        pid = run.spawn("metrics", "metrics", "--port", str(metrics_port), "--address", "127.0.0.1")
-        console.print(f"Started metrics (pid {pid}): {metrics_url}", soft_wrap=True)
-        if flower:
-            pid = run.spawn("flower", "flower", "--port", str(flower_port))
-            console.print(
-                f"Started Flower (pid {pid}): http://127.0.0.1:{flower_port} "
-                f"(user demo, password {flower_password})",
-                soft_wrap=True,
-            )
-        console.print(f"Partners in this process; logs in {data_dir}/*.log", soft_wrap=True)
+        metrics_url = run.start_processes(flower, env)
+        console.print(f"Partners in this process; logs in {data_dir}/*.log")
         try:
             run.produce_and_watch(producer, duration, rate)
         except KeyboardInterrupt:

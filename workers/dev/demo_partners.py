@@ -17,7 +17,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from schemas.appmetrica import TIME_FORMAT
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
@@ -25,7 +24,11 @@ from workers.kinds.redeliver.sandbox import SandboxAppMetrica
 from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
 from workers.kinds.xmp.sandbox import SandboxXmp
 
-TEMPLATED = {"network-installs": "/installs", "network-events": "/events", "analytics-flaky": "/flaky"}
+TEMPLATED = {
+    "network-installs": "/installs",
+    "network-events": "/events",
+    "analytics-flaky": "/flaky",
+}
 REDELIVERY_PATH = "/pb/"  # where the AppMetrica export's postback URLs point (the receiver)
 APPMETRICA_APP = "4242"
 FORCED_FAILURES = 3  # deliveries network-events refuses with 400: the demo's dead letters
@@ -39,7 +42,7 @@ def _hashed_share(key: str, modulo: int) -> bool:
 class PartnerAnswers:
     """The receiver's answers. /flaky: 503 to the first two attempts of one delivery in four,
     then 200 (retries succeed: the retry budget is 4). /events: 400 to the first few deliveries
-    of one in five (permanent: dead letters); a refused delivery sent again (`dlq replay`) gets
+    of one in three (permanent: dead letters); a refused delivery sent again (`dlq replay`) gets
     200, as when a partner fixed its side."""
 
     def __init__(self) -> None:
@@ -58,7 +61,7 @@ class PartnerAnswers:
                 request.path == "/events"
                 and key not in self.refused
                 and len(self.refused) < FORCED_FAILURES
-                and _hashed_share(key, 5)
+                and _hashed_share(key, 3)
             ):
                 self.refused.add(key)
                 return Answer(400, '{"error":"unknown campaign"}')

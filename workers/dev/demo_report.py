@@ -187,9 +187,12 @@ class Tally:
             "destinations": {
                 name: {"kind": self.kinds[name], **row} for name, row in self.rows.items()
             },
-            "partners": {"x": self.x, "xmp": self.xmp,
-                         "redelivered_urls": sorted(self.partners.redelivered_urls()),
-                         "never_sent_urls": sorted(self.partners.never_sent)},  # fmt: skip
+            "partners": {
+                "x": self.x,
+                "xmp": self.xmp,
+                "redelivered_urls": sorted(self.partners.redelivered_urls()),
+                "never_sent_urls": sorted(self.partners.never_sent),
+            },
         }
 
 
