@@ -250,6 +250,10 @@ def _print_summary(console: Console, tally: Tally, redis_url: str, dest_file: Pa
             console.print(f"  {command}", soft_wrap=True, highlight=False)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _child_env(
     credentials: dict[str, str], redis_url: str, dest_file: Path, data_dir: Path
 ) -> dict[str, str]:
@@ -284,6 +288,9 @@ def run_demo(
         old.unlink()
     interrupted = False
     with ExitStack() as stack:
+        # `kill` stops the demo as Ctrl-C does: every process it started is stopped too.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
         redis_url = _redis_for_demo(stack, data_dir, console)
         if redis_url is None:
             return 1
@@ -326,6 +333,7 @@ def run_demo(
                     time.sleep(1)
             except KeyboardInterrupt:
                 console.print("Stopping.")
+            partners.write_request_logs(data_dir)  # with what `dlq replay` sent meanwhile
     console.print("Stopped every process the demo started.")
     if interrupted:
         return 130
