@@ -124,7 +124,7 @@ def _redis_for_demo(stack: ExitStack, data_dir: Path, console: Console) -> str |
     embedded = stack.enter_context(EmbeddedRedis(data_dir / "redis"))
     console.print(
         f"Started embedded Redis (pid {embedded.process.pid if embedded.process else '?'}) "
-        f"at {embedded.url} (AOF in {data_dir / 'redis'})"
+        f"at {embedded.url} (AOF in {_shown(data_dir / 'redis')})"
     )
     return embedded.url
 
@@ -221,32 +221,40 @@ def _scrape(url: str) -> int:
     return sum(1 for line in text.splitlines() if line.startswith("postback_relay_"))
 
 
+def _shown(path: Path) -> str:
+    """A path as short as it can be shown: relative when it is under the current directory."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _cli_name() -> str:
     invoked = Path(sys.argv[0])
-    if invoked.name != "postback-relay":
+    if invoked.name != "postback-relay" or shutil.which("postback-relay") == str(invoked):
         return "postback-relay"
-    try:
-        return str(invoked.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(invoked) if shutil.which("postback-relay") != str(invoked) else invoked.name
+    return _shown(invoked)
 
 
-def _print_summary(console: Console, tally: Tally, redis_url: str, dest_file: Path) -> None:
+def _print_summary(
+    console: Console, tally: Tally, redis_url: str, dest_file: Path, keep_running: bool
+) -> None:
     console.print(tally.summary_table())
     dead = sum(row["dead_lettered"] for row in tally.rows.values())
-    pending = tally.pending
     console.print(
         f"Summary: produced {sum(tally.produced.values())} deliveries, "
-        f"{dead} dead-lettered, still pending {pending}.",
+        f"{dead} dead-lettered, still pending {tally.pending}.",
         highlight=False,
     )
     if dead:
-        console.print(
-            f"network-events refused {FORCED_FAILURES} deliveries with 400: try, while the "
-            "demo's Redis is up (--keep-running):",
-            highlight=False,
+        when = (
+            "try these in another terminal while the demo runs:"
+            if keep_running
+            else "run the demo with --keep-running to try these while its Redis is up:"
         )
-        for command in dlq_commands(_cli_name(), redis_url, dest_file):
+        console.print(f"network-events refused {FORCED_FAILURES} deliveries with 400; {when}",
+                      highlight=False)  # fmt: skip
+        for command in dlq_commands(_cli_name(), redis_url, _shown(dest_file)):
             console.print(f"  {command}", soft_wrap=True, highlight=False)
 
 
@@ -311,14 +319,14 @@ def run_demo(
         stack.callback(procs.stop_all)
         run = _Run(console, procs, partners, tally)
         metrics_url = run.start_processes(flower, env)
-        console.print(f"Partners in this process; logs in {data_dir}/*.log")
+        console.print(f"Partners in this process; logs in {_shown(data_dir)}/*.log")
         try:
             run.produce_and_watch(producer, duration, rate)
         except KeyboardInterrupt:
             interrupted = True
             console.print("Interrupted: stopping.")
         samples = _scrape(metrics_url)
-        _print_summary(console, tally, redis_url, dest_file)
+        _print_summary(console, tally, redis_url, dest_file, keep_running)
         partners.write_request_logs(data_dir)
         if summary_json is not None:
             summary_json.write_text(json.dumps(tally.as_json({

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -196,7 +195,7 @@ class Tally:
         }
 
 
-def dlq_commands(cli: str, redis_url: str, dest_file: Path) -> list[str]:
+def dlq_commands(cli: str, redis_url: str, dest_file: str) -> list[str]:
     """The on-call commands to try on the demo's dead letters, with the settings they need."""
     return [
         f"export POSTBACK_RELAY_REDIS_URL={redis_url}",
