@@ -54,7 +54,10 @@ class Tally:
         self.dead_letters = DeadLetterStore(client, keys)
         self.produced: Counter[str] = Counter()
         self.reconcile = ReconcileRun()
+        # A REDIS_URL of the user's may hold an earlier run's figures: count from here.
         self.dead_before = self._dead()
+        self.aggregated_before = 0
+        self.aggregated_before = self.aggregated()
         self.rows: dict[str, dict[str, int]] = {}
         self.x: dict[str, int] = {}
         self.xmp: dict[str, int] = {}
@@ -64,7 +67,7 @@ class Tally:
 
     def aggregated(self) -> int:
         raw = self.client.hget(self.keys.metrics_counters(), "xmp|aggregated")
-        return int(raw) if raw else 0
+        return (int(raw) if raw else 0) - self.aggregated_before
 
     def refresh(self) -> None:
         dead_now = self._dead()
