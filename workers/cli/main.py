@@ -250,7 +250,7 @@ def produce(source: Any) -> None:
 @click.option(
     "--duration",
     type=float,
-    default=30.0,
+    default=20.0,
     show_default=True,
     help="Seconds to produce events for; Ctrl-C stops earlier.",
 )
@@ -262,7 +262,25 @@ def produce(source: Any) -> None:
     help="Where the embedded Redis keeps its AOF (default: POSTBACK_RELAY_DATA_DIR/demo).",
 )
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -> None:
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="After the summary, keep Redis and the processes up (try `dlq list`) until Ctrl-C.",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the summary's figures, per kind and per destination, to this file.",
+)
+def demo(
+    duration: float,
+    rate: float,
+    data_dir: Path | None,
+    no_flower: bool,
+    keep_running: bool,
+    summary_json: Path | None,
+) -> None:
     """Run everything locally (embedded Redis unless REDIS_URL is set) and show deliveries."""
     from workers.dev.demo import run_demo
 
@@ -274,6 +292,8 @@ def demo(duration: float, rate: float, data_dir: Path | None, no_flower: bool) -
             rate=rate,
             data_dir=data_dir or settings.data_dir / "demo",
             flower=not no_flower,
+            keep_running=keep_running,
+            summary_json=summary_json,
         )
     )
 
