@@ -13,6 +13,7 @@ is the one place that decides, per key family:
 |                                                |          |   Lua call moves them onto |
 |                                                |          |   their queue              |
 | ``ledger_drained()``: when a queue went empty  | broker   | read with the queue's LLEN |
+| ``state_instance()``: where workers keep state | broker   | read by every producer     |
 | ``dedupe``, ``ledger``, ``ledger_messages``,   | state    | the durability anchor:     |
 |   ``ledger_unpublished``                       |          |   written first; what the  |
 |                                                |          |   broker lost goes back    |
@@ -167,6 +168,10 @@ class RedisKeys:
         """Set: delivery ids the ledger holds whose message never reached the broker (a push
         that failed with separate instances); published again at once when it answers."""
         return f"{self.tag}:ledger:unpublished"
+
+    def state_instance(self) -> str:
+        """String, on the broker: where the workers keep their state (workers/state_instance.py)."""
+        return f"{self.tag}:state-instance"
 
     def ledger_drained(self) -> str:
         """Hash: queue -> when the ledger's sweep first saw it empty (gone once it is not);

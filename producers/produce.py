@@ -18,7 +18,7 @@ from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
-from workers import redis_clients
+from workers import redis_clients, state_instance
 from workers.broker.publish import Batch, Enqueue, EnqueueOnce
 from workers.broker.replication import ReplicaWait
 from workers.broker.wire import TaskMessageEncoder
@@ -83,6 +83,7 @@ class Producer:
         settings = settings or Settings()
         destinations = load_destinations(settings.destinations_file)
         broker, state = redis_clients.broker_and_state(settings)
+        state_instance.check(broker, RedisKeys(settings.key_prefix), settings)
         return cls(settings, destinations, state, broker)
 
     def envelope_for(

@@ -60,6 +60,7 @@ STOP_GRACE = 30.0  # honcho: SIGTERM to every process, SIGKILL 5 s later; worker
 # The producing service: produce() only, from its own process with only these settings.
 PRODUCER_SETTINGS = (
     "POSTBACK_RELAY_REDIS_URL",
+    "POSTBACK_RELAY_STATE_REDIS_URL",  # when the state has an instance of its own
     "POSTBACK_RELAY_DESTINATIONS_FILE",
     "POSTBACK_RELAY_KEY_PREFIX",
 )
@@ -586,11 +587,12 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
                   or "Traceback" in ln or "Couldn't ack" in ln]  # fmt: skip
         report.check("no errors logged", not errors, f"{len(errors)} line(s)\n"
                      + "\n".join(ln[:300] for ln in errors[:5]))  # fmt: skip
-        if "POSTBACK_RELAY_KEY_PREFIX" in env:  # this run's keys (rate limits: LIMITS:...)
-            client = redis.Redis.from_url(redis_url)
-            for key in client.scan_iter(match=f"*{env['POSTBACK_RELAY_KEY_PREFIX']}:*"):
-                client.delete(key)
-            client.close()
+        if "POSTBACK_RELAY_KEY_PREFIX" in env:  # this run's keys, on the state instance too
+            for url in {redis_url, env.get("POSTBACK_RELAY_STATE_REDIS_URL") or redis_url}:
+                client = redis.Redis.from_url(url)
+                for key in client.scan_iter(match=f"*{env['POSTBACK_RELAY_KEY_PREFIX']}:*"):
+                    client.delete(key)
+                client.close()
 
 
 def main() -> int:

@@ -108,6 +108,8 @@ def test_install_and_purchase_arrive_as_exact_requests(
     redis_client: redis.Redis,
 ) -> None:
     producer, worker = setup()
+    # The worker said on the broker where its state lives: producers check they agree.
+    assert redis_client.get(RedisKeys("pr").state_instance()) == b"the broker's instance"
     install_result = producer.produce(install())
     purchase_result = producer.produce(purchase())
     assert len(install_result.accepted) == 1

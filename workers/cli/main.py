@@ -141,6 +141,9 @@ def worker(
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "workers.gevent_worker", *argv])  # noqa: S606
     app = ctx.start_app(ctx.sending(kinds=kinds))
+    from workers import state_instance
+
+    state_instance.announce(ctx.broker_redis, ctx.keys, settings)
     argv = [
         "worker",
         "--queues",

@@ -1,0 +1,83 @@
+"""Producers and workers agree on where the state lives (workers/state_instance.py): a worker
+announces it on the broker; a producer built from settings refuses a shared/separate
+disagreement, naming the setting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from config.destination_base import ConfigError
+from config.keys import RedisKeys
+from config.settings import Settings
+from producers.produce import Producer
+from workers import state_instance
+
+KEYS = RedisKeys("pr")
+
+
+def settings(redis_url: str, path: Path, state_url: str | None = None) -> Settings:
+    return Settings(redis_url=redis_url, destinations_file=path, state_redis_url=state_url)
+
+
+@pytest.fixture
+def path(write_destinations: Callable[[str], Path]) -> Path:
+    return write_destinations(
+        """
+[[destination]]
+name = "net"
+kind = "templated"
+url = "http://127.0.0.1:9/pb"
+[[destination.routes]]
+type = "install"
+"""
+    )
+
+
+def other_db(url: str) -> str:
+    base, _, db = url.rpartition("/")
+    return f"{base}/{(int(db or 0) + 8) % 16}"
+
+
+def test_a_producer_without_the_workers_state_instance_is_refused_naming_the_setting(
+    redis_url: str, redis_client: redis.Redis, path: Path
+) -> None:
+    workers = settings(redis_url, path, state_url=other_db(redis_url))
+    state_instance.announce(redis_client, KEYS, workers)
+    assert redis_client.get(KEYS.state_instance()) == workers.state_redis.describe().encode()
+    with pytest.raises(ConfigError, match="POSTBACK_RELAY_STATE_REDIS_URL") as refused:
+        Producer.from_settings(settings(redis_url, path))
+    assert "the broker's instance" in str(refused.value)
+    assert redis_client.dbsize() == 1  # nothing written but the announcement
+    # The same settings as the workers': accepted.
+    result = Producer.from_settings(workers).produce({"event_id": "e1", **EVENT})
+    assert len(result.accepted) == 1
+
+
+def test_a_producer_with_a_state_instance_the_workers_do_not_use_is_refused(
+    redis_url: str, redis_client: redis.Redis, path: Path
+) -> None:
+    state_instance.announce(redis_client, KEYS, settings(redis_url, path))
+    with pytest.raises(ConfigError, match="the workers on this broker keep their state in the"):
+        Producer.from_settings(settings(redis_url, path, state_url=other_db(redis_url)))
+    Producer.from_settings(settings(redis_url, path))  # agrees
+
+
+def test_nothing_announced_or_an_unreachable_broker_is_no_reason_to_refuse(
+    redis_url: str, redis_client: redis.Redis, path: Path
+) -> None:
+    Producer.from_settings(settings(redis_url, path, state_url=other_db(redis_url)))
+    down = redis.Redis(host="127.0.0.1", port=9, socket_connect_timeout=0.5)
+    state_instance.check(down, KEYS, settings(redis_url, path, state_url=other_db(redis_url)))
+
+
+EVENT = {
+    "event_name": "install",
+    "platform": "ios",
+    "app_id": "id123456789",
+    "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
+    "event_time": "2026-12-01T12:00:00Z",
+}

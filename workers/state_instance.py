@@ -1,0 +1,53 @@
+"""Producers and workers must agree on where the state lives (config/keys.py): a producer that
+writes its ledger entries and dedupe claims to the broker while the workers keep theirs on a
+state instance delivers, but nothing it produced is in the ledger the workers sweep, so a
+message the broker loses is never sent again. Each worker says on the broker, at start-up,
+where its state is; a producer reads it once and refuses a shared/separate disagreement."""
+
+from __future__ import annotations
+
+import contextlib
+
+import redis
+import structlog
+
+from config.destination_base import ConfigError
+from config.keys import RedisKeys
+from config.settings import Settings
+
+log = structlog.get_logger("postback_relay.state_instance")
+
+SHARED = "the broker's instance"
+
+
+def where(settings: Settings) -> str:
+    """This process's state instance, as announced: its display form (no password)."""
+    return settings.state_redis.describe() if settings.separate_state else SHARED
+
+
+def announce(broker: redis.Redis, keys: RedisKeys, settings: Settings) -> None:
+    """A worker starting: record on the broker where the state of its deliveries lives."""
+    broker.set(keys.state_instance(), where(settings))
+
+
+def check(broker: redis.Redis, keys: RedisKeys, settings: Settings) -> None:
+    """Raise ConfigError when the workers of this broker keep their state in a separate
+    instance and this process would not, or the other way round; log a warning when both
+    use a separate one but name it differently (another host name for the same server, or a
+    wrong URL). Nothing when no worker has announced yet or the broker cannot be read now
+    (produce() still accepts while the broker is down, with a separate state)."""
+    with contextlib.suppress(redis.RedisError):
+        raw = broker.get(keys.state_instance())
+        if raw is None:
+            return
+        theirs = raw.decode() if isinstance(raw, bytes) else str(raw)
+        ours = where(settings)
+        if theirs == ours:
+            return
+        if SHARED in (theirs, ours):
+            raise ConfigError(
+                f"the workers on this broker keep their state in {theirs}, this process in "
+                f"{ours}: set POSTBACK_RELAY_STATE_REDIS_URL (and the other "
+                "POSTBACK_RELAY_STATE_REDIS_* settings) as the workers have them"
+            )
+        log.warning("state_instance.differs", workers=theirs, this_process=ours)
