@@ -21,6 +21,7 @@ from config.destination_base import ConfigError, SecretUse
 from config.keys import queue_for
 from config.kinds import KINDS
 from config.settings import WORKER_POOLS
+from workers.cli.api import api
 from workers.cli.attempts import attempts
 from workers.cli.context import EXIT_CONFIG, context
 from workers.cli.destinations import destinations
@@ -298,7 +299,7 @@ def demo(
     )
 
 
-for command in (dlq, attempts, destinations, health, status, metrics, migrate_keys):
+for command in (dlq, attempts, destinations, health, status, metrics, migrate_keys, api):
     main.add_command(command)
 for module in KIND_COMMANDS.values():
     module.register(main)
