@@ -97,6 +97,7 @@ def create_api(
         log.info("api.started", clients=[c.name for c in clients], version=VERSION)
         yield
         metrics.stop()  # after uvicorn let the requests in flight finish
+        log.info("api.stopped")
 
     app = FastAPI(
         title="postback-relay ingest",
