@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 import structlog
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
@@ -27,6 +28,7 @@ from schemas.event import ConversionEvent
 from workers.api import ingest
 from workers.api.app import create_api
 from workers.api.auth import limit_key
+from workers.cli.main import main as cli_main
 from workers.dev.embedded_redis import free_port
 from workers.metrics import RedisStateCollector
 
@@ -339,3 +341,23 @@ def test_a_wrong_clients_file_is_refused_naming_the_client_and_the_reference(
         clients_file(tmp_path, text, **env)
     assert message in str(refused.value)
     assert TOKEN not in str(refused.value)
+
+
+def test_check_config_reads_the_clients_tokens(tmp_path: Path, net_destination: Path) -> None:
+    path = tmp_path / "clients.toml"
+    path.write_text(CLIENTS)
+    env = {
+        "POSTBACK_RELAY_DESTINATIONS_FILE": str(net_destination),
+        "POSTBACK_RELAY_API_CLIENTS_FILE": str(path),
+        "TOK_GO": TOKEN,
+        "TOK_NODE": OTHER,
+    }
+    ok = CliRunner().invoke(cli_main, ["check-config"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert f"{path}: 2 API client(s) OK" in ok.output
+    assert "go                       apps: id123456789  rate_limit=-" in ok.output
+    assert "node                     apps: every app  rate_limit=2 per 1 minute" in ok.output
+    missing = CliRunner().invoke(cli_main, ["check-config"], env={**env, "TOK_NODE": ""})
+    assert missing.exit_code == 2
+    assert "client 'node': token: environment variable TOK_NODE is not set" in missing.output
+    assert TOKEN not in ok.output + missing.output
