@@ -221,7 +221,7 @@ def test_sigterm_lets_the_request_in_flight_finish(
         answers: list[requests.Response] = []
         sender = threading.Thread(target=lambda: answers.append(api.post(event("in-flight"))))
         sender.start()
-        time.sleep(1.0)
+        time.sleep(2.0)  # the request is in the API, waiting on the stopped Redis
         os.killpg(api.proc.pid, signal.SIGTERM)
         time.sleep(1.0)
         assert api.proc.poll() is None, "it waits for the request in flight"
