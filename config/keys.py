@@ -22,7 +22,7 @@ is the one place that decides, per key family:
 | ``rate_limit``, ``server_budget``, ``paused``  | state    | the limiter and pauses     |
 | ``xmp_*``, ``reconciled``, ``reconcile_*``     | state    | aggregates, reconciler     |
 | ``metrics_counters``, ``metrics_histogram``,   | state    |                            |
-|   ``metrics_consumed``,                        |          |                            |
+|   ``metrics_consumed``, ``metrics_api``,       |          |                            |
 |   ``metrics_reconcile_runs/done``              |          |                            |
 | ``lock(name)``                                 | state    | periodic jobs' locks       |
 | ``replication_mark``                           | state    | produce()'s WAIT after a   |
@@ -106,6 +106,11 @@ class RedisKeys:
     def metrics_histogram(self, name: str, destination: str) -> str:
         """Hash: bucket upper bound (or "sum"/"count") -> value."""
         return f"{self.tag}:metrics:{name}:{destination}"
+
+    def metrics_api(self) -> str:
+        """Hash: the API's counters ("requests|<status>", "items|<outcome>") and its latency
+        histogram ("latency|<bucket bound>", "latency|sum"), summed over every API process."""
+        return f"{self.tag}:metrics:api"
 
     def metrics_consumed(self) -> str:
         """Hash: queue -> when a worker last finished a message of it (epoch seconds)."""

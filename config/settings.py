@@ -142,6 +142,17 @@ class Settings(BaseSettings):
     # `health` fails when the dead-letter store holds more entries than this.
     health_max_dead_letters: int = Field(default=1000, ge=0)
 
+    # `postback-relay api` (HTTP ingest, workers/api/): its port, the bounds of one request
+    # (events, and bytes of body), and the backpressure bound: while a destination queue holds
+    # more messages than this, POST /v1/events answers 503 with Retry-After (0: never).
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    api_max_items: int = Field(default=500, ge=1, le=10_000)
+    api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    api_max_queue_depth: int = Field(default=100_000, ge=0)
+    # The API's clients: each one's bearer token by reference to an environment variable or a
+    # file, its apps and rate limit (config/api_clients.py; unset: every request is refused, 401).
+    api_clients_file: Path | None = None
+
     http_user_agent: str = f"postback-relay/{VERSION} (+https://github.com/postback-relay)"
 
     @property

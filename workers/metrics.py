@@ -37,6 +37,12 @@ OUTCOMES = DELIVERY_STATUSES
 # How one reconcile request ends (RunReport.state in workers/kinds/redeliver/reconciler.py;
 # its "timed_out" is an operator's run giving up between polls, each poll counted already).
 RECONCILE_STATES = ("done", "pending", "rate_limited", "unauthorized", "failed", "locked")
+# Seconds: one API request, from its first byte read to its answer (workers/api/).
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Statuses of POST /v1/events served from the start (at 0), so rate() has a series to follow.
+API_STATUSES = ("202", "400", "401", "403", "413", "422", "429", "500", "503")
+# What became of the events of API requests (ApiMetrics in workers/api/metrics.py).
+API_ITEM_OUTCOMES = ("accepted", "duplicate", "rejected")
 HISTOGRAMS = {
     "delivery_latency": "From produce() to the partner's 2xx, retries included.",
     "http_duration": "One HTTP attempt, from sending to the first body bytes read.",
@@ -55,6 +61,20 @@ class MetricsRecorder:
         index = bisect.bisect_left(BUCKETS, seconds)
         pipe.hincrby(key, str(BUCKETS[index]) if index < len(BUCKETS) else "+Inf", 1)
         pipe.hincrbyfloat(key, "sum", seconds)
+
+    def api(
+        self, pipe: Any, counts: dict[str, int], buckets: dict[str, int], seconds: float
+    ) -> None:
+        """What API requests added since the last call: counters ("requests|202",
+        "items|accepted"), latency bucket counts (by bound, as API_BUCKETS or "+Inf"), and
+        the latency sum."""
+        key = self.keys.metrics_api()
+        for field, value in counts.items():
+            pipe.hincrby(key, field, value)
+        for bound, value in buckets.items():
+            pipe.hincrby(key, f"latency|{bound}", value)
+        if buckets:
+            pipe.hincrbyfloat(key, "latency|sum", seconds)
 
     def consumed(self, pipe: Any, queues: Iterable[str], now: float) -> None:
         """A worker finished messages of ``queues`` at ``now``."""
@@ -100,6 +120,7 @@ class RedisStateCollector(Collector):
             pipe.hgetall(self.keys.metrics_consumed())
             pipe.hgetall(self.keys.metrics_reconcile_runs())
             pipe.hgetall(self.keys.metrics_reconcile_done())
+            pipe.hgetall(self.keys.metrics_api())
             for name in names:
                 pipe.exists(self.keys.paused(name))
                 for hist in HISTOGRAMS:
@@ -149,6 +170,7 @@ class RedisStateCollector(Collector):
         yield deliveries
         yield from self._consumed(queues, next(results))
         yield from self._reconcile(next(results), next(results))
+        yield from _api(_decoded(next(results)))
 
         paused = GaugeMetricFamily(
             "postback_relay_destination_paused",
@@ -208,6 +230,36 @@ class RedisStateCollector(Collector):
             if source in done:
                 last.add_metric([source], float(done[source]))
         yield last
+
+
+def _api(raw: dict[str, str]) -> Iterator[Any]:
+    """The API's families (workers/api/): requests by status, events by outcome, latency."""
+    requests = CounterMetricFamily(
+        "postback_relay_api_requests", "POST /v1/events requests by status.", labels=["status"]
+    )
+    statuses = {f.removeprefix("requests|") for f in raw if f.startswith("requests|")}
+    for status in sorted(statuses | set(API_STATUSES)):
+        requests.add_metric([status], int(raw.get(f"requests|{status}", 0)))
+    yield requests
+    items = CounterMetricFamily(
+        "postback_relay_api_events",
+        "Events of API requests: accepted (enqueued now), duplicate (enqueued before), "
+        "rejected (invalid, or refused with their request).",
+        labels=["outcome"],
+    )
+    for outcome in API_ITEM_OUTCOMES:
+        items.add_metric([outcome], int(raw.get(f"items|{outcome}", 0)))
+    yield items
+    latency = HistogramMetricFamily(
+        "postback_relay_api_request_duration_seconds",
+        "POST /v1/events, from the request's arrival to its answer.",
+    )
+    cumulative, buckets = 0, []
+    for bound in [*map(str, API_BUCKETS), "+Inf"]:
+        cumulative += int(raw.get(f"latency|{bound}", 0))
+        buckets.append((bound, cumulative))
+    latency.add_metric([], buckets, float(raw.get("latency|sum", 0.0)))
+    yield latency
 
 
 def _decoded(raw: dict[bytes, bytes]) -> dict[str, str]:

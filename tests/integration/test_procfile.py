@@ -41,6 +41,7 @@ class OneHost:
     env: dict[str, str]
     flower: str
     metrics: str
+    api: str
     receiver: PostbackReceiver
     log: Path
     auth: tuple[str, str] = ("ops", "s3cret-flower")
@@ -86,12 +87,13 @@ def one_host(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with PostbackReceiver() as receiver:
         destinations = tmp / "destinations.toml"
         destinations.write_text(net_destination_toml(receiver.url))
-        web_port, metrics_port = free_port(), free_port()
+        web_port, metrics_port, api_port = free_port(), free_port(), free_port()
         env = cli_env(
             redis_url, destinations,
             PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",  # `postback-relay` as installed
             POSTBACK_RELAY_FLOWER_USER="ops", POSTBACK_RELAY_FLOWER_PASSWORD="s3cret-flower",
             POSTBACK_RELAY_METRICS_PORT=str(metrics_port),
+            POSTBACK_RELAY_API_PORT=str(api_port),  # no clients file: it refuses requests
             POSTBACK_RELAY_DATA_DIR=str(tmp / "data"),
             **{MARKER: marker},
         )  # fmt: skip
@@ -107,7 +109,7 @@ def one_host(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             # `web` is the Procfile's first process, so honcho gives it the base port as $PORT.
             yield OneHost(
                 env, f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                receiver, log,
+                f"http://127.0.0.1:{api_port}", receiver, log,
             )  # fmt: skip
         finally:
             # What an operator's Ctrl-C does: honcho sends SIGTERM to each process group and
@@ -216,3 +218,18 @@ def test_the_metrics_process_serves_prometheus_text(one_host: OneHost) -> None:
     response = requests.get(one_host.metrics, timeout=10)
     assert response.status_code == 200
     assert f'postback_relay_queue_depth{{queue="{queue_for("templated")}"}}' in response.text
+
+
+def test_the_api_process_is_ready_and_refuses_requests_without_a_client(one_host: OneHost) -> None:
+    one_host.wait_for_workers(1)
+
+    def ready() -> bool:
+        try:
+            return requests.get(one_host.api + "/readyz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    assert wait_until(ready, 60, interval=0.5), one_host.log.read_text(errors="replace")
+    refused = requests.post(one_host.api + "/v1/events", json={}, timeout=10)
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"] == "Bearer"

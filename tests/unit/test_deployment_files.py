@@ -39,8 +39,24 @@ def test_one_worker_per_destination_queue_in_both_files(compose: dict[str, Any])
         assert shlex.split(procs[name]) == expected
     # The Procfile's `web` is compose's `flower`; every other process has the same name.
     assert set(procs) - {"web"} == {n for n in services if n not in {"redis", "flower"}}
-    for name in ("beat", "metrics"):
+    for name in ("beat", "metrics", "api"):
         assert shlex.split(procs[name]) == shlex.split(services[name]["command"])
+
+
+def test_the_api_serves_on_its_port_with_a_clients_file_of_the_repo(
+    compose: dict[str, Any],
+) -> None:
+    service = compose["services"]["api"]
+    port = Settings().api_port
+    assert shlex.split(service["command"]) == ["postback-relay", "api"]
+    assert service["ports"] == [f"{port}:{port}"]
+    assert f"127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    clients_file = mounts[service["environment"]["POSTBACK_RELAY_API_CLIENTS_FILE"]]
+    refs = _credential_refs(tomllib.loads((ROOT / clients_file).read_text()))
+    assert refs, "the example clients file names a token"
+    for ref in refs:  # each token from the host's environment, required
+        assert service["environment"][ref["env"]] == f"${{{ref['env']}:?set {ref['env']}}}"
 
 
 def test_procfile_web_is_flower_on_the_platform_port() -> None:

@@ -172,3 +172,25 @@ def test_reservations_on_a_real_redis_match_the_model_at_the_times_redis_reports
         client.delete(KEYS.rate_limit(key))
     finally:
         client.close()
+
+
+def test_a_reservation_over_the_callers_max_wait_is_returned_and_not_taken() -> None:
+    """The API refuses a request whose slot is not free now (429) and spends nothing of the
+    limit on it: the next caller gets the same send time as the refused one was shown."""
+    start = 1_764_000_000 * SECOND_US
+    item = limits.parse("2 per 10 seconds")
+    with clock_at(start) as now:
+        limiter = GlobalRateLimiter(fakeredis.FakeRedis(server=fakeredis.FakeServer()), KEYS)
+        first = limiter.reserve("api:go", item, max_wait=0)
+        assert first is not None
+        assert first.wait == 0
+        stored = limiter.redis.get(KEYS.rate_limit("api:go"))
+        refused = [limiter.reserve("api:go", item, max_wait=0) for _ in range(3)]
+        assert [r.wait for r in refused if r] == [5.0, 5.0, 5.0]
+        assert limiter.redis.get(KEYS.rate_limit("api:go")) == stored
+        taken = limiter.reserve("api:go", item)  # a worker's call: no max wait, taken
+        assert taken is not None
+        assert taken.wait == 5.0
+        assert limiter.redis.get(KEYS.rate_limit("api:go")) != stored
+        now[0] += 5 * SECOND_US
+        assert limiter.reserve("api:go", item, max_wait=0).wait == 5.0  # type: ignore[union-attr]

@@ -17,10 +17,12 @@ from typing import Any
 
 import click
 
+from config.api_clients import load_api_clients
 from config.destination_base import ConfigError, SecretUse
 from config.keys import queue_for
 from config.kinds import KINDS
 from config.settings import WORKER_POOLS
+from workers.cli.api import api
 from workers.cli.attempts import attempts
 from workers.cli.context import EXIT_CONFIG, context
 from workers.cli.destinations import destinations
@@ -62,6 +64,7 @@ def check_config() -> None:
             f"  {dest.name:<24} kind={dest.kind:<10} rate_limit={dest.rate_limit or '-'}"
             f"  retries={dest.retry.max_attempts}  routes: {routes or '(none active)'}"
         )
+    _check_api_clients(ctx.settings.api_clients_file)
     uses = destinations.secret_uses()
     if not uses:
         return
@@ -85,6 +88,21 @@ def check_config() -> None:
         click.echo(f"Error: {problem}", err=True)
     if problems:
         sys.exit(EXIT_CONFIG)
+
+
+def _check_api_clients(path: Path | None) -> None:
+    """The API's clients file, its tokens read (needed by `api` only); exit 2 when it fails."""
+    if path is None:
+        return
+    try:
+        clients = load_api_clients(path)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"{path}: {len(clients)} API client(s) OK, tokens read (needed by: api)")
+    for client in clients:
+        apps = ", ".join(sorted(client.app_ids)) if client.app_ids is not None else "every app"
+        click.echo(f"  {client.name:<24} apps: {apps}  rate_limit={client.rate_limit or '-'}")
 
 
 def _needed_by(use: SecretUse) -> list[str]:
@@ -301,7 +319,7 @@ def demo(
     )
 
 
-for command in (dlq, attempts, destinations, health, status, metrics, migrate_keys):
+for command in (dlq, attempts, destinations, health, status, metrics, migrate_keys, api):
     main.add_command(command)
 for module in KIND_COMMANDS.values():
     module.register(main)

@@ -66,24 +66,37 @@ class GlobalRateLimiter:
             )
 
     def reserve(
-        self, key: str, item: limits.RateLimitItem | None, server_budget: bool = False
+        self,
+        key: str,
+        item: limits.RateLimitItem | None,
+        server_budget: bool = False,
+        max_wait: float | None = None,
     ) -> Reservation | None:
         """Take the next send time under ``key``'s limit (``item``) and, with
-        ``server_budget``, the partner's announced budget. None when neither applies."""
-        taken = self.reserve_many(key, item, 1, server_budget)
+        ``server_budget``, the partner's announced budget. None when neither applies. With
+        ``max_wait``: a send time further off is returned (its ``wait`` says how far) but not
+        taken, so a caller that refuses the request spends nothing of the limit."""
+        taken = self.reserve_many(key, item, 1, server_budget, max_wait)
         return None if taken is None else taken[0]
 
     def reserve_many(
-        self, key: str, item: limits.RateLimitItem | None, count: int, server_budget: bool = False
+        self,
+        key: str,
+        item: limits.RateLimitItem | None,
+        count: int,
+        server_budget: bool = False,
+        max_wait: float | None = None,
     ) -> list[Reservation] | None:
         """``count`` consecutive send times in one round trip (a batch's deliveries to one
         limit key), in order. None when neither a limit nor the partner's budget applies."""
         if item is None and not server_budget:
             return None
         interval = 0 if item is None else emission_interval_us(item)
+        args = [interval, interval * self.burst, 1 if server_budget else 0, count]
+        if max_wait is not None:
+            args.append(math.floor(max_wait * 1_000_000))
         now_us, *times = self._reserve(
-            keys=[self.keys.rate_limit(key), self.keys.server_budget(key)],
-            args=[interval, interval * self.burst, 1 if server_budget else 0, count],
+            keys=[self.keys.rate_limit(key), self.keys.server_budget(key)], args=args
         )
         self._offset = now_us / 1e6 - time.time()
         return [Reservation(t / 1e6, max(0.0, (t - now_us) / 1e6)) for t in times]
