@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from config.api_clients import load_api_clients
 from config.destinations import load_destinations, parse_destinations
 from config.kinds import KINDS
 from config.kinds.x_mact import DEFAULT_X_CONVERSIONS
@@ -92,13 +93,24 @@ def readme_toml_blocks() -> list[str]:
 
 
 def test_every_toml_block_in_the_readme_is_a_valid_destinations_file() -> None:
-    blocks = readme_toml_blocks()
+    blocks = [b for b in readme_toml_blocks() if "[[client]]" not in b]
     assert len(blocks) >= 4  # templated, X, XMP, reconciler
     for block in blocks:
         destinations = parse_destinations(tomllib.loads(block), "README block").with_secrets(
             SECRETS, kinds=KINDS
         )
         assert len(destinations) >= 1
+
+
+def test_the_readmes_api_clients_block_is_a_valid_clients_file(tmp_path: Path) -> None:
+    (block,) = [b for b in readme_toml_blocks() if "[[client]]" in b]
+    path = tmp_path / "api_clients.toml"
+    path.write_text(block)
+    (client,) = load_api_clients(path, {"INGEST_TOKEN_GO": "t" * 32})
+    assert client.name == "go-backend"
+    assert client.allows("id123456789")
+    assert not client.allows("id999")
+    assert client.rate_limit is not None
 
 
 def test_the_readmes_x_event_name_table_is_the_built_in_mapping() -> None:
@@ -117,22 +129,7 @@ def readme_settings_table() -> str:
     return text[start : text.index("\n\n", start)]
 
 
-# Issue 17's API settings: the lead writes their README rows. Strict, so the test fails once a
-# row is there, and the name is then taken off this list.
-AWAITING_README_ROWS = {
-    "api_port", "api_max_items", "api_max_body_bytes", "api_max_queue_depth", "api_clients_file",
-}  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "field",
-    [
-        pytest.param(field, marks=pytest.mark.xfail(strict=True, reason="README row to be written"))
-        if field in AWAITING_README_ROWS
-        else field
-        for field in sorted(Settings.model_fields)
-    ],
-)
+@pytest.mark.parametrize("field", sorted(Settings.model_fields))
 def test_every_setting_is_in_the_readmes_settings_table(field: str) -> None:
     table = readme_settings_table()
     name = field.upper()
