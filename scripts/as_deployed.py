@@ -42,6 +42,7 @@ from typing import Any
 import redis
 import requests
 
+from schemas.envelope import delivery_id_for
 from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 from workers.dev.receiver import PostbackReceiver
 from workers.dev.server import LocalServer
@@ -83,6 +84,7 @@ class Secrets:
     x_partner_key: str = field(default_factory=lambda: base64.b64encode(os.urandom(32)).decode())
     xmp_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     appmetrica_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # our API's client
 
     def environ(self) -> dict[str, str]:
         return {
@@ -94,6 +96,7 @@ class Secrets:
             "X_PARTNER_KEY": self.x_partner_key,
             "XMP_TOKEN": self.xmp_token,
             "APPMETRICA_TOKEN": self.appmetrica_token,
+            "API_TOKEN": self.api_token,
         }
 
     def found_in(self, text: str) -> list[str]:
@@ -368,6 +371,43 @@ def produce_elsewhere(
     return accepted, ""
 
 
+API_CLIENTS = """
+[[client]]
+name = "backend"
+token = { env = "API_TOKEN" }
+"""
+
+
+def ingest_over_http(
+    env: dict[str, str], events: list[dict[str, Any]], timeout: float
+) -> tuple[dict[str, str], str]:
+    """POST the events to the Procfile's api process as a Go or Node backend would, after
+    checking it refuses a request without a token: {delivery id: destination}, and what went
+    wrong if any."""
+    url = f"http://127.0.0.1:{env['POSTBACK_RELAY_API_PORT']}"
+    if not wait_until(lambda: _get_status(f"{url}/readyz") == 200, timeout):
+        return {}, f"{url}/readyz never answered 200"
+    anonymous = requests.post(f"{url}/v1/events", json=events, timeout=30)
+    if anonymous.status_code != 401:
+        return {}, f"without a token: HTTP {anonymous.status_code}, not 401"
+    answer = requests.post(f"{url}/v1/events", json=events, timeout=30,
+                           headers={"Authorization": f"Bearer {env['API_TOKEN']}"})  # fmt: skip
+    if answer.status_code != 202:
+        return {}, f"HTTP {answer.status_code}: {answer.text[:300]}"
+    accepted = {}
+    for event, result in zip(events, answer.json()["results"], strict=True):
+        for name in ("network", "x", "xmp"):
+            if (delivery := delivery_id_for(event["event_id"], name)) in result["delivery_ids"]:
+                accepted[delivery] = name
+    return accepted, ""
+
+
+def _get_status(url: str) -> int:
+    with suppress(requests.RequestException):
+        return requests.get(url, timeout=5).status_code
+    return 0
+
+
 def check_partners(
     p: Partners, s: Secrets, accepted: dict[str, str], reconcile_urls: tuple[str, str],
     report: Report, timeout: float,
@@ -540,6 +580,7 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
         p.appmetrica.polls_before_ready = 1  # AppMetrica prepares the export: 202 first
         dest_file = work / "destinations.toml"
         dest_file.write_text(destinations_toml(p))
+        (work / "api_clients.toml").write_text(API_CLIENTS)
         web_port, metrics_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -552,6 +593,8 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
             "POSTBACK_RELAY_FLOWER_USER": "ops",
             "POSTBACK_RELAY_FLOWER_PASSWORD": secrets.token_urlsafe(12),
             "POSTBACK_RELAY_METRICS_PORT": str(metrics_port),
+            "POSTBACK_RELAY_API_PORT": str(free_port()),
+            "POSTBACK_RELAY_API_CLIENTS_FILE": str(work / "api_clients.toml"),
             "COLUMNS": "200",  # status's table unwrapped
             MARKER: marker,
         }
@@ -566,12 +609,20 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
         shown = ""
         with honcho(env, work, web_port) as proc:
             if check_started(env, report, args.timeout):
-                accepted, error = produce_elsewhere(env, sample_events(run_id), work)
+                events = sample_events(run_id)
+                accepted, error = produce_elsewhere(env, events[::2], work)
                 report.check(
                     "produce() from another process, no partner secret",
                     bool(accepted) and not error,
                     error or f"{len(accepted)} deliveries: {dict(Counter(accepted.values()))}",
                 )
+                over_http, error = ingest_over_http(env, events[1::2], args.timeout)
+                report.check(
+                    "POST /v1/events to the api process (401 without a token)",
+                    bool(over_http) and not error,
+                    error or f"{len(over_http)} deliveries: {dict(Counter(over_http.values()))}",
+                )
+                accepted |= over_http
                 check_partners(p, s, accepted, (never_sent, sent_later), report, args.timeout)
                 shown = check_operator_views(
                     env, accepted, f"http://127.0.0.1:{web_port}",
