@@ -13,7 +13,6 @@ a wrong file or an unreadable token stops the process there (exit 2).
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,10 +21,15 @@ from pathlib import Path
 import limits
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from config.destination_base import NAME_PATTERN, ConfigError, SecretRef
+from config.destination_base import (
+    NAME_PATTERN,
+    ConfigError,
+    SecretRef,
+    checked_rate_limit,
+    normalized_app_ids,
+)
 from schemas.errors import describe_validation_error
 
-_IOS_NUMERIC = re.compile(r"^\d{1,12}$")
 # A token shorter than this is guessable, and the log redactor would not mask it.
 MIN_TOKEN_LENGTH = 16
 
@@ -41,20 +45,12 @@ class ClientEntry(BaseModel):
     @field_validator("app_ids")
     @classmethod
     def _normalized(cls, value: list[str] | None) -> list[str] | None:
-        """iOS ids as events carry them once validated: 123456789 is id123456789."""
-        if value is None:
-            return None
-        return [f"id{v}" if _IOS_NUMERIC.match(v) else v for v in value]
+        return None if value is None else normalized_app_ids(value)
 
     @field_validator("rate_limit")
     @classmethod
     def _parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                limits.parse(value)
-            except ValueError:
-                raise ValueError(f"not a rate limit like 100/second (got {value!r})") from None
-        return value
+        return checked_rate_limit(value, f"not a rate limit like 100/second (got {value!r})")
 
 
 class ClientsFile(BaseModel):

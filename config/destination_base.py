@@ -32,6 +32,22 @@ NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 _IOS_NUMERIC = re.compile(r"^\d{1,12}$")
 
 
+def normalized_app_ids(apps: list[str]) -> list[str]:
+    """App ids as events carry them once validated: an iOS 123456789 is id123456789."""
+    return ["id" + a if _IOS_NUMERIC.match(a) else a for a in apps]
+
+
+def checked_rate_limit(value: str | None, rule: str) -> str | None:
+    """``value`` when the `limits` package parses it (None stays None); else ValueError with
+    ``rule``, the message the setting's validator gives."""
+    if value is not None:
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(rule) from None
+    return value
+
+
 class ConfigError(PostbackRelayError):
     """The destinations file or settings cannot be used; the message says where and why."""
 
@@ -148,7 +164,7 @@ class Route(BaseModel):
     @field_validator("apps")
     @classmethod
     def _normalize_apps(cls, apps: list[str]) -> list[str]:
-        return ["id" + a if _IOS_NUMERIC.match(a) else a for a in apps]
+        return normalized_app_ids(apps)
 
     @model_validator(mode="after")
     def _install_has_no_event_filter(self) -> Route:
@@ -186,14 +202,9 @@ class DestinationBase(BaseModel):
     @field_validator("rate_limit")
     @classmethod
     def _parse_rate_limit(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                limits.parse(value)
-            except ValueError:
-                raise ValueError(
-                    'must read like "50/second", "1000 per minute" or "60000 per 15 minutes"'
-                ) from None
-        return value
+        return checked_rate_limit(
+            value, 'must read like "50/second", "1000 per minute" or "60000 per 15 minutes"'
+        )
 
     @property
     def rate_limit_item(self) -> limits.RateLimitItem | None:
