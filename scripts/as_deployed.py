@@ -46,7 +46,7 @@ from schemas.envelope import delivery_id_for
 from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 from workers.dev.receiver import PostbackReceiver
 from workers.dev.server import LocalServer
-from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.kinds.redeliver.sandbox import SandboxAppMetrica, export_row
 from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
 from workers.kinds.xmp.sandbox import SandboxXmp
 
@@ -220,18 +220,6 @@ def sample_events(run: str) -> list[dict[str, Any]]:
             "event_values": {"af_quantity": 1},
         })  # fmt: skip
     return events
-
-
-def export_row(postback_url: str, status: str, ts: int) -> dict[str, str]:
-    """One attempt row of AppMetrica's postbacks export, every value a string as in its docs."""
-    return {
-        "application_id": "1111", "click_id": secrets.token_hex(16), "google_aid": "",
-        "ios_ifa": "6D92078A-8246-4BA4-AE5B-76104861E7DC", "appmetrica_device_id": "",
-        "conversion_timestamp": str(ts), "event_name": "install", "attempt_timestamp": str(ts + 5),
-        "cost_model": "cpi", "notifying_status": status, "postback_url": postback_url,
-        "postback_url_parameters": postback_url.partition("?")[2],
-        "response_code": "200" if status == "sent" else "", "response_body": "",
-    }  # fmt: skip
 
 
 class Report:
@@ -572,10 +560,11 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
         now = int(time.time())
         never_sent = f"{p.loopback.url}/pb/network?transaction_id={run_id}-1&event=install"
         sent_later = f"{p.loopback.url}/pb/network?transaction_id={run_id}-2&event=install"
+        who = {"device": "6D92078A-8246-4BA4-AE5B-76104861E7DC", "application_id": "1111"}
         p.appmetrica.rows = [
-            export_row(never_sent, "failed", now - 900),
-            export_row(sent_later, "failed", now - 800),
-            export_row(sent_later, "sent", now - 800),
+            export_row(never_sent, "failed", now - 900, **who),
+            export_row(sent_later, "failed", now - 800, **who),
+            export_row(sent_later, "sent", now - 800, **who),
         ]
         p.appmetrica.polls_before_ready = 1  # AppMetrica prepares the export: 202 first
         dest_file = work / "destinations.toml"

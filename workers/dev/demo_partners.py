@@ -15,12 +15,10 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from schemas.appmetrica import TIME_FORMAT
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
-from workers.kinds.redeliver.sandbox import SandboxAppMetrica
+from workers.kinds.redeliver.sandbox import SandboxAppMetrica, export_row
 from workers.kinds.x_mact.sandbox import SandboxX, XCredentials
 from workers.kinds.xmp.sandbox import SandboxXmp
 
@@ -68,45 +66,23 @@ class PartnerAnswers:
         return Answer()
 
 
-def _export_row(url: str, status: str, when: int, device: str) -> dict[str, str]:
-    """One attempt row of AppMetrica's postbacks export; every value a string, as AppMetrica's
-    own example has them."""
-    return {
-        "application_id": APPMETRICA_APP,
-        "click_id": hashlib.md5(url.encode()).hexdigest(),  # noqa: S324 - an id, not security
-        "google_aid": "",
-        "ios_ifa": device,
-        "appmetrica_device_id": "",
-        "conversion_datetime": datetime.fromtimestamp(when, UTC).strftime(TIME_FORMAT),
-        "conversion_timestamp": str(when),
-        "event_name": "install",
-        "attempt_timestamp": str(when + 5),
-        "cost_model": "cpi",
-        "notifying_status": status,
-        "postback_url": url,
-        "postback_url_parameters": url.partition("?")[2],
-        "response_body": "OK" if status == "sent" else "",
-        "response_code": "200" if status == "sent" else "504",
-    }
-
-
 def export_rows(receiver_url: str, now: int) -> tuple[list[dict[str, str]], list[str]]:
     """The export: (its rows, the URLs of the postbacks that were never sent). Four postbacks
     failed and were never sent (one failed twice), two failed and were sent later, two were
     sent at once."""
     base = f"{receiver_url}{REDELIVERY_PATH}"
-    device = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
+    who = {"device": "6D92078A-8246-4BA4-AE5B-76104861E7DC", "application_id": APPMETRICA_APP}
     never = [f"{base}adnet-{n}?transaction_id=t{n}&event=install" for n in range(1, 5)]
     later = [f"{base}adnet-late?transaction_id=l{n}" for n in range(1, 3)]
     sent = [f"{base}adnet-ok?transaction_id=s{n}" for n in range(1, 3)]
-    rows = [_export_row(url, "failed", now - 1800 + 60 * i, device) for i, url in enumerate(never)]
-    rows.append(_export_row(never[0], "failed", now - 1800, device))  # its second attempt
+    rows = [export_row(url, "failed", now - 1800 + 60 * i, **who) for i, url in enumerate(never)]
+    rows.append(export_row(never[0], "failed", now - 1800, **who))  # its second attempt
     for i, url in enumerate(later):
         rows += [
-            _export_row(url, "failed", now - 1200 + i, device),
-            _export_row(url, "sent", now - 1200 + i, device),
+            export_row(url, "failed", now - 1200 + i, **who),
+            export_row(url, "sent", now - 1200 + i, **who),
         ]
-    rows += [_export_row(url, "sent", now - 900 + i, device) for i, url in enumerate(sent)]
+    rows += [export_row(url, "sent", now - 900 + i, **who) for i, url in enumerate(sent)]
     return rows, never
 
 

@@ -8,6 +8,7 @@ values as strings, as in the official example; gzip when the client accepts it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -16,10 +17,36 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from schemas.appmetrica import TIME_FORMAT
 from workers.dev.server import LocalServer
 
 PATH = "/logs/v1/export/postbacks.json"
 MAX_PENDING = 3
+
+
+def export_row(
+    url: str, status: str, when: int, *, device: str, application_id: str
+) -> dict[str, str]:
+    """One attempt row of AppMetrica's postbacks export, for the postback ``url`` of an install
+    on iOS ``device`` at ``when`` (epoch s); every value a string, as AppMetrica's own example
+    has them. The click id follows the URL: every attempt of one postback shares it."""
+    return {
+        "application_id": application_id,
+        "click_id": hashlib.md5(url.encode()).hexdigest(),  # noqa: S324 - an id, not security
+        "google_aid": "",
+        "ios_ifa": device,
+        "appmetrica_device_id": "",
+        "conversion_datetime": datetime.fromtimestamp(when, UTC).strftime(TIME_FORMAT),
+        "conversion_timestamp": str(when),
+        "event_name": "install",
+        "attempt_timestamp": str(when + 5),
+        "cost_model": "cpi",
+        "notifying_status": status,
+        "postback_url": url,
+        "postback_url_parameters": url.partition("?")[2],
+        "response_body": "OK" if status == "sent" else "",
+        "response_code": "200" if status == "sent" else "504",
+    }
 
 
 @dataclass
