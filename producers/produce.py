@@ -68,6 +68,8 @@ class Producer:
         self.destinations = destinations
         self.redis = client
         self.keys = RedisKeys(settings.key_prefix)
+        # However it is built (from settings, by the API, by the CLI): the workers' state first.
+        state_instance.check(client if broker is None else broker, self.keys, settings)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
         wait = (
             ReplicaWait(settings.produce_wait_replicas, settings.produce_wait_timeout_ms)
@@ -83,7 +85,6 @@ class Producer:
         settings = settings or Settings()
         destinations = load_destinations(settings.destinations_file)
         broker, state = redis_clients.broker_and_state(settings)
-        state_instance.check(broker, RedisKeys(settings.key_prefix), settings)
         return cls(settings, destinations, state, broker)
 
     def envelope_for(

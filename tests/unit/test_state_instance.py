@@ -1,6 +1,6 @@
 """Producers and workers agree on where the state lives (workers/state_instance.py): a worker
-announces it on the broker; a producer built from settings refuses a shared/separate
-disagreement, naming the setting."""
+announces it on the broker; a producer, however it is built (from settings, by the API),
+refuses a shared/separate disagreement, naming the setting."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from config.destination_base import ConfigError
+from config.destinations import load_destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from producers.produce import Producer
@@ -81,3 +82,15 @@ EVENT = {
     "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
     "event_time": "2026-12-01T12:00:00Z",
 }
+
+
+def test_the_api_refuses_to_start_with_a_state_instance_the_workers_do_not_use(
+    redis_url: str, redis_client: redis.Redis, path: Path
+) -> None:
+    from workers.api.app import create_api
+
+    state_instance.announce(redis_client, KEYS, settings(redis_url, path, other_db(redis_url)))
+    agreeing = settings(redis_url, path, state_url=other_db(redis_url))
+    create_api(agreeing, load_destinations(path), [])
+    with pytest.raises(ConfigError, match="POSTBACK_RELAY_STATE_REDIS_URL"):
+        create_api(settings(redis_url, path), load_destinations(path), [])

@@ -40,7 +40,11 @@ def api(host: str, port: int | None) -> None:
             "api.no_clients",
             detail="POSTBACK_RELAY_API_CLIENTS_FILE is unset: every request is refused (401)",
         )
-    app = create_api(settings, ctx.destinations, clients)
+    try:
+        app = create_api(settings, ctx.destinations, clients)
+    except ConfigError as exc:  # its producer disagrees with the workers on the state instance
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     config = uvicorn.Config(
         app,
         host=host,
