@@ -148,3 +148,40 @@ INSTALL = {
     "event_time": "2026-11-22T10:00:00Z",
     "idfa": "6D92078A-8246-4BA4-AE5B-76104861E7DC",
 }
+
+
+def start_metrics(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``postback-relay metrics`` process on a free port, in a session of its own (stop it
+    with os.killpg): the process and its /metrics URL."""
+    from workers.dev.embedded_redis import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(CLI), "metrics", "--port", str(port), "--address", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def scrape(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> str:
+    """The text at ``url`` once it answers (a metrics process starting); with ``proc``, fail
+    at once should that process exit meanwhile."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc is None or proc.poll() is None, (
+            f"postback-relay metrics exited {proc.returncode}"
+        )
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return str(answer.read().decode())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

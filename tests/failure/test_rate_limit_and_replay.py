@@ -12,8 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,8 +26,7 @@ from config.keys import RedisKeys, queue_for
 from producers.produce import Producer
 from schemas.envelope import delivery_id_for
 from tests.conftest import ROOT, WorkerProcess
-from tests.helpers import max_in_any_window, run_cli, wait_until
-from workers.dev.embedded_redis import free_port
+from tests.helpers import max_in_any_window, run_cli, scrape, start_metrics, wait_until
 from workers.dev.receiver import Answer, PostbackReceiver, ReceivedRequest
 from workers.stores.attempts import AttemptLog
 from workers.stores.deadletter import DeadLetterStore
@@ -632,17 +629,9 @@ def metrics_server(redis_url: str) -> Iterator[Callable[[Path], str]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(destinations: Path) -> str:
-        port = free_port()
-        proc = subprocess.Popen(
-            [str(CLI), "metrics", "--port", str(port), "--address", "127.0.0.1"],
-            env=relay_env(redis_url, destinations),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+        proc, url = start_metrics(relay_env(redis_url, destinations))
         procs.append(proc)
-        return f"http://127.0.0.1:{port}/metrics"
+        return url
 
     yield start
     for proc in procs:
@@ -653,18 +642,6 @@ def metrics_server(redis_url: str) -> Iterator[Callable[[Path], str]]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
-
-
-def scrape(url: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                return str(answer.read().decode())
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -14,8 +14,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,9 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.keys import RedisKeys
-from tests.helpers import CLI, ROOT, cli_env, one_of_each_kind
+from tests.helpers import ROOT, cli_env, one_of_each_kind, scrape, start_metrics
 from workers.cli.main import main as cli_main
-from workers.dev.embedded_redis import free_port
 from workers.metrics import MetricsRecorder
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "postback-relay.json"
@@ -56,17 +53,9 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     with client.pipeline() as pipe:  # the last-success time is served once a run has read
         MetricsRecorder(RedisKeys("pr")).reconcile_run(pipe, "main", "done", time.time())
         pipe.execute()
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(CLI), "metrics", "--port", str(port), "--address", "127.0.0.1"],
-        env=cli_env(redis_url, destinations),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    proc, url = start_metrics(cli_env(redis_url, destinations))
     try:
-        text = _scrape(f"http://127.0.0.1:{port}/metrics", proc)
+        text = scrape(url, proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
@@ -76,19 +65,6 @@ def served(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         for family in text_string_to_metric_families(text)
         if family.name.startswith("postback_relay_")
     }
-
-
-def _scrape(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"postback-relay metrics exited {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                return str(answer.read().decode())
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def metric_names(expr: str) -> set[str]:
