@@ -14,6 +14,8 @@ is the one place that decides, per key family:
 |                                                |          |   their queue              |
 | ``ledger_drained()``: when a queue went empty  | broker   | read with the queue's LLEN |
 | ``state_instance()``: where workers keep state | broker   | read by every producer     |
+| ``WORKER_KEY_PREFIXES``: the prefixes workers  | broker   | unprefixed, one per Redis  |
+|   use on this database                         |          |   database, as the queues  |
 | ``dedupe``, ``ledger``, ``ledger_messages``,   | state    | the durability anchor:     |
 |   ``ledger_unpublished``                       |          |   written first; what the  |
 |                                                |          |   broker lost goes back    |
@@ -41,6 +43,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QUEUE_PREFIX = "postback."
+# Hash, on the broker: key prefix -> when a worker using it last started. Not prefixed: like the
+# queues it is one per database, so a producer with another prefix than the workers' is caught
+# (workers/state_instance.py).
+WORKER_KEY_PREFIXES = "postback-relay:worker-key-prefixes"
 
 
 def queue_for(kind: str) -> str:

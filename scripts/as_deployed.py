@@ -42,6 +42,7 @@ from typing import Any
 import redis
 import requests
 
+from config.keys import WORKER_KEY_PREFIXES
 from schemas.envelope import delivery_id_for
 from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 from workers.dev.receiver import PostbackReceiver
@@ -632,6 +633,7 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
                 client = redis.Redis.from_url(url)
                 for key in client.scan_iter(match=f"*{env['POSTBACK_RELAY_KEY_PREFIX']}:*"):
                     client.delete(key)
+                client.hdel(WORKER_KEY_PREFIXES, env["POSTBACK_RELAY_KEY_PREFIX"])
                 client.close()
 
 

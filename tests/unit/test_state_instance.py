@@ -12,7 +12,7 @@ import redis
 
 from config.destination_base import ConfigError
 from config.destinations import load_destinations
-from config.keys import RedisKeys
+from config.keys import WORKER_KEY_PREFIXES, RedisKeys
 from config.settings import Settings
 from producers.produce import Producer
 from workers import state_instance
@@ -52,7 +52,7 @@ def test_a_producer_without_the_workers_state_instance_is_refused_naming_the_set
     with pytest.raises(ConfigError, match="POSTBACK_RELAY_STATE_REDIS_URL") as refused:
         Producer.from_settings(settings(redis_url, path))
     assert "the broker's instance" in str(refused.value)
-    assert redis_client.dbsize() == 1  # nothing written but the announcement
+    assert redis_client.dbsize() == 2  # nothing written but the announcement (and the prefix)
     # The same settings as the workers': accepted.
     result = Producer.from_settings(workers).produce({"event_id": "e1", **EVENT})
     assert len(result.accepted) == 1
@@ -65,6 +65,24 @@ def test_a_producer_with_a_state_instance_the_workers_do_not_use_is_refused(
     with pytest.raises(ConfigError, match="the workers on this broker keep their state in the"):
         Producer.from_settings(settings(redis_url, path, state_url=other_db(redis_url)))
     Producer.from_settings(settings(redis_url, path))  # agrees
+
+
+def test_a_producer_with_another_key_prefix_than_every_worker_is_refused_naming_the_setting(
+    redis_url: str, redis_client: redis.Redis, path: Path
+) -> None:
+    state_instance.announce(redis_client, KEYS, settings(redis_url, path))
+    state_instance.announce(redis_client, RedisKeys("blue"), settings(redis_url, path))
+    assert redis_client.hkeys(WORKER_KEY_PREFIXES) == [b"pr", b"blue"]
+    other = Settings(redis_url=redis_url, destinations_file=path, key_prefix="green")
+    before = redis_client.dbsize()
+    with pytest.raises(ConfigError, match="POSTBACK_RELAY_KEY_PREFIX") as refused:
+        Producer.from_settings(other)
+    assert "'blue' or 'pr', this process 'green'" in str(refused.value)
+    assert redis_client.dbsize() == before  # nothing written
+    # A prefix some worker uses: accepted, and its delivery is in that prefix's ledger.
+    blue = Settings(redis_url=redis_url, destinations_file=path, key_prefix="blue")
+    result = Producer.from_settings(blue).produce({"event_id": "e1", **EVENT})
+    assert redis_client.zscore(RedisKeys("blue").ledger(), result.accepted[0]) is not None
 
 
 def test_nothing_announced_or_an_unreachable_broker_is_no_reason_to_refuse(
