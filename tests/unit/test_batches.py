@@ -6,6 +6,7 @@ settled ones skipped when the message comes back, old single-envelope messages s
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -387,3 +388,57 @@ def test_with_batches_redis_pools_grow_with_the_deliveries_in_flight_up_to_a_cap
     assert batched.redis_pool_size == 158
     assert Settings(batch_size=50).redis_pool_size == 256 + 8
     assert Settings(batch_size=50, worker_concurrency=300).redis_pool_size == 300 + 8
+
+
+def test_a_batch_reserves_its_send_times_together_and_parks_its_late_ones_in_one_transaction(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    runtime_of: Callable[..., WorkerRuntime],
+) -> None:
+    """Six deliveries to a destination limited to 4/second: one reservation call for all six
+    (slots 0.25 s apart), the five within the 1-s sleep bound sent in their turn, the sixth
+    (1.25 s off) parked with its slot, in the same transaction as any other of its wave."""
+    path = tmp_path / "destinations.toml"
+    path.write_text(
+        net_destination_toml(receiver.url).replace(
+            "[[destination.routes]]", 'rate_limit = "4/second"\n[[destination.routes]]'
+        )
+    )
+    runtime = runtime_of(path)
+    limiter = runtime.pipeline.limiter
+    calls: list[tuple[str, int]] = []
+    reserve_many = limiter.reserve_many
+
+    def counted(key: str, item: Any, count: int, *args: Any, **kwargs: Any) -> Any:
+        calls.append((key, count))
+        return reserve_many(key, item, count, *args, **kwargs)
+
+    limiter.reserve_many = counted  # type: ignore[method-assign]
+    multis: list[int] = []
+    later_many = runtime.requeuer.later_many
+
+    def parked(items: list[tuple[DeliveryEnvelope, float]], now: float | None = None) -> None:
+        if items:
+            multis.append(len(items))
+        later_many(items, now)
+
+    runtime.requeuer.later_many = parked  # type: ignore[method-assign]
+    members = [envelope(f"r{i}") for i in range(6)]
+
+    report = runtime.deliver_batch(tracked(runtime, *members), "task-r")
+
+    assert calls == [("net", 6)]  # one round trip for the batch, none per delivery
+    statuses = [report.results[m.delivery_id].status for m in members]
+    assert statuses.count("delivered") == 5
+    assert statuses.count("deferred") == 1
+    arrivals = sorted(r.at for r in receiver.received())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) > 0.2  # evenly spaced, 0.25 s apart (minus arrival jitter)
+    assert multis == [1]  # the parked one, with its wave's finish
+    [(wire, due)] = redis_client.zrange(KEYS.delayed(QUEUE), 0, -1, withscores=True)
+    back = DeliveryEnvelope.from_task_arg(decode_task_args(wire.decode())[1][0])
+    assert back.reserved_at is not None
+    assert back.reserved_at == pytest.approx(arrivals[0] + 1.25, abs=0.1)
+    assert due < back.reserved_at  # back shortly before its slot, to sleep the rest
+    assert redis_client.zscore(KEYS.ledger(), back.delivery_id) is not None

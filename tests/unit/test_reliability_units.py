@@ -608,7 +608,7 @@ def test_pipeline_sleeps_a_short_wait_and_parks_a_long_one_once_with_its_reserva
 ) -> None:
     pipeline = limited_net_pipeline(make_runtime, tmp_path, receiver, 'rate_limit = "2/second"')
     slept: list[float] = []
-    pipeline.sleep = slept.append  # the greenlet's sleep, recorded instead of slept
+    pipeline.turns.sleep = slept.append  # the greenlet's sleep, recorded instead of slept
     reserve = pipeline.limiter.reserve
     reservations: list[Any] = []
 
@@ -674,7 +674,7 @@ def test_a_reservation_is_spent_even_when_the_attempt_fails_and_the_retry_reserv
         receiver,
         'rate_limit = "1/second"\nretry = { max_attempts = 3, schedule = [60], jitter = 0 }',
     )
-    pipeline.sleep = lambda seconds: None
+    pipeline.turns.sleep = lambda seconds: None
     item = pipeline.destinations.get("net").rate_limit_item
     reserved = envelope("rl-f").model_copy(
         update={"attempt": 0, "max_attempts": 3, "reserved_at": pipeline.limiter.now()}
@@ -745,6 +745,7 @@ def test_a_delivery_that_waited_is_deferred_when_its_destination_was_paused_mean
     assert result.status == "deferred", result
     assert "paused" in result.detail
     assert receiver.received() == []
+    pipeline.finish([(started.envelope, result)])  # its writes, with its completion wave's
     # Parked until the pause ends, in the delay set, with its ledger entry kept.
     due = redis_client.zrange(KEYS.delayed("postback.templated"), 0, -1, withscores=True)
     assert len(due) == 1

@@ -1,10 +1,12 @@
 """One batch message's deliveries, sent at once: greenlets under gevent, threads otherwise.
 
 Every delivery of a batch starts together (one round trip of start writes), goes out
-concurrently, and is recorded as it finishes: whatever finished by the time the collector looks
-is written in one round trip (a completion wave), so a batch costs 1 + (number of waves) round
-trips of bookkeeping, and a fast partner answers most of a batch in one or two waves. The task
-returns, and Celery acks the message, only after every delivery is settled or parked.
+concurrently, and is recorded as it finishes: what finished within FINISH_LINGER of the first
+unrecorded finish is written in one round trip (a completion wave), so a batch costs
+1 + (number of waves) round trips of bookkeeping. A fast partner answers most of a batch in one
+wave; deliveries that leave one by one (a rate limit spaces them 1/limit apart) share a wave
+per FINISH_LINGER instead of paying a round trip each. The task returns, and Celery acks the
+message, only after every delivery is settled or parked.
 
 All deliveries of a batch run at once (no smaller pool inside the task): a batch then takes as
 long as its slowest delivery, which the timeouts bound below the soft time limit as for a
@@ -30,6 +32,14 @@ from workers.delivery.pipeline import DeliveryPipeline, PipelineResult, Started
 log = structlog.get_logger("postback_relay.batch")
 
 _T = TypeVar("_T")
+
+# How long a finished delivery may wait for others of its batch to finish before its finish
+# writes go out (one round trip for all). A request sent alone costs this machine 3x the CPU
+# of one in a burst, and so does a round trip (bench/pacing_floor.py): at 50/s, a batch's
+# deliveries finish 20 ms apart, and 0.2 s puts about ten in one round trip. What it risks: a
+# worker killed in that time sends those deliveries again (its message comes back unacked),
+# within what the batch had in flight, as any kill mid-batch.
+FINISH_LINGER = 0.2
 # What one delivery's call came to: its result, or what it raised.
 Done = tuple[int, Any, Exception | None]
 
@@ -64,14 +74,17 @@ def gevent_patched() -> bool:
     return bool(monkey.is_module_patched("socket"))
 
 
-def completion_waves(calls: Sequence[Callable[[], _T]]) -> Generator[list[Done]]:
-    """Run every call at once; yield what has finished each time something has, as
-    ``(index, value, exception)``, until all are done. If the consumer stops early (a soft
-    time limit), the greenlets still running are killed."""
+def completion_waves(
+    calls: Sequence[Callable[[], _T]], linger: float = FINISH_LINGER
+) -> Generator[list[Done]]:
+    """Run every call at once; yield what has finished, as ``(index, value, exception)``, each
+    time something has and ``linger`` seconds passed since (or everything is done), until all
+    are done. If the consumer stops early (a soft time limit), the greenlets still running are
+    killed."""
     if gevent_patched():
-        yield from _greenlet_waves(calls)
+        yield from _greenlet_waves(calls, linger)
     else:
-        yield from _thread_waves(calls)
+        yield from _thread_waves(calls, linger)
 
 
 def _guarded(call: Callable[[], _T]) -> Callable[[], tuple[Any, Exception | None]]:
@@ -84,13 +97,15 @@ def _guarded(call: Callable[[], _T]) -> Callable[[], tuple[Any, Exception | None
     return run
 
 
-def _greenlet_waves(calls: Sequence[Callable[[], _T]]) -> Generator[list[Done]]:
+def _greenlet_waves(calls: Sequence[Callable[[], _T]], linger: float) -> Generator[list[Done]]:
     import gevent
 
     pending = {gevent.spawn(_guarded(call)): i for i, call in enumerate(calls)}
     try:
         while pending:
             gevent.wait(list(pending), count=1)
+            if linger > 0:  # those still running get until then to join this wave
+                gevent.wait(list(pending), timeout=linger)
             ready = [g for g in pending if g.ready()]
             yield [(pending.pop(g), *g.value) for g in ready]
     finally:
@@ -98,7 +113,7 @@ def _greenlet_waves(calls: Sequence[Callable[[], _T]]) -> Generator[list[Done]]:
             gevent.killall(list(pending), block=False)
 
 
-def _thread_waves(calls: Sequence[Callable[[], _T]]) -> Generator[list[Done]]:
+def _thread_waves(calls: Sequence[Callable[[], _T]], linger: float) -> Generator[list[Done]]:
     if len(calls) == 1:  # a message of one: no thread
         yield [(0, *_guarded(calls[0])())]
         return
@@ -108,7 +123,10 @@ def _thread_waves(calls: Sequence[Callable[[], _T]]) -> Generator[list[Done]]:
     }
     try:
         while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            wait(list(pending), return_when=FIRST_COMPLETED)
+            if linger > 0:
+                wait(list(pending), timeout=linger)
+            done = [f for f in pending if f.done()]
             yield [(pending.pop(f), *f.result()) for f in done]
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -153,6 +171,8 @@ class BatchRunner:
         if not todo:  # every delivery was settled by an earlier run
             self._finish(leftover, report)
             return report
+        if len(todo) > 1:  # their rate-limit send times together, not a round trip each
+            todo = self.pipeline.reserve_batch(todo)
         calls = [self._call(s) for s in todo]
         unfinished = dict(enumerate(todo))
         try:

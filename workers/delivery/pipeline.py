@@ -29,6 +29,7 @@ from schemas.outcomes import (
     Skipped,
 )
 from workers.delivery.effects import OutcomeEffects
+from workers.delivery.pacing import Held, SendTurns
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds import DestinationAdapter, adapter_for
@@ -41,13 +42,6 @@ from workers.stores.requeue import Requeuer
 
 log = structlog.get_logger("postback_relay.pipeline")
 
-# How late past its reserved time a parked delivery may still send (seconds). Each late send
-# lands beside the sends reserved for now: if every slot of the last 20 ms went late, a 1-s
-# window would see 2 % more than the limit. 2 %, not the 5 % the partner's windows may be
-# over: arrival jitter (the network, a busy partner) bunches requests too. At 50 ms, the
-# rate-limit benchmark's busiest window was 53 at 50/s; at 20 ms, 52.
-LATE_GRACE = 0.02
-
 
 @dataclass(frozen=True)
 class PipelineResult:
@@ -56,6 +50,10 @@ class PipelineResult:
     status: DeliveryStatus
     detail: str = ""
     attempt: AttemptRecord | None = None  # when an HTTP attempt was made
+    answered_at: float | None = None  # when the attempt's answer came (the finish may be later)
+    # Back on its queue at this time (epoch seconds): a retry or a deferral, written with the
+    # finish writes of its completion wave (one transaction for them all).
+    requeue: tuple[DeliveryEnvelope, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +64,7 @@ class Started:
     starts: int  # this start included: above 1, earlier starts never finished
     settled: bool  # the ledger no longer holds it: an earlier run of its message finished it
     paused_until: float | None  # its destination's pause, read with the start
+    send_at: float | None = None  # a rate-limit send time reserved with its batch
 
 
 class DeliveryPipeline:
@@ -102,13 +101,10 @@ class DeliveryPipeline:
         self.keys = keys
         self.max_unfinished_starts = max_unfinished_starts
         self.clock = clock
-        self.max_sleep = rate_limit_max_sleep
-        # A parked delivery is due this long before its reserved time, and sleeps the rest when
-        # it is back: the delay-set mover runs once an interval, and a queue with a backlog
-        # holds it up further; back after its time, it would have lost its slot.
-        self.park_lead = max(rate_limit_max_sleep, delay_mover_interval + 0.1)
-        # time.sleep as it is when the pipeline is built: gevent's under a patched worker.
-        self.sleep = sleep if sleep is not None else time.sleep
+        self.turns = SendTurns(
+            limiter, pauses, max_sleep=rate_limit_max_sleep,
+            mover_interval=delay_mover_interval, clock=clock, sleep=sleep,
+        )  # fmt: skip
         self.sender = sender
         self.effects = OutcomeEffects(pauses, dead_letters)
         # A kind that takes totals (XMP) counts each delivery; its periodic flush does the sending.
@@ -174,11 +170,21 @@ class DeliveryPipeline:
                 f"started {started.starts - 1} times without finishing: "
                 "it may be killing its worker",
             )
-        return self._run(started.envelope, started.paused_until)
+        return self._run(started.envelope, started.paused_until, started.send_at)
 
     def finish(self, done: Iterable[tuple[DeliveryEnvelope, PipelineResult | None]]) -> None:
-        """The finish writes of the deliveries given, in one round trip. ``None``: nothing was
-        done (already settled by an earlier run of its message): only its start is undone."""
+        """The finish writes of the deliveries given, in one round trip, after their retries
+        and deferrals in one transaction. ``None``: nothing was done (already settled by an
+        earlier run of its message): only its start is undone."""
+        done = list(done)
+        now = self.clock()
+        self.requeuer.later_many(
+            [
+                (result.requeue[0], result.requeue[1] - now)
+                for _, result in done
+                if result is not None and result.requeue is not None
+            ]
+        )
         queues: set[str] = set()
         with self.redis.pipeline(transaction=False) as pipe:
             for envelope, result in done:
@@ -207,10 +213,13 @@ class DeliveryPipeline:
                 pipe, "http_duration", envelope.destination, result.attempt.duration_ms / 1000
             )
         if result.status == "delivered":
-            latency = self.clock() - envelope.created_at.timestamp()
+            done = self.clock() if result.answered_at is None else result.answered_at
+            latency = done - envelope.created_at.timestamp()
             self.metrics.observe(pipe, "delivery_latency", envelope.destination, latency)
 
-    def _run(self, envelope: DeliveryEnvelope, paused_until: float | None) -> PipelineResult:
+    def _run(
+        self, envelope: DeliveryEnvelope, paused_until: float | None, send_at: float | None = None
+    ) -> PipelineResult:
         dest = self.destinations.by_name.get(envelope.destination)
         if dest is None:
             return self._dead_letter(
@@ -222,7 +231,7 @@ class DeliveryPipeline:
         aggregator = self.aggregators.get(dest.kind)
         if aggregator is not None:
             return self._aggregate(aggregator, dest, envelope, now)
-        return self._deliver(self._adapters[dest.name], envelope, now, paused_until)
+        return self._deliver(self._adapters[dest.name], envelope, now, paused_until, send_at)
 
     def _deliver(
         self,
@@ -230,11 +239,12 @@ class DeliveryPipeline:
         envelope: DeliveryEnvelope,
         now: float,
         paused_until: float | None,
+        send_at: float | None,
     ) -> PipelineResult:
         """One HTTP attempt, unless the destination is paused or its rate limit says wait."""
         dest = adapter.destination
         if paused_until is not None:
-            return self._defer_paused(envelope, paused_until - now)
+            return self._held(self.turns.paused(envelope, paused_until - now))
 
         try:
             request = adapter.build_request(envelope)
@@ -249,9 +259,9 @@ class DeliveryPipeline:
         if isinstance(request, PermanentFailure):
             return self._dead_letter(envelope, request.reason)
 
-        held = self._hold_back(adapter, envelope)
+        held = self.turns.wait(adapter, envelope, send_at)
         if held is not None:
-            return held
+            return self._held(held)
         now = self.clock()  # the attempt's time is when it went, after any wait for its turn
         outcome, duration = self.sender.send(adapter, request)
         self.effects.pause_if_asked(dest.name, outcome)
@@ -276,68 +286,24 @@ class DeliveryPipeline:
             envelope=envelope,
         )
         result = self._settle(envelope.after_attempt(summary), outcome)
-        return replace(result, attempt=record)
+        return replace(result, attempt=record, answered_at=now + duration)
 
-    def _defer_paused(self, envelope: DeliveryEnvelope, seconds: float) -> PipelineResult:
-        """Not an attempt: back when the pause ends (its rate-limit slot, if any, is spent)."""
-        self.requeuer.later(envelope.model_copy(update={"reserved_at": None}), seconds)
-        detail = f"destination paused for {seconds:.1f}s"
-        log.info("delivery.deferred", reason=detail)
-        return PipelineResult("deferred", detail)
+    @staticmethod
+    def _held(held: Held) -> PipelineResult:
+        return PipelineResult("deferred", held.detail, requeue=(held.back, held.due_at))
 
-    def _hold_back(
-        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
-    ) -> PipelineResult | None:
-        """None when the request may go now: its rate-limit turn has come and its destination
-        is not paused, looked at again (another worker's 429 may have come while it waited)."""
-        parked = self._wait_for_send_time(adapter, envelope)
-        if parked is not None:
-            return parked
-        paused_until = self.pauses.current(adapter.destination.name)
-        if paused_until is not None:
-            return self._defer_paused(envelope, paused_until - self.clock())
-        return None
-
-    def _wait_for_send_time(
-        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
-    ) -> PipelineResult | None:
-        """Wait for this attempt's send time under its destination's rate limit: None when it
-        may be sent now (after a short sleep); "deferred" when it was parked until its time.
-
-        The time is reserved once per attempt. A long wait parks the delivery once, with the
-        reservation on its envelope, so it comes back and sends without asking again."""
-        reserved_at = envelope.reserved_at  # taken when it was parked
-        # Back from parking it was due park_lead early: it sleeps that, or parks again only
-        # when it came back far too early (a mover whose clock is ahead).
-        longest_sleep = self.max_sleep if reserved_at is None else self.park_lead + self.max_sleep
-        for _ in range(3):
-            if reserved_at is None:
-                reservation = self.limiter.reserve(
-                    adapter.rate_limit_key(envelope),
-                    adapter.destination.rate_limit_item,
-                    server_budget=adapter.uses_server_budget,
-                )
-                if reservation is None:
-                    return None
-                reserved_at = reservation.send_at
-            wait = reserved_at - self.limiter.now()
-            if wait > longest_sleep:
-                # Not an attempt: the partner never saw it. Its slot is taken and kept.
-                self.requeuer.later(
-                    envelope.model_copy(update={"reserved_at": reserved_at}),
-                    wait - self.park_lead,
-                )
-                return PipelineResult("deferred", f"rate limited: sends in {wait:.2f}s")
-            if wait > 0:
-                self.sleep(wait)
-                wait = reserved_at - self.limiter.now()
-            if wait >= -LATE_GRACE:
-                return None
-            # Its slot went by before it could go (a backlog held it up, or a busy worker woke
-            # it late): sent now, it would crowd the slots others hold now. It takes a new one.
-            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
-            reserved_at, longest_sleep = None, self.max_sleep
-        return None  # three slots missed in a row: an overloaded worker sends rather than spin
+    def reserve_batch(self, started: Sequence[Started]) -> list[Started]:
+        """``started`` with the rate-limit send times of those that will ask for one (not
+        paused, no time held already), reserved together: one round trip per limit key."""
+        asking = [
+            s for s in started
+            if s.paused_until is None and s.envelope.destination in self._adapters
+        ]  # fmt: skip
+        times = self.turns.reserve_batch(
+            [(self._adapters[s.envelope.destination], s.envelope) for s in asking]
+        )
+        send_at = {id(s): t for s, t in zip(asking, times, strict=True)}
+        return [replace(s, send_at=send_at.get(id(s))) for s in started]
 
     def _aggregate(
         self,
@@ -385,9 +351,12 @@ class DeliveryPipeline:
                 outcome.status,
                 outcome.body_excerpt,
             )
-        self.requeuer.later(envelope, delay)
         log.warning("delivery.retry_scheduled", reason=outcome.reason, delay_s=round(delay, 2))
-        return PipelineResult("retry_scheduled", f"{outcome.reason}; retry in {delay:.1f}s")
+        return PipelineResult(
+            "retry_scheduled",
+            f"{outcome.reason}; retry in {delay:.1f}s",
+            requeue=(envelope, self.clock() + delay),
+        )
 
     def _dead_letter(
         self,

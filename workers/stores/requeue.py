@@ -9,6 +9,7 @@ then the message, on the broker: whichever fails, the ledger holds what to publi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -37,20 +38,34 @@ class Requeuer:
         self.ledger = ledger
 
     def later(self, envelope: DeliveryEnvelope, delay: float, now: float | None = None) -> None:
-        queue = queue_for(envelope.kind)
-        wire = self.encoder.encode_envelope(
-            envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
-        )
-        due = (time.time() if now is None else now) + max(0.0, delay)
+        self.later_many([(envelope, delay)], now)
+
+    def later_many(
+        self, items: Sequence[tuple[DeliveryEnvelope, float]], now: float | None = None
+    ) -> None:
+        """Each envelope back after its delay (0: on its queue now), all in one transaction
+        (a batch's retries and deferrals of one completion wave)."""
+        if not items:
+            return
+        now = time.time() if now is None else now
+        parked = []
+        for envelope, delay in items:
+            wire = self.encoder.encode_envelope(
+                envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
+            )
+            parked.append((envelope.delivery_id, queue_for(envelope.kind), wire, delay))
         if self.ledger.redis is not self.redis:
             with self.ledger.redis.pipeline(transaction=True) as pipe:
-                self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+                for delivery_id, queue, wire, delay in parked:
+                    self.ledger.park(pipe, delivery_id, queue, wire, now + max(0.0, delay))
                 pipe.execute()
         with self.redis.pipeline(transaction=True) as pipe:
-            if delay <= 0:
-                publish(pipe, queue, wire)
-            else:
-                self.delays.schedule(queue, wire, due, pipe=pipe)
-            if self.ledger.redis is self.redis:
-                self.ledger.park(pipe, envelope.delivery_id, queue, wire, due)
+            for delivery_id, queue, wire, delay in parked:
+                due = now + max(0.0, delay)
+                if delay <= 0:
+                    publish(pipe, queue, wire)
+                else:
+                    self.delays.schedule(queue, wire, due, pipe=pipe)
+                if self.ledger.redis is self.redis:
+                    self.ledger.park(pipe, delivery_id, queue, wire, due)
             pipe.execute()
