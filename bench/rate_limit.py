@@ -173,7 +173,7 @@ def measure(
             producer.produce(event)  # a message of its own, whatever the batch size
         _, ended, paced_got = wait_for_count(receiver.count, args.paced, 60, poll=0.1)
         paced_seconds, paced_cpu_s = ended - started, worker_cpu_seconds(workers) - cpu
-        time.sleep(1.0)  # the last acks and events
+        time.sleep(1.0 if paced else 0.0)  # the last acks and events
         receiver.reset()
 
         limited = make_events(args.events, "lim-" + new_run_id(), app_id=LIMITED_APP)
@@ -212,14 +212,15 @@ def report(run: LimitedRun, args: argparse.Namespace) -> tuple[float, int, float
         f"{run.baseline_rate:,.0f} deliveries/s",
         f"{args.baseline:,} events; {run.baseline_cpu_ms:.2f} ms worker CPU per delivery",
     )
-    row(
-        "paced, no limit (same pace as the limit)",
-        f"{run.paced:,} deliveries",
-        f"{paced_ms:.2f} ms worker CPU per delivery without the idle workers' CPU, "
-        f"{paced_ms / run.baseline_cpu_ms:.2f}x the burst; one produce() per "
-        f"{1000 / args.limit:g} ms, {run.paced_seconds:.1f} s"
-        + ("" if run.paced >= args.paced else f" - INCOMPLETE ({args.paced:,} produced)"),
-    )
+    if args.paced:
+        row(
+            "paced, no limit (same pace as the limit)",
+            f"{run.paced:,} deliveries",
+            f"{paced_ms:.2f} ms worker CPU per delivery without the idle workers' CPU, "
+            f"{paced_ms / run.baseline_cpu_ms:.2f}x the burst; one produce() per "
+            f"{1000 / args.limit:g} ms, {run.paced_seconds:.1f} s"
+            + ("" if run.paced >= args.paced else f" - INCOMPLETE ({args.paced:,} produced)"),
+        )
     row(
         "achieved rate (first -> last arrival)",
         f"{achieved:,.1f} /s",
@@ -249,11 +250,12 @@ def report(run: LimitedRun, args: argparse.Namespace) -> tuple[float, int, float
         f"{run.idle_cpu_per_s * 1000:.0f} ms/s: {ratio:.2f}x the unlimited "
         f"{run.baseline_cpu_ms:.2f} ms",
     )
-    row(
-        "limited vs paced, no limit",
-        f"{busy_cpu_ms / paced_ms if paced_ms else float('nan'):.2f}x",
-        "what the limiter adds; the rest is what sending one request at a time costs",
-    )
+    if args.paced:
+        row(
+            "limited vs paced, no limit",
+            f"{busy_cpu_ms / paced_ms if paced_ms else float('nan'):.2f}x",
+            "what the limiter adds; the rest is what sending one request at a time costs",
+        )
     row("duplicate requests", f"{run.duplicates:,}")
     return achieved, busiest, ratio
 
@@ -264,7 +266,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_500)
     parser.add_argument("--baseline", type=int, default=2_000, help="events, unlimited")
     parser.add_argument(
-        "--paced", type=int, default=500, help="events, unlimited, one every 1/limit s"
+        "--paced", type=int, default=500, help="events, unlimited, one every 1/limit s (0: none)"
     )
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument(
