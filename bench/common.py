@@ -21,11 +21,11 @@ import time
 import traceback
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # scripts run as `python bench/x.py` from anywhere
@@ -44,6 +44,7 @@ CORES = os.cpu_count() or 1
 POOLS = list(WORKER_POOLS)
 DEFAULT_POOL: str = Settings.model_fields["worker_pool"].default
 IDFA_NS = uuid.UUID("4b8a8c1e-2f7e-4a55-9d3c-0d1f6f1e2a10")
+_T = TypeVar("_T")
 
 
 # --- output --------------------------------------------------------------------------------
@@ -511,6 +512,15 @@ class Timed:
     @property
     def per_second(self) -> float:
         return rate(self.count, self.seconds)
+
+
+def on_schedule(items: Iterable[_T], gap: float) -> Iterator[_T]:
+    """Each item when its turn comes, ``gap`` seconds apart: the i-th at start + i * gap on the
+    monotonic clock, so one that comes late does not push back those after it (no drift)."""
+    started = time.monotonic()
+    for i, item in enumerate(items):
+        time.sleep(max(0.0, started + i * gap - time.monotonic()))
+        yield item
 
 
 def wait_for_count(

@@ -1,15 +1,23 @@
 """The global rate limit under load: 3 worker processes, one destination at "50/second".
 
 Baseline first: the same workers deliver --baseline events to an unlimited destination (what
-they can do without the limiter, and its worker CPU per delivery). Then --events are produced
-at once for the limited one; the receiver (its own process) stamps every arrival. Reported: the
-achieved rate over the run (first to last arrival), the busiest and the emptiest sliding
-one-second windows, a per-second histogram, how often deliveries were parked by the limiter
-(``deferred``, per delivery), worker CPU per delivery against the unlimited figure, duplicates.
-``--old-ref REF`` runs the same measurement first with the workers of an older commit (its
-files from ``git archive``, same Redis, receiver and machine): before and after in one run.
+they can do without the limiter, and its worker CPU per delivery). Then --paced events go to
+that unlimited destination one ``produce()`` at a time, 1/limit s apart: the limit's pace
+without the limiter, since a request sent alone costs more CPU than one in a burst (see
+bench/pacing_floor.py). Then --events are produced at once for the limited one; the receiver
+(its own process) stamps every arrival. Reported: the achieved rate over the run (first to last
+arrival), the busiest and the emptiest sliding one-second windows, a per-second histogram, how
+often deliveries were parked by the limiter (``deferred``, per delivery), worker CPU per
+delivery against the unlimited figure and against the paced one (what the limiter itself
+adds), duplicates. The paced and the limited figures leave out what the idle workers burn
+over their duration. ``produce()`` does not batch: with --batch-size N the paced events still
+go one message each, so the paced figure pays a Celery message per delivery, which the burst's
+and the limited run's batches share. ``--old-ref REF`` runs the same measurement first with
+the workers of an older commit (its files from ``git archive``, same Redis, receiver and
+machine): before and after in one run.
 Target: achieved rate within 5 % of the limit, no one-second window more than 5 % over it, and
-worker CPU per delivery at most 1.2x the unlimited figure.
+worker CPU per delivery at most 1.2x the unlimited (burst) figure; the paced ratio is
+information.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from common import (
     make_producer,
     max_in_any_window,
     new_run_id,
+    on_schedule,
     pool_args,
     produce_all,
     redis_server,
@@ -103,12 +112,21 @@ class LimitedRun:
     baseline_rate: float
     baseline_cpu_ms: float  # worker CPU per delivery, unlimited
     idle_cpu_per_s: float  # what the idle workers burn (mover, heartbeats, event flushes)
+    paced: int  # deliveries, unlimited, one produce() per 1/limit s
+    paced_seconds: float  # first produce -> last arrival
+    paced_cpu_s: float  # worker CPU over the paced phase
     times: list[float]
     done: bool
     seconds: float  # produce -> last arrival
     cpu_s: float  # worker CPU over the limited run
     deferred: int
     duplicates: int
+
+    def busy_cpu_ms(self, cpu_s: float, seconds: float, delivered: int) -> float:
+        """Worker CPU per delivery over a phase of ``seconds``, less what the idle workers
+        would have burnt meanwhile: the paced and limited phases last events / limit seconds,
+        long enough for it to show (the burst is too short for it to matter)."""
+        return max(0.0, cpu_s - self.idle_cpu_per_s * seconds) * 1000 / max(1, delivered)
 
 
 def checkout(ref: str, workdir: Path) -> Path:
@@ -149,6 +167,15 @@ def measure(
         idle_cpu_per_s = (worker_cpu_seconds(workers) - cpu) / (time.monotonic() - idle_from)
         receiver.reset()
 
+        paced = make_events(args.paced, "paced-" + new_run_id(), app_id=FREE_APP)
+        started, cpu = time.monotonic(), worker_cpu_seconds(workers)
+        for event in on_schedule(paced, 1 / args.limit):
+            producer.produce(event)  # a message of its own, whatever the batch size
+        _, ended, paced_got = wait_for_count(receiver.count, args.paced, 60, poll=0.1)
+        paced_seconds, paced_cpu_s = ended - started, worker_cpu_seconds(workers) - cpu
+        time.sleep(1.0 if paced else 0.0)  # the last acks and events
+        receiver.reset()
+
         limited = make_events(args.events, "lim-" + new_run_id(), app_id=LIMITED_APP)
         started, cpu = time.monotonic(), worker_cpu_seconds(workers)
         produce_all(producer, limited)
@@ -161,8 +188,9 @@ def measure(
         stop_all(workers)
     ids = Counter(parse_qs(urlsplit(t).query)["id"][0] for t in dump["targets"])
     return LimitedRun(
-        label, baseline_rate, baseline_cpu_ms, idle_cpu_per_s, sorted(dump["times"]), done,
-        ended - started, cpu_s, deferred, sum(n - 1 for n in ids.values() if n > 1),
+        label, baseline_rate, baseline_cpu_ms, idle_cpu_per_s, paced_got, paced_seconds,
+        paced_cpu_s, sorted(dump["times"]), done, ended - started, cpu_s, deferred,
+        sum(n - 1 for n in ids.values() if n > 1),
     )  # fmt: skip
 
 
@@ -175,16 +203,24 @@ def report(run: LimitedRun, args: argparse.Namespace) -> tuple[float, int, float
     busiest, busiest_at = max_in_any_window(times)
     per_second = Counter(int(t - times[0]) for t in times)
     cpu_ms = run.cpu_s * 1000 / delivered
-    # The limited run lasts events / limit seconds: the idle workers' own CPU over that time
-    # is not the deliveries' (the unlimited run is too short for it to show).
-    busy_cpu_ms = max(0.0, run.cpu_s - run.idle_cpu_per_s * run.seconds) * 1000 / delivered
+    busy_cpu_ms = run.busy_cpu_ms(run.cpu_s, run.seconds, delivered)
     ratio = busy_cpu_ms / run.baseline_cpu_ms
+    paced_ms = run.busy_cpu_ms(run.paced_cpu_s, run.paced_seconds, run.paced)
     print(f"  --- {run.label} ---")
     row(
         "baseline: same workers, no limit",
         f"{run.baseline_rate:,.0f} deliveries/s",
         f"{args.baseline:,} events; {run.baseline_cpu_ms:.2f} ms worker CPU per delivery",
     )
+    if args.paced:
+        row(
+            "paced, no limit (same pace as the limit)",
+            f"{run.paced:,} deliveries",
+            f"{paced_ms:.2f} ms worker CPU per delivery without the idle workers' CPU, "
+            f"{paced_ms / run.baseline_cpu_ms:.2f}x the burst; one produce() per "
+            f"{1000 / args.limit:g} ms, {run.paced_seconds:.1f} s"
+            + ("" if run.paced >= args.paced else f" - INCOMPLETE ({args.paced:,} produced)"),
+        )
     row(
         "achieved rate (first -> last arrival)",
         f"{achieved:,.1f} /s",
@@ -214,6 +250,12 @@ def report(run: LimitedRun, args: argparse.Namespace) -> tuple[float, int, float
         f"{run.idle_cpu_per_s * 1000:.0f} ms/s: {ratio:.2f}x the unlimited "
         f"{run.baseline_cpu_ms:.2f} ms",
     )
+    if args.paced:
+        row(
+            "limited vs paced, no limit",
+            f"{busy_cpu_ms / paced_ms if paced_ms else float('nan'):.2f}x",
+            "what the limiter adds; the rest is what sending one request at a time costs",
+        )
     row("duplicate requests", f"{run.duplicates:,}")
     return achieved, busiest, ratio
 
@@ -223,6 +265,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50, help="per second")
     parser.add_argument("--events", type=int, default=1_500)
     parser.add_argument("--baseline", type=int, default=2_000, help="events, unlimited")
+    parser.add_argument(
+        "--paced", type=int, default=500, help="events, unlimited, one every 1/limit s (0: none)"
+    )
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument(
         "--batch-size", type=int, default=1, help="POSTBACK_RELAY_BATCH_SIZE (producer and workers)"
@@ -253,6 +298,8 @@ def main() -> None:
                 f"batch size {args.batch_size}",
                 events=f"{args.events:,} produced at once (ideal run: "
                 f"{args.events / args.limit:.1f} s)",
+                paced=f"{args.paced:,} to the unlimited destination, one produce() every "
+                f"{1000 / args.limit:g} ms (a message each, whatever the batch size)",
             )
             runs = []
             if args.old_ref:
