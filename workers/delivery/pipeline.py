@@ -294,10 +294,12 @@ class DeliveryPipeline:
 
     def reserve_batch(self, started: Sequence[Started]) -> list[Started]:
         """``started`` with the rate-limit send times of those that will ask for one (not
-        paused, no time held already), reserved together: one round trip per limit key."""
+        paused, not a kind that takes totals, no time held already), reserved together: one
+        round trip per limit key."""
         asking = [
             s for s in started
             if s.paused_until is None and s.envelope.destination in self._adapters
+            and self._adapters[s.envelope.destination].destination.kind not in self.aggregators
         ]  # fmt: skip
         times = self.turns.reserve_batch(
             [(self._adapters[s.envelope.destination], s.envelope) for s in asking]
