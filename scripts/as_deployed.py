@@ -42,7 +42,7 @@ from typing import Any
 import redis
 import requests
 
-from config.keys import WORKER_KEY_PREFIXES
+from config.keys import WORKER_KEY_PREFIXES, RedisKeys
 from schemas.envelope import delivery_id_for
 from workers.dev.embedded_redis import EmbeddedRedis, free_port, redis_answers
 from workers.dev.receiver import PostbackReceiver
@@ -631,7 +631,8 @@ def run(args: argparse.Namespace, work: Path, marker: str, report: Report) -> No
         if "POSTBACK_RELAY_KEY_PREFIX" in env:  # this run's keys, on the state instance too
             for url in {redis_url, env.get("POSTBACK_RELAY_STATE_REDIS_URL") or redis_url}:
                 client = redis.Redis.from_url(url)
-                for key in client.scan_iter(match=f"*{env['POSTBACK_RELAY_KEY_PREFIX']}:*"):
+                tag = RedisKeys(env["POSTBACK_RELAY_KEY_PREFIX"]).tag  # {prefix}: a hash tag
+                for key in client.scan_iter(match=f"{tag}:*"):
                     client.delete(key)
                 client.hdel(WORKER_KEY_PREFIXES, env["POSTBACK_RELAY_KEY_PREFIX"])
                 client.close()

@@ -27,6 +27,7 @@ from tests.helpers import net_destination_toml
 from workers.app import create_app
 from workers.broker.keys import queue_list
 from workers.broker.wire import TaskMessageEncoder, batch_argsrepr, decode_task_args
+from workers.delivery.batch import completion_waves
 from workers.dev.receiver import Answer, PostbackReceiver
 from workers.runtime import WorkerRuntime
 from workers.stores.delay import DelaySet
@@ -442,3 +443,23 @@ def test_a_batch_reserves_its_send_times_together_and_parks_its_late_ones_in_one
     assert back.reserved_at == pytest.approx(arrivals[0] + 1.25, abs=0.1)
     assert due < back.reserved_at  # back shortly before its slot, to sleep the rest
     assert redis_client.zscore(KEYS.ledger(), back.delivery_id) is not None
+
+
+def test_a_completion_wave_waits_up_to_the_linger_for_more_of_its_batch() -> None:
+    """Deliveries finishing 50 ms apart share a wave (one round trip of finish writes); one
+    that finishes after the linger has passed starts the next wave."""
+
+    def after(seconds: float, value: str) -> Callable[[], str]:
+        def call() -> str:
+            time.sleep(seconds)
+            return value
+
+        return call
+
+    calls = [after(0.0, "a"), after(0.05, "b"), after(0.6, "c")]
+    waves = [sorted(value for _, value, _ in wave) for wave in completion_waves(calls, 0.2)]
+    assert waves == [["a", "b"], ["c"]]
+    # Without a linger each finish is its own wave.
+    calls = [after(0.0, "a"), after(0.3, "b"), after(0.6, "c")]
+    waves = [sorted(value for _, value, _ in wave) for wave in completion_waves(calls, 0)]
+    assert waves == [["a"], ["b"], ["c"]]
