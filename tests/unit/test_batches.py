@@ -463,3 +463,26 @@ def test_a_completion_wave_waits_up_to_the_linger_for_more_of_its_batch() -> Non
     calls = [after(0.0, "a"), after(0.3, "b"), after(0.6, "c")]
     waves = [sorted(value for _, value, _ in wave) for wave in completion_waves(calls, 0)]
     assert waves == [["a"], ["b"], ["c"]]
+
+
+def test_a_time_limit_during_the_linger_still_hands_over_what_had_finished() -> None:
+    """A soft time limit raised while a wave lingers: the deliveries that had finished are
+    yielded (recorded as what they were) before the limit goes on to the collector."""
+    import gevent
+
+    from workers.delivery.batch import _greenlet_waves
+
+    def slow() -> str:
+        gevent.sleep(5)
+        return "late"
+
+    got: list[list[Any]] = []
+
+    def collect() -> None:
+        with gevent.Timeout(0.1):  # what Celery's gevent pool raises at a time limit
+            for wave in _greenlet_waves([lambda: "sent", slow], 1.0):
+                got.append([value for _, value, _ in wave])
+
+    with pytest.raises(gevent.Timeout):
+        collect()
+    assert got == [["sent"]]

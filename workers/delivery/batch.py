@@ -105,7 +105,11 @@ def _greenlet_waves(calls: Sequence[Callable[[], _T]], linger: float) -> Generat
         while pending:
             gevent.wait(list(pending), count=1)
             if linger > 0:  # those still running get until then to join this wave
-                gevent.wait(list(pending), timeout=linger)
+                try:
+                    gevent.wait(list(pending), timeout=linger)
+                except BaseException:  # a time limit: what finished is recorded first
+                    yield [(pending.pop(g), *g.value) for g in list(pending) if g.ready()]
+                    raise
             ready = [g for g in pending if g.ready()]
             yield [(pending.pop(g), *g.value) for g in ready]
     finally:
