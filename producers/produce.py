@@ -15,6 +15,7 @@ from config.destination_base import DestinationBase, Route
 from config.destinations import Destinations, load_destinations
 from config.keys import RedisKeys, queue_for
 from config.settings import Settings
+from producers.pacing import FirstTurns
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.errors import InvalidEvent
 from schemas.event import ConversionEvent
@@ -71,6 +72,7 @@ class Producer:
         # However it is built (from settings, by the API, by the CLI): the workers' state first.
         state_instance.check(client if broker is None else broker, self.keys, settings)
         self._encoder = TaskMessageEncoder(Celery("postback_relay", set_as_current=False))
+        self._turns = FirstTurns(client, self.keys, destinations, settings)
         wait = (
             ReplicaWait(settings.produce_wait_replicas, settings.produce_wait_timeout_ms)
             if settings.produce_wait_replicas
@@ -107,14 +109,31 @@ class Producer:
             not_after=now + timedelta(seconds=dest.retry.max_age_seconds),
         )
 
-    def _plan(self, event: ConversionEvent, now: datetime) -> list[_Planned]:
+    def _route(self, event: ConversionEvent, now: datetime) -> list[tuple[DeliveryEnvelope, float]]:
+        """The event's deliveries, each with its delivery delay (seconds, 0: none)."""
+        return [
+            (self.envelope_for(event, dest, route, now), route.delay_seconds)
+            for dest, route in self.destinations.routes_for(event)
+        ]
+
+    def _plan(self, routed: Sequence[tuple[DeliveryEnvelope, float]], now: float) -> list[_Planned]:
+        """Each delivery's message and where it goes: a new one to a rate-limited destination
+        carries its first send time, and waits in the delay set when that is far off
+        (producers/pacing.py)."""
+        turns = self._turns.take([e for e, delay in routed if delay <= 0]) if routed else []
+        turn = iter(turns)
         planned = []
-        for dest, route in self.destinations.routes_for(event):
-            envelope = self.envelope_for(event, dest, route, now)
+        for routed_envelope, delay in routed:
+            envelope, due, delayed = routed_envelope, now + delay, delay > 0
+            if not delayed:
+                first = next(turn)
+                if first is not None:
+                    envelope = envelope.model_copy(update={"reserved_at": first.send_at})
+                    if first.park_until is not None:
+                        due, delayed = first.park_until, True
             queue = queue_for(envelope.kind)
             envelope_json = envelope.model_dump_json()
             wire = self._encoder.encode_envelope(envelope, envelope.delivery_id, envelope_json)
-            delayed = route.delay_seconds > 0
             planned.append(
                 _Planned(
                     delivery_id=envelope.delivery_id,
@@ -124,7 +143,7 @@ class Producer:
                     queue=queue,
                     target_key=self.keys.delayed(queue) if delayed else queue,
                     delayed=delayed,
-                    due=now.timestamp() + route.delay_seconds,
+                    due=due,
                     wire=wire,
                     kind=envelope.kind,
                     envelope_json=envelope_json,
@@ -165,7 +184,8 @@ class Producer:
         With POSTBACK_RELAY_PRODUCE_WAIT_REPLICAS, raise NotReplicated when too few replicas
         acknowledged the write in time (produce the event again: see NotReplicated)."""
         parsed = ConversionEvent.parse(event)
-        planned = self._plan(parsed, datetime.now(UTC))
+        now = datetime.now(UTC)
+        planned = self._plan(self._route(parsed, now), now.timestamp())
         return _result(parsed.event_id, planned, self._run(planned))
 
     def produce_many(
@@ -175,16 +195,21 @@ class Producer:
         NotReplicated (with the replica wait) fails the whole call: produce every event again
         (those already enqueued come back as duplicates)."""
         results: list[ProduceResult] = []
-        batch: list[tuple[int, str | None, list[_Planned]]] = []
-        pending = 0  # deliveries in the batch: one Lua call carries at most MAX_BATCH
+        batch: list[tuple[int, str | None, int]] = []  # result index, event id, deliveries
+        routed: list[tuple[DeliveryEnvelope, float]] = []
         now = datetime.now(UTC)
 
         def flush() -> None:
-            flat = [p for _, _, plans in batch for p in plans]
+            # One Lua call carries at most MAX_BATCH deliveries, and one round trip takes the
+            # first send times of those among them that need one.
+            flat = self._plan(routed, now.timestamp())
             flags = iter(self._run(flat))
-            for index, event_id, plans in batch:
-                results[index] = _result(event_id, plans, [next(flags) for _ in plans])
+            plans = iter(flat)
+            for index, event_id, count in batch:
+                own = [next(plans) for _ in range(count)]
+                results[index] = _result(event_id, own, [next(flags) for _ in own])
             batch.clear()
+            routed.clear()
 
         for raw in events:
             try:
@@ -193,12 +218,11 @@ class Producer:
                 results.append(ProduceResult(_raw_event_id(raw), error=str(exc)))
                 continue
             results.append(ProduceResult(parsed.event_id))
-            plans = self._plan(parsed, now)
-            batch.append((len(results) - 1, parsed.event_id, plans))
-            pending += len(plans)
-            if pending >= MAX_BATCH:
+            deliveries = self._route(parsed, now)
+            batch.append((len(results) - 1, parsed.event_id, len(deliveries)))
+            routed.extend(deliveries)
+            if len(routed) >= MAX_BATCH:
                 flush()
-                pending = 0
         flush()
         return results
 

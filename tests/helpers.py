@@ -32,6 +32,21 @@ delay_seconds = 60
 """
 
 
+IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
+
+
+def install_event(event_id: str, idfa: str = IDFA) -> dict[str, object]:
+    """An iOS install of one app, as a service would produce it."""
+    return {
+        "event_id": event_id,
+        "app_id": "id123456789",
+        "platform": "ios",
+        "event_name": "install",
+        "event_time": "2026-11-22T10:00:00Z",
+        "idfa": idfa,
+    }
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 30, interval: float = 0.05
 ) -> bool:

@@ -23,7 +23,7 @@ from config.settings import Settings
 from producers.produce import Producer
 from schemas.envelope import DeliveryEnvelope, delivery_id_for
 from schemas.event import ConversionEvent
-from tests.helpers import net_destination_toml
+from tests.helpers import IDFA, install_event, net_destination_toml
 from workers.app import create_app
 from workers.broker.keys import queue_list
 from workers.broker.wire import TaskMessageEncoder, batch_argsrepr, decode_task_args
@@ -34,7 +34,6 @@ from workers.stores.delay import DelaySet
 
 KEYS = RedisKeys("pr")
 QUEUE = queue_for("templated")
-IDFA = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
 
 TWO_DESTINATIONS = """
 [[destination]]
@@ -54,14 +53,7 @@ type = "install"
 
 
 def event(event_id: str, idfa: str = IDFA) -> dict[str, Any]:
-    return {
-        "event_id": event_id,
-        "app_id": "id123456789",
-        "platform": "ios",
-        "event_name": "install",
-        "event_time": "2026-11-22T10:00:00Z",
-        "idfa": idfa,
-    }
+    return dict(install_event(event_id, idfa))
 
 
 def envelope(event_id: str, destination: str = "net", idfa: str = IDFA) -> DeliveryEnvelope:

@@ -28,6 +28,35 @@ log = structlog.get_logger("postback_relay.pipeline")
 LATE_GRACE = 0.02
 
 
+def park_lead(max_sleep: float, mover_interval: float) -> float:
+    """How long before its reserved time a parked delivery is due back on its queue, to sleep
+    the rest there: the delay-set mover runs once an interval, and a queue with a backlog holds
+    it up further; back after its time, it would have lost its slot."""
+    return max(max_sleep, mover_interval + 0.1)
+
+
+def reserve_together(
+    limiter: GlobalRateLimiter, members: Sequence[tuple[DestinationAdapter, DeliveryEnvelope]]
+) -> list[float | None]:
+    """A send time for each member (None: no limit applies, or it holds one already), one
+    round trip per rate-limit key: a batch's deliveries, or produce()'s, ask together."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for i, (adapter, envelope) in enumerate(members):
+        item = adapter.destination.rate_limit_item
+        if envelope.reserved_at is None and (item is not None or adapter.uses_server_budget):
+            group = (adapter.rate_limit_key(envelope), adapter.uses_server_budget)
+            groups.setdefault(group, []).append(i)
+    times: list[float | None] = [None] * len(members)
+    for (limit_key, budget), indexes in groups.items():
+        adapter = members[indexes[0]][0]
+        taken = limiter.reserve_many(
+            limit_key, adapter.destination.rate_limit_item, len(indexes), server_budget=budget
+        )
+        for i, reservation in zip(indexes, taken or [], strict=False):
+            times[i] = reservation.send_at
+    return times
+
+
 @dataclass(frozen=True)
 class Held:
     """Not an attempt (the partner never saw it): ``back`` returns to its queue at ``due_at``."""
@@ -52,10 +81,7 @@ class SendTurns:
         self.pauses = pauses
         self.clock = clock
         self.max_sleep = max_sleep
-        # A parked delivery is due this long before its reserved time, and sleeps the rest when
-        # it is back: the delay-set mover runs once an interval, and a queue with a backlog
-        # holds it up further; back after its time, it would have lost its slot.
-        self.park_lead = max(max_sleep, mover_interval + 0.1)
+        self.park_lead = park_lead(max_sleep, mover_interval)
         # time.sleep as it is when this is built: gevent's under a patched worker.
         self.sleep = sleep if sleep is not None else time.sleep
 
@@ -69,23 +95,8 @@ class SendTurns:
     def reserve_batch(
         self, members: Sequence[tuple[DestinationAdapter, DeliveryEnvelope]]
     ) -> list[float | None]:
-        """A send time for each member (None: no limit applies, or it holds one already),
-        one round trip per rate-limit key: a batch's deliveries ask together."""
-        groups: dict[tuple[str, bool], list[int]] = {}
-        for i, (adapter, envelope) in enumerate(members):
-            item = adapter.destination.rate_limit_item
-            if envelope.reserved_at is None and (item is not None or adapter.uses_server_budget):
-                group = (adapter.rate_limit_key(envelope), adapter.uses_server_budget)
-                groups.setdefault(group, []).append(i)
-        times: list[float | None] = [None] * len(members)
-        for (limit_key, budget), indexes in groups.items():
-            adapter = members[indexes[0]][0]
-            taken = self.limiter.reserve_many(
-                limit_key, adapter.destination.rate_limit_item, len(indexes), server_budget=budget
-            )
-            for i, reservation in zip(indexes, taken or [], strict=False):
-                times[i] = reservation.send_at
-        return times
+        """A batch's send times, reserved together (reserve_together)."""
+        return reserve_together(self.limiter, members)
 
     def wait(
         self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, send_at: float | None = None

@@ -299,7 +299,7 @@ class DeliveryPipeline:
         asking = [
             s for s in started
             if s.paused_until is None and s.envelope.destination in self._adapters
-            and self._adapters[s.envelope.destination].destination.kind not in self.aggregators
+            and self._adapters[s.envelope.destination].sends_each_delivery
         ]  # fmt: skip
         times = self.turns.reserve_batch(
             [(self._adapters[s.envelope.destination], s.envelope) for s in asking]

@@ -35,6 +35,9 @@ class DestinationAdapter(ABC):
     kind: ClassVar[str]
     # True when the partner announces what is left of its own window (rate-limit headers).
     uses_server_budget: ClassVar[bool] = False
+    # False for a kind that counts deliveries into totals its periodic flush sends (XMP): a
+    # delivery of it makes no request of its own, so it takes no rate-limit send time.
+    sends_each_delivery: ClassVar[bool] = True
 
     def __init__(self, destination: DestinationBase) -> None:
         self.destination = destination

@@ -27,6 +27,7 @@ UNAUTHORIZED_PAUSE_SECONDS = 24 * 3600  # until an operator fixes the token and 
 
 class XmpAdapter(DestinationAdapter):
     kind: ClassVar[str] = "xmp"
+    sends_each_delivery: ClassVar[bool] = False
     destination: XmpDestination
 
     def build_request(self, envelope: DeliveryEnvelope) -> PermanentFailure:

@@ -1,0 +1,91 @@
+"""produce() takes the first send time of each new delivery to a rate-limited destination.
+
+A worker that found a delivery's turn far off parked it in the delay set: its message ran twice,
+once to park and once to send, and under a binding limit nearly every delivery did. The producer
+can take the turn instead, in the same call: a delivery whose turn is near goes on its queue
+with the time on its envelope (its worker sleeps the rest), one whose turn is far off goes
+straight into the delay set until shortly before it, so no worker runs it twice. The worker
+honours a time it carries and takes a new one only if it went by (workers/delivery/pacing.py).
+
+Only new deliveries take a time: a duplicate (its claim already taken) or a delivery to a paused
+destination would spend a slot nobody uses and push every later turn back. Both are read in
+one round trip first; an event produced twice at the same moment may still spend one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from config.destinations import Destinations
+from config.keys import RedisKeys
+from config.settings import Settings
+from schemas.envelope import DeliveryEnvelope
+from workers.delivery.pacing import park_lead, reserve_together
+from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
+from workers.kinds import DestinationAdapter, adapter_for
+
+
+@dataclass(frozen=True)
+class FirstTurn:
+    """A new delivery's send time, and where it waits for it."""
+
+    send_at: float  # epoch seconds, Redis's clock: on its envelope as ``reserved_at``
+    park_until: float | None  # far off: in the delay set until then (this host's clock)
+
+
+class FirstTurns:
+    def __init__(
+        self, client: redis.Redis, keys: RedisKeys, destinations: Destinations, settings: Settings
+    ) -> None:
+        """``client``: the state instance's (claims, limits and pauses live there)."""
+        self.redis = client
+        self.keys = keys
+        self.limiter = GlobalRateLimiter(client, keys)
+        self.max_sleep = settings.rate_limit_max_sleep
+        self.park_lead = park_lead(settings.rate_limit_max_sleep, settings.delay_mover_interval)
+        self.adapters: dict[str, DestinationAdapter] = {}
+        for dest in destinations:
+            adapter = adapter_for(dest)
+            limited = dest.rate_limit_item is not None or adapter.uses_server_budget
+            if limited and adapter.sends_each_delivery:
+                self.adapters[dest.name] = adapter
+
+    def take(self, envelopes: Sequence[DeliveryEnvelope]) -> list[FirstTurn | None]:
+        """A turn for each envelope that is new and bound for a rate-limited destination
+        that is not paused now; None for the others (a worker reserves theirs, as before)."""
+        turns: list[FirstTurn | None] = [None] * len(envelopes)
+        limited = [i for i, e in enumerate(envelopes) if e.destination in self.adapters]
+        if not limited:
+            return turns
+        destinations = list(dict.fromkeys(envelopes[i].destination for i in limited))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for i in limited:
+                pipe.exists(self.keys.dedupe(envelopes[i].delivery_id))
+            for destination in destinations:
+                pipe.get(self.keys.paused(destination))
+            replies = pipe.execute()
+        paused = {
+            d for d, raw in zip(destinations, replies[len(limited) :], strict=True)
+            if PauseRegistry.parse(raw) is not None
+        }  # fmt: skip
+        asking = [
+            i for i, taken in zip(limited, replies, strict=False)
+            if not taken and envelopes[i].destination not in paused
+        ]  # fmt: skip
+        if not asking:
+            return turns
+        times = reserve_together(
+            self.limiter, [(self.adapters[envelopes[i].destination], envelopes[i]) for i in asking]
+        )
+        now, redis_now = time.time(), self.limiter.now()
+        for i, send_at in zip(asking, times, strict=True):
+            if send_at is None:
+                continue
+            wait = send_at - redis_now
+            far = wait > self.max_sleep
+            turns[i] = FirstTurn(send_at, now + wait - self.park_lead if far else None)
+        return turns
