@@ -106,19 +106,35 @@ def test_near_turns_go_on_the_queue_and_far_ones_wait_in_the_delay_set_until_jus
 def test_duplicates_and_paused_destinations_take_no_turn(
     producer: Producer, redis_client: redis.Redis
 ) -> None:
-    producer.produce(event("d1"))
+    first = [event(f"d{i}") for i in range(4)]  # 4 at 2/s: the last 1.5 s off, so taken here
+    producer.produce_many(first)
     turn = redis_client.get(KEYS.rate_limit("limited"))
     assert turn is not None
-    again = producer.produce(event("d1"))
-    assert again.accepted == []
-    assert len(again.duplicates) == 2
-    assert redis_client.get(KEYS.rate_limit("limited")) == turn  # no slot spent on it
+    again = producer.produce_many(first)
+    assert all(r.accepted == [] for r in again)
+    assert redis_client.get(KEYS.rate_limit("limited")) == turn  # no slot spent on them
 
     PauseRegistry(redis_client, KEYS).pause("limited", 60, "429 Retry-After: 60")
-    paused = producer.produce(event("d2"))
-    assert len(paused.accepted) == 2
+    paused = producer.produce_many([event(f"p{i}") for i in range(4)])
+    assert all(len(r.accepted) == 2 for r in paused)
     assert redis_client.get(KEYS.rate_limit("limited")) == turn
-    # It goes on its queue without a time: its worker defers it until the pause ends.
-    [mine] = [e for e in queued(redis_client) if e.delivery_id in paused.accepted
-              and e.destination == "limited"]  # fmt: skip
-    assert mine.reserved_at is None
+    # They go on their queue without a time: a worker defers them until the pause ends.
+    ids = {d for r in paused for d in r.accepted}
+    mine = [e for e in queued(redis_client) if e.delivery_id in ids and e.destination == "limited"]
+    assert len(mine) == 4
+    assert all(e.reserved_at is None for e in mine)
+
+
+def test_a_destination_that_keeps_up_is_left_to_the_workers(
+    producer: Producer, redis_client: redis.Redis
+) -> None:
+    """One event, then another, each due at once: nothing would be parked, so produce() takes
+    no turn (a turn due now would go by before a worker picked the delivery up, and it would
+    take a second one)."""
+    for name in ("k1", "k2"):
+        producer.produce(event(name))
+    assert redis_client.get(KEYS.rate_limit("limited")) is None
+    limited = [e for e in queued(redis_client) if e.destination == "limited"]
+    assert len(limited) == 2
+    assert all(e.reserved_at is None for e in limited)
+    assert delayed(redis_client) == []
