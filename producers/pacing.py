@@ -26,7 +26,7 @@ from config.destinations import Destinations
 from config.keys import RedisKeys
 from config.settings import Settings
 from schemas.envelope import DeliveryEnvelope
-from workers.delivery.pacing import park_lead, reserve_together
+from workers.delivery.pacing import park_lead, reserve_together, takes_send_times
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry, emission_interval_us
 from workers.kinds import DestinationAdapter, adapter_for
 
@@ -49,12 +49,10 @@ class FirstTurns:
         self.limiter = GlobalRateLimiter(client, keys)
         self.max_sleep = settings.rate_limit_max_sleep
         self.park_lead = park_lead(settings.rate_limit_max_sleep, settings.delay_mover_interval)
-        self.adapters: dict[str, DestinationAdapter] = {}
-        for dest in destinations:
-            adapter = adapter_for(dest)
-            limited = dest.rate_limit_item is not None or adapter.uses_server_budget
-            if limited and adapter.sends_each_delivery:
-                self.adapters[dest.name] = adapter
+        adapters = (adapter_for(dest) for dest in destinations)
+        self.adapters: dict[str, DestinationAdapter] = {
+            a.destination.name: a for a in adapters if takes_send_times(a)
+        }
 
     def take(self, envelopes: Sequence[DeliveryEnvelope]) -> list[FirstTurn | None]:
         """A turn for each envelope that is new and bound for a rate-limited destination that

@@ -120,8 +120,7 @@ class Producer:
         """Each delivery's message and where it goes: a new one to a rate-limited destination
         carries its first send time, and waits in the delay set when that is far off
         (producers/pacing.py)."""
-        turns = self._turns.take([e for e, delay in routed if delay <= 0]) if routed else []
-        turn = iter(turns)
+        turn = iter(self._turns.take([e for e, delay in routed if delay <= 0]))
         planned = []
         for routed_envelope, delay in routed:
             envelope, due, delayed = routed_envelope, now + delay, delay > 0

@@ -35,15 +35,21 @@ def park_lead(max_sleep: float, mover_interval: float) -> float:
     return max(max_sleep, mover_interval + 0.1)
 
 
+def takes_send_times(adapter: DestinationAdapter) -> bool:
+    """Whether a delivery to ``adapter``'s destination reserves a send time: it makes a request
+    of its own (not XMP's totals) under a limit of ours or the partner's announced budget."""
+    limited = adapter.destination.rate_limit_item is not None or adapter.uses_server_budget
+    return limited and adapter.sends_each_delivery
+
+
 def reserve_together(
     limiter: GlobalRateLimiter, members: Sequence[tuple[DestinationAdapter, DeliveryEnvelope]]
 ) -> list[float | None]:
-    """A send time for each member (None: no limit applies, or it holds one already), one
-    round trip per rate-limit key: a batch's deliveries, or produce()'s, ask together."""
+    """A send time for each member (None: it takes none, or it holds one already), one round
+    trip per rate-limit key: a batch's deliveries, or produce()'s, ask together."""
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, (adapter, envelope) in enumerate(members):
-        item = adapter.destination.rate_limit_item
-        if envelope.reserved_at is None and (item is not None or adapter.uses_server_budget):
+        if envelope.reserved_at is None and takes_send_times(adapter):
             group = (adapter.rate_limit_key(envelope), adapter.uses_server_budget)
             groups.setdefault(group, []).append(i)
     times: list[float | None] = [None] * len(members)
@@ -92,18 +98,12 @@ class SendTurns:
         back = envelope.model_copy(update={"reserved_at": None})
         return Held(detail, back, self.clock() + seconds)
 
-    def reserve_batch(
-        self, members: Sequence[tuple[DestinationAdapter, DeliveryEnvelope]]
-    ) -> list[float | None]:
-        """A batch's send times, reserved together (reserve_together)."""
-        return reserve_together(self.limiter, members)
-
     def wait(
         self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, send_at: float | None = None
     ) -> Held | None:
         """None when the request may go now: its rate-limit turn has come (after a short
         sleep) and its destination is not paused. ``send_at``: a time reserved for it with
-        its batch (reserve_batch)."""
+        its batch (reserve_together)."""
         held = self._wait_for_send_time(adapter, envelope, send_at)
         if held is not None:
             return held

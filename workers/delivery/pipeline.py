@@ -29,7 +29,7 @@ from schemas.outcomes import (
     Skipped,
 )
 from workers.delivery.effects import OutcomeEffects
-from workers.delivery.pacing import Held, SendTurns
+from workers.delivery.pacing import Held, SendTurns, reserve_together
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
 from workers.delivery.sender import Sender
 from workers.kinds import DestinationAdapter, adapter_for
@@ -296,16 +296,14 @@ class DeliveryPipeline:
         """``started`` with the rate-limit send times of those that will ask for one (not
         paused, not a kind that takes totals, no time held already), reserved together: one
         round trip per limit key."""
-        asking = [
-            s for s in started
+        asking = {
+            i: (self._adapters[s.envelope.destination], s.envelope)
+            for i, s in enumerate(started)
             if s.paused_until is None and s.envelope.destination in self._adapters
-            and self._adapters[s.envelope.destination].sends_each_delivery
-        ]  # fmt: skip
-        times = self.turns.reserve_batch(
-            [(self._adapters[s.envelope.destination], s.envelope) for s in asking]
-        )
-        send_at = {id(s): t for s, t in zip(asking, times, strict=True)}
-        return [replace(s, send_at=send_at.get(id(s))) for s in started]
+        }
+        times = reserve_together(self.limiter, list(asking.values()))
+        send_at = dict(zip(asking, times, strict=True))
+        return [replace(s, send_at=send_at.get(i)) for i, s in enumerate(started)]
 
     def _aggregate(
         self,

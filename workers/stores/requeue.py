@@ -53,15 +53,15 @@ class Requeuer:
             wire = self.encoder.encode_envelope(
                 envelope, task_id=f"{envelope.delivery_id}.{envelope.attempt}"
             )
-            parked.append((envelope.delivery_id, queue_for(envelope.kind), wire, delay))
+            due = now + max(0.0, delay)
+            parked.append((envelope.delivery_id, queue_for(envelope.kind), wire, delay, due))
         if self.ledger.redis is not self.redis:
             with self.ledger.redis.pipeline(transaction=True) as pipe:
-                for delivery_id, queue, wire, delay in parked:
-                    self.ledger.park(pipe, delivery_id, queue, wire, now + max(0.0, delay))
+                for delivery_id, queue, wire, _, due in parked:
+                    self.ledger.park(pipe, delivery_id, queue, wire, due)
                 pipe.execute()
         with self.redis.pipeline(transaction=True) as pipe:
-            for delivery_id, queue, wire, delay in parked:
-                due = now + max(0.0, delay)
+            for delivery_id, queue, wire, delay, due in parked:
                 if delay <= 0:
                     publish(pipe, queue, wire)
                 else:
