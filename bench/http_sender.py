@@ -100,7 +100,9 @@ def main() -> None:
             url = f"{receiver.url}/pb?idfa=6D92078A-8246-4BA4-AE5B-76104861E7DC&event=install"
             request = OutgoingRequest("GET", url, url, {"X-Idempotency-Key": "bench"})
             adapter = Probe()
-            settings = SimpleNamespace(http_user_agent="postback-relay-bench", concurrency=64)
+            settings = SimpleNamespace(
+                http_user_agent="postback-relay-bench", concurrency=64, deliveries_in_flight=64
+            )
             session = http_session(settings)  # type: ignore[arg-type]
             sender = Sender(http_client(settings))  # type: ignore[arg-type]
             bare = urllib3.PoolManager(num_pools=32, maxsize=64)

@@ -6,6 +6,11 @@ schedule, so each finds the process idle), and prints the process CPU (``getrusa
 operation both ways and paced / burst. The operations, each a part of every delivery:
   - one urllib3 GET to bench/receiver.py (its own process, answering at once) over a
     keep-alive pool;
+  - the same GET as a delivery makes it: ``workers.delivery.sender.Sender`` (bounded read,
+    charset, masking, the adapter's classification);
+  - for reference, when it is installed (``pip install geventhttpclient``; not a dependency),
+    the same GET on geventhttpclient's pool, whose parser is C: what another client would
+    save;
   - one redis-py pipeline of 10 HINCRBYs (the shape of a delivery's finish step) to the
     bench's Redis (also its own process).
 Neither the receiver's nor Redis' CPU is counted; the sleeping process' own CPU over a paced
@@ -24,6 +29,8 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import gevent.pool  # noqa: E402
 import redis  # noqa: E402
@@ -38,6 +45,11 @@ from common import (  # noqa: E402
     run_main,
     workspace,
 )
+from http_sender import Probe  # noqa: E402
+
+from workers.delivery.client import http_client  # noqa: E402
+from workers.delivery.sender import Sender  # noqa: E402
+from workers.kinds.base import OutgoingRequest  # noqa: E402
 
 PIPELINE_COMMANDS = 10
 
@@ -66,6 +78,29 @@ def paced(op: Callable[[], object], count: int, gap: float) -> tuple[float, floa
         group.spawn(op)
     group.join(raise_error=True)
     return cpu_seconds() - cpu, time.monotonic() - wall
+
+
+def geventhttpclient_get(url: str, size: int) -> Callable[[], object] | None:
+    """A GET of ``url`` on geventhttpclient's pool, or None when it is not installed."""
+    try:
+        from geventhttpclient import HTTPClient
+    except ImportError:
+        row("GET (geventhttpclient)", "skipped: pip install geventhttpclient")
+        return None
+    split = urlsplit(url)
+    client = HTTPClient(split.hostname or "", split.port, concurrency=size,
+                        connection_timeout=5.0, network_timeout=10.0)  # fmt: skip
+    target = f"{split.path}?{split.query}"
+
+    def get() -> object:
+        answer = client.get(target, headers={"User-Agent": "postback-relay-bench"})
+        try:
+            assert answer.status_code == 200, answer.status_code
+            return answer.read()
+        finally:
+            answer.release()
+
+    return get
 
 
 def idle_cpu_per_s(seconds: float = 2.0) -> float:
@@ -108,7 +143,23 @@ def main() -> None:
                         pipe.hincrby(key, f"field-{i}", 1)
                     return pipe.execute()
 
-            ops = {"GET (urllib3)": get, f"pipeline of {PIPELINE_COMMANDS} (redis-py)": pipeline}
+            request = OutgoingRequest("GET", url, url, {"X-Idempotency-Key": "bench"})
+            adapter, in_flight = Probe(), args.greenlets
+            sender = Sender(http_client(SimpleNamespace(  # type: ignore[arg-type]
+                http_user_agent="postback-relay-bench", concurrency=in_flight,
+                deliveries_in_flight=in_flight,
+            )))  # fmt: skip
+
+            def send() -> object:
+                outcome, _ = sender.send(adapter, request)
+                assert getattr(outcome, "status", None) == 200, outcome
+                return outcome
+
+            ops = {"GET (urllib3)": get, "GET (Sender, urllib3)": send}
+            reference = geventhttpclient_get(url, args.greenlets)
+            if reference is not None:
+                ops["GET (geventhttpclient)"] = reference
+            ops[f"pipeline of {PIPELINE_COMMANDS} (redis-py)"] = pipeline
             header(
                 "pacing_floor: CPU per operation, alone vs in a burst (one gevent process)",
                 machine=machine(),
