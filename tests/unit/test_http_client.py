@@ -4,6 +4,7 @@ the environment read once, at start-up."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import socket
@@ -20,11 +21,18 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+from requests.utils import DEFAULT_ACCEPT_ENCODING
 
 from config.settings import Settings
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
 from tests.unit.test_http_session import DOT_SEGMENT_CASES
-from workers.delivery.client import CaBundleError, HttpClient, body_encoding, http_client
+from workers.delivery.client import (
+    CaBundleError,
+    HttpClient,
+    body_encoding,
+    http_client,
+    read_excerpt,
+)
 from workers.delivery.http import wire_url
 from workers.delivery.sender import Sender
 from workers.dev.receiver import PostbackReceiver
@@ -100,6 +108,14 @@ class Partner:
                     self.answer(400, f"bad token {SECRET} in {self.path}".encode())
                 elif path == "/latin":
                     self.answer(200, "café".encode("latin-1"), {"Content-Type": "text/plain"})
+                elif path == "/gzip":
+                    self.answer(200, gzip.compress(b"{}" * BIG), {"Content-Encoding": "gzip"})
+                elif path == "/twice":
+                    self.send_response(429)
+                    self.send_header("X-Rate", "a")
+                    self.send_header("X-Rate", "b")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif path == "/unknown-charset":
                     self.answer(200, b"ok", {"Content-Type": "text/plain; charset=no-such"})
                 else:
@@ -144,9 +160,15 @@ class Probe(DestinationAdapter):
         raise NotImplementedError
 
 
+@pytest.fixture(params=[False, True], ids=["urllib3", "geventhttpclient"])
+def green(request: pytest.FixtureRequest) -> bool:
+    """Each test on both transports: urllib3's pools and a gevent worker's geventhttpclient."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def sender() -> Iterator[Sender]:
-    client = http_client(Settings())
+def sender(green: bool) -> Iterator[Sender]:
+    client = http_client(Settings(), green=green)
     yield Sender(client)
     client.close()
 
@@ -163,7 +185,9 @@ def test_sends_reuse_one_keep_alive_connection(partner: Partner, sender: Sender)
     assert len(partner.seen) == 5
     assert len(partner.ports()) == 1
     assert partner.seen[0].headers["User-Agent"] == Settings().http_user_agent
-    assert partner.seen[0].headers["Accept-Encoding"] == "gzip, deflate"  # as requests sent
+    # As requests sent it: gzip, deflate, and br where a brotli module is installed (it is, with
+    # geventhttpclient), each decoded by both transports.
+    assert partner.seen[0].headers["Accept-Encoding"] == DEFAULT_ACCEPT_ENCODING
 
 
 def test_an_adapters_header_replaces_a_default_of_the_same_name(
@@ -270,6 +294,25 @@ def test_the_excerpt_is_decoded_with_requests_choice_of_charset(
 ) -> None:
     outcome, _ = sender.send(Probe(), get(partner.url + "/latin"))
     assert outcome == Delivered(200, "café")  # text/* without a charset: ISO-8859-1
+
+
+def test_a_compressed_answer_is_decoded_and_cut_at_the_bound(
+    partner: Partner, sender: Sender
+) -> None:
+    outcome, _ = sender.send(Probe(), get(partner.url + "/gzip"))
+    assert outcome == Delivered(200, ("{}" * BIG)[:RESPONSE_READ_BYTES])
+
+
+def test_a_header_sent_twice_reads_as_its_values_joined(green: bool, partner: Partner) -> None:
+    client = http_client(Settings(), green=green)
+    try:
+        timeout = Sender(client).timeout(2.0, 0.5)
+        answer = client.open("GET", partner.url + "/twice", headers={}, body=None,
+                             timeout=timeout, follow_redirects=True)  # fmt: skip
+        assert (answer.status, answer.headers.get("x-rate")) == (429, "a, b")
+        assert read_excerpt(answer, 10) == b""
+    finally:
+        client.close()
 
 
 def test_an_unknown_charset_reads_as_utf8_instead_of_raising(
@@ -379,20 +422,25 @@ def tls_partner(partner: Partner, certificate: tuple[Path, Path]) -> Partner:
 
 
 def test_https_is_verified_against_the_ca_bundle_named_at_start_up(
-    monkeypatch: pytest.MonkeyPatch, tls_partner: Partner, certificate: tuple[Path, Path]
+    monkeypatch: pytest.MonkeyPatch,
+    tls_partner: Partner,
+    certificate: tuple[Path, Path],
+    green: bool,
 ) -> None:
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
-    sender = Sender(http_client(Settings()))
+    client = http_client(Settings(), green=green)
     for _ in range(3):
-        outcome, _ = sender.send(Probe(), get(tls_partner.url + "/ok"))
+        outcome, _ = Sender(client).send(Probe(), get(tls_partner.url + "/ok"))
         assert outcome == Delivered(200, '{"ok":true}')
+    client.close()
     assert len(tls_partner.ports()) == 1  # one TLS handshake, then keep-alive
 
 
 def test_https_to_a_certificate_no_bundle_trusts_is_a_retryable_ssl_error(
-    tls_partner: Partner,
+    tls_partner: Partner, green: bool
 ) -> None:
-    outcome, _ = Sender(http_client(Settings())).send(Probe(), get(tls_partner.url + "/ok"))
+    sender = Sender(http_client(Settings(), green=green))
+    outcome, _ = sender.send(Probe(), get(tls_partner.url + "/ok"))
     assert outcome == RetryLater("connection error (SSLError)")  # certifi's bundle, as requests
 
 

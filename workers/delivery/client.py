@@ -37,6 +37,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 from config.settings import Settings
 from schemas.errors import PostbackRelayError
+from workers.delivery.green import GreenAnswer, GreenPools
 from workers.delivery.http import HttpFailure
 
 # Redirects as requests follows them: at most 4 followed, the 5th is an error (its max_redirects).
@@ -94,13 +95,18 @@ def body_encoding(content_type: str | None) -> str:
     return "ISO-8859-1" if "text" in media_type.strip() else "utf-8"
 
 
-def read_excerpt(response: urllib3.BaseHTTPResponse, limit: int) -> bytes:
+Answer = urllib3.BaseHTTPResponse | GreenAnswer
+
+
+def read_excerpt(response: Answer, limit: int) -> bytes:
     """At most ``limit`` bytes of the body (decoded), never more, then the connection is settled.
 
     A body read to its end has already sent the connection back to the pool (urllib3 does when
     the body ends). A longer body is not drained, which could take as long as the partner likes:
     the connection is closed instead, so the next request on it cannot read this one's rest,
     and its place in the pool reconnects on next use."""
+    if isinstance(response, GreenAnswer):
+        return response.read(limit)  # settles its connection itself
     try:
         return response.read(limit, decode_content=True)
     finally:
@@ -171,7 +177,11 @@ class HttpClient:
     ``ProxyManager`` per proxy the environment named at start-up. Redirects, default headers,
     proxies and certificates as requests' session had them, without its per-request cost."""
 
-    def __init__(self, user_agent: str, *, num_pools: int = 32, maxsize: int = 10) -> None:
+    def __init__(
+        self, user_agent: str, *, num_pools: int = 32, maxsize: int = 10, green: bool = False
+    ) -> None:
+        """``green``: direct requests on geventhttpclient's pools (workers/delivery/green.py),
+        for a process gevent patched; proxied ones stay on urllib3."""
         # The same reading of the *_proxy variables as requests makes (it asks urllib too).
         self.env_proxies: dict[str, str] = urllib.request.getproxies_environment()
         # requests' CA bundle: its variables, else certifi's (not the system's, as urllib3's is).
@@ -186,6 +196,7 @@ class HttpClient:
             "ssl_context": self.ssl_context,
         }
         self.direct = urllib3.PoolManager(**self.pool_kwargs)
+        self.green = GreenPools(self.ssl_context, maxsize) if green else None
         self.proxied = {
             proxy: self._proxy_manager(proxy)
             for scheme, proxy in self.env_proxies.items()
@@ -216,6 +227,8 @@ class HttpClient:
         """Close every pooled connection (tests; a worker keeps its pools until it exits)."""
         for manager in (self.direct, *self.proxied.values()):
             manager.clear()
+        if self.green is not None:
+            self.green.close()
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy for ``url`` by the start-up environment (None when none or bypassed)."""
@@ -236,7 +249,7 @@ class HttpClient:
         body: bytes | None,
         timeout: urllib3.Timeout,
         follow_redirects: bool,
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> Answer:
         """The answer with its body unread (``read_excerpt`` reads it). Raises urllib3's errors
         (``failure_of`` names them) and ``TooManyRedirects``; never retries."""
         sent = _merged(self.headers, headers)
@@ -245,11 +258,17 @@ class HttpClient:
             if not _HTTP_URL.match(url):
                 raise URLSchemeUnknown(url.partition(":")[0] if ":" in url else "(none)")
             proxy = self.proxy_for(url)
-            manager = self.direct if proxy is None else self.proxied[proxy]
-            response = manager.urlopen(
-                method, url, body=body, headers=sent, timeout=timeout, retries=False,
-                redirect=False, preload_content=False, decode_content=True,
-            )  # fmt: skip
+            response: Answer
+            if proxy is None and self.green is not None:
+                response = self.green.urlopen(method, url, body=body, headers=sent,
+                                              connect=timeout.connect_timeout,  # type: ignore[arg-type]
+                                              read=timeout.read_timeout)  # type: ignore[arg-type]  # fmt: skip
+            else:
+                manager = self.direct if proxy is None else self.proxied[proxy]
+                response = manager.urlopen(
+                    method, url, body=body, headers=sent, timeout=timeout, retries=False,
+                    redirect=False, preload_content=False, decode_content=True,
+                )  # fmt: skip
             location = response.headers.get("Location")
             if not follow_redirects or location is None or response.status not in REDIRECT_STATUSES:
                 return response
@@ -272,8 +291,13 @@ class HttpClient:
             url = target
 
 
-def http_client(settings: Settings) -> HttpClient:
+def http_client(settings: Settings, *, green: bool | None = None) -> HttpClient:
     """Deliveries' client, one per process: keep-alive to each partner, one connection per
-    delivery the process may send at once (concurrency x batch size)."""
+    delivery the process may send at once (concurrency x batch size). ``green``: on
+    geventhttpclient's pools; by default where gevent patched the process (its pool needs the
+    hub, which the threads pool's threads do not share)."""
+    from workers.delivery.batch import gevent_patched
+
     in_flight = max(10, settings.deliveries_in_flight)
-    return HttpClient(settings.http_user_agent, num_pools=32, maxsize=in_flight)
+    green = gevent_patched() if green is None else green
+    return HttpClient(settings.http_user_agent, num_pools=32, maxsize=in_flight, green=green)
