@@ -13,6 +13,11 @@ proxy choice. What this module owes the sender is the same answers and failures:
 headers read as urllib3 reads them (a header sent twice joined with ", "), a body excerpt of at
 most the asked bytes, decoded as the Content-Encoding says, and urllib3's exception for each
 failure, so ``failure_of`` names them as before.
+
+One difference: a kept connection the partner closed just as a GET (or another idempotent
+method) went out is tried once more on a new one, within the same attempt (RFC 9110 9.2.2);
+urllib3 with retries off would record a connection error and the delivery's next attempt would
+send it again, with the same idempotency key. A POST is never re-sent by the client.
 """
 
 from __future__ import annotations
