@@ -19,6 +19,7 @@ from config.redis import RedisSettings
 from config.settings import Settings
 from workers import redis_clients
 from workers.app import create_app
+from workers.broker import transport as broker_transport
 from workers.broker.acks import AckWriting
 from workers.broker.transport import ACK_BATCH
 from workers.dev.embedded_redis import free_port
@@ -271,6 +272,12 @@ def test_a_lost_plain_redis_is_left_to_celerys_backoff() -> None:
     assert [e for e in logs if e["event"] == "transport.waiting_for_master"] == []
 
 
+@pytest.fixture
+def acks_held_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acks written only by a full batch, a write or a close, however slowly a test runs."""
+    monkeypatch.setattr(broker_transport, "ACK_WRITE_INTERVAL", 60.0)
+
+
 def unacked(client: redis.Redis) -> tuple[int, int]:
     """(entries of kombu's unacked hash, entries of its index): a message not yet acked in Redis."""
     return client.hlen("unacked"), client.zcard("unacked_index")
@@ -291,6 +298,7 @@ def take(queue: Any, count: int, ack: bool = True) -> list[Any]:
     return messages
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_acks_are_held_until_a_write_puts_them_all_in_one_round_trip(
     connection: Connection, redis_client: redis.Redis
 ) -> None:
@@ -315,6 +323,7 @@ def test_acks_are_held_until_a_write_puts_them_all_in_one_round_trip(
     queue.close()
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_a_full_batch_of_acks_is_written_without_waiting(
     connection: Connection, redis_client: redis.Redis
 ) -> None:
@@ -326,6 +335,23 @@ def test_a_full_batch_of_acks_is_written_without_waiting(
     queue.close()
 
 
+def test_an_ack_that_finds_the_oldest_held_long_enough_writes_them_all(
+    connection: Connection, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While acks keep coming they write themselves: no timer has to wake the worker."""
+    monkeypatch.setattr(broker_transport, "ACK_WRITE_INTERVAL", 0.3)
+    queue = queue_of(connection, "held-acks-age", 3)
+    first, second, third = take(queue, 3, ack=False)
+    first.ack()
+    second.ack()
+    assert unacked(redis_client) == (3, 3)
+    time.sleep(0.3)
+    third.ack()
+    assert unacked(redis_client) == (0, 0)
+    queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
 def test_a_requeue_keeps_the_other_held_acks_and_is_never_written_as_acked(
     connection: Connection, redis_client: redis.Redis
 ) -> None:
@@ -354,6 +380,7 @@ def test_a_requeue_keeps_the_other_held_acks_and_is_never_written_as_acked(
     queue.close()
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_closing_writes_the_held_acks_and_restores_only_the_unacked(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -369,6 +396,7 @@ def test_closing_writes_the_held_acks_and_restores_only_the_unacked(
     assert len(restored) == 2
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_a_failed_write_keeps_its_acks_for_the_next_one(
     connection: Connection, redis_client: redis.Redis
 ) -> None:
@@ -392,6 +420,7 @@ def test_a_failed_write_keeps_its_acks_for_the_next_one(
     queue.close()
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_a_failed_write_drops_acks_held_for_half_the_visibility_timeout(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -417,6 +446,7 @@ def test_a_failed_write_drops_acks_held_for_half_the_visibility_timeout(
         queue.close()
 
 
+@pytest.mark.usefixtures("acks_held_long")
 def test_the_worker_writes_held_acks_on_its_timer(
     connection: Connection, redis_client: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

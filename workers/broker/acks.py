@@ -1,5 +1,6 @@
 """Writes the acks our transport holds (workers/broker/transport.py, ``QoS``) at least every
-``ACK_WRITE_INTERVAL`` seconds, so a worker acking slowly or going idle leaves none held for long.
+``IDLE_ACK_WRITE_INTERVAL`` seconds: while acks keep coming they write those held themselves, but
+the last ones before a pause would otherwise wait for the next ack or the channel's close.
 
 The consumer's timer runs the write, as it runs the flush of batched task events (events.py):
 it exists with every pool (gevent's timer runs greenlets, the threads pool's is a thread of its
@@ -14,7 +15,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from workers.broker.transport import ACK_WRITE_INTERVAL, Transport
+from workers.broker.transport import IDLE_ACK_WRITE_INTERVAL, Transport
 
 
 class AckWriting(bootsteps.StartStopStep):
@@ -24,7 +25,7 @@ class AckWriting(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         # Runs on every (re)connect; the write looks up the consumer's connection each time.
         if self.tref is None:
-            self.tref = c.timer.call_repeatedly(ACK_WRITE_INTERVAL, self.write, (c,))
+            self.tref = c.timer.call_repeatedly(IDLE_ACK_WRITE_INTERVAL, self.write, (c,))
 
     @staticmethod
     def write(c: Any) -> None:

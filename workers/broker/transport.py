@@ -75,14 +75,18 @@ log = structlog.get_logger("postback_relay.transport")
 FAILOVER_WAIT = 10.0
 FAILOVER_POLL = 0.25
 
-# Held acks are written when this many are waiting, and by the worker every ACK_WRITE_INTERVAL
-# seconds (workers/broker/acks.py). Under a rate limit a worker acks every 20-60 ms, so 0.2 s
-# writes ~4-10 acks per round trip; longer would save little more, and a held ack keeps its
-# message in kombu's unacked hash (counted as in flight by ``health``) and, if the worker is
-# killed, brings it back for a redelivery the ledger skips. 64: a whole burst's worth of one
-# gevent worker (concurrency 64) in one write of two commands.
+# Held acks are written by the ack that makes ACK_BATCH of them or finds the oldest held for
+# ACK_WRITE_INTERVAL seconds, and by the worker's timer every IDLE_ACK_WRITE_INTERVAL seconds
+# for the last ones before a pause (workers/broker/acks.py). Under a rate limit a worker acks
+# every 20-60 ms, so 0.2 s writes ~4-10 acks per round trip; longer would save little more, and
+# a held ack keeps its message in kombu's unacked hash (counted as in flight by ``health``)
+# and, if the worker is killed, brings it back for a redelivery the ledger skips. The acks
+# write, not the timer, while they keep coming: each timer tick wakes a gevent worker up
+# (~0.4 ms of CPU here, bench/acks.py), and a 0.2 s timer cost three idle rate_limit.py
+# workers 5-15 ms/s more. 64: a burst's worth of one gevent worker (concurrency 64).
 ACK_BATCH = 64
 ACK_WRITE_INTERVAL = 0.2
+IDLE_ACK_WRITE_INTERVAL = 1.0
 
 UnreadableItemHandler = Callable[[str, bytes, str], object]
 """(queue, the raw item, why it cannot be read): keeps an item kombu cannot decode."""
@@ -158,9 +162,16 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: Any) -> None:
         virtual.QoS.ack(self, delivery_tag)  # kombu's bookkeeping, without its Redis writes
+        now = time.monotonic()
         with self._held_lock:
-            self._held_acks[delivery_tag] = time.monotonic()
-            if self._channel_closing or len(self._held_acks) >= ACK_BATCH:
+            held = self._held_acks
+            held[delivery_tag] = now
+            oldest = next(iter(held.values()))  # a dict keeps the order the tags came in
+            if (
+                self._channel_closing
+                or len(held) >= ACK_BATCH
+                or now - oldest >= ACK_WRITE_INTERVAL
+            ):
                 self._write_held()
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
