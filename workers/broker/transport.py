@@ -81,9 +81,9 @@ FAILOVER_POLL = 0.25
 # every 20-60 ms, so 0.2 s writes ~4-10 acks per round trip; longer would save little more, and
 # a held ack keeps its message in kombu's unacked hash (counted as in flight by ``health``)
 # and, if the worker is killed, brings it back for a redelivery the ledger skips. The acks
-# write, not the timer, while they keep coming: each timer tick wakes a gevent worker up
-# (~0.4 ms of CPU here, bench/acks.py), and a 0.2 s timer cost three idle rate_limit.py
-# workers 5-15 ms/s more. 64: a burst's worth of one gevent worker (concurrency 64).
+# write, not the timer, while they keep coming: each tick of Celery's gevent timer cost a worker
+# ~0.4 ms of CPU here (2 ms/s at 0.2 s; 0.4 ms/s at 1 s), ~2 % of a rate-limited delivery's.
+# 64: a burst's worth of one gevent worker (concurrency 64).
 ACK_BATCH = 64
 ACK_WRITE_INTERVAL = 0.2
 IDLE_ACK_WRITE_INTERVAL = 1.0
