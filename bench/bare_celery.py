@@ -7,7 +7,8 @@ is what postback-relay does per delivery (validation, the pipeline's Redis round
 HTTP request, logging), not Celery's own cost.
 
 With ``BENCH_RELAY_TUNING=1`` the same app runs on postback-relay's kombu transport and with its
-task-event batching (workers/broker/transport.py, workers/broker/events.py): a second
+task-event batching and timed ack writes (workers/broker/transport.py, workers/broker/events.py,
+workers/broker/acks.py): a second
 reference that shows how much of the difference is Celery's own per-message cost that
 postback-relay trims.
 
@@ -56,10 +57,12 @@ app.conf.update(
 
 if os.environ.get("BENCH_RELAY_TUNING") == "1":
     # Not workers.app: importing it would hand Celery's logging set-up to structlog.
+    from workers.broker.acks import AckWriting
     from workers.broker.events import EventBatching
 
     app.conf.broker_transport = "workers.broker.transport:Transport"
     app.steps["consumer"].add(EventBatching)
+    app.steps["consumer"].add(AckWriting)
 
 _client = redis.Redis.from_url(BROKER)
 

@@ -13,7 +13,7 @@ SCRIPTS=("$@")
 if [ ${#SCRIPTS[@]} -eq 0 ]; then
   SCRIPTS=(produce api "deliver_fast --batch-sizes 1,50" deliver_slow
            "deliver_slow --batch-size 50 --backlog 20000 --window 6" latency
-           "latency --batch-size 50" rate_limit "rate_limit --batch-size 50" pacing_floor xmp
+           "latency --batch-size 50" rate_limit "rate_limit --batch-size 50" pacing_floor acks xmp
            memory)
 fi
 

@@ -17,6 +17,7 @@ from config.keys import RedisKeys, queue_for, task_name_for
 from config.kinds import KINDS
 from config.settings import Settings
 from workers import redis_clients
+from workers.broker.acks import AckWriting
 from workers.broker.consumer import CheckedTask
 from workers.broker.events import EventBatching
 from workers.broker.internals import check_internals
@@ -119,6 +120,7 @@ def create_app(settings: Settings, destinations: Destinations | None = None) -> 
     _register_periodic_tasks(app)
     app.steps["worker"].add(DelayMover)
     app.steps["consumer"].add(EventBatching)
+    app.steps["consumer"].add(AckWriting)
     return app
 
 

@@ -1,5 +1,5 @@
-"""Worker pools and task events: gevent delivers like threads, and task events (for Flower) are
-published in batches with either pool."""
+"""Worker pools and task events: gevent delivers like threads, and task events (for Flower) and
+acks are written in batches with either pool."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import redis
 
 from producers.produce import Producer
 from tests.conftest import WorkerProcess
-from tests.helpers import cli_env, run_cli
+from tests.helpers import cli_env, run_cli, wait_until
 from workers.dev.receiver import PostbackReceiver
 
 pytestmark = pytest.mark.integration
@@ -88,6 +88,10 @@ def test_every_delivery_arrives_and_task_events_go_out_in_batches(
     )
     # 3 events per delivery; one publish each would be 3 * N.
     assert publishes <= N // 2, f"{publishes} publishes for {3 * N} task events"
+    # Fewer acks than a batch (workers/broker/transport.py): the consumer's timer writes them
+    # while the worker runs, whatever the pool.
+    assert wait_until(lambda: redis_client.hlen("unacked") == 0, 5), "acks left held"
+    assert worker.proc.poll() is None
 
 
 def test_gevent_workers_patch_first_keep_their_node_name_and_health_counts_each(

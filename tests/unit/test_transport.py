@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +19,9 @@ from config.redis import RedisSettings
 from config.settings import Settings
 from workers import redis_clients
 from workers.app import create_app
+from workers.broker import transport as broker_transport
+from workers.broker.acks import AckWriting
+from workers.broker.transport import ACK_BATCH
 from workers.dev.embedded_redis import free_port
 from workers.redis_clients import TRANSPORT
 
@@ -65,7 +70,8 @@ def test_messages_still_go_round_trip_with_acks(connection: Connection) -> None:
             got.append(message.payload["n"])
             message.ack()
         assert got == list(range(20))
-        # Acked: nothing is left in kombu's unacked hash to be restored later.
+        # Acked (the held acks written): nothing is left in kombu's unacked hash to be restored.
+        connection.transport.write_held_acks()
         client = connection.default_channel.client
         assert client.hlen(connection.default_channel.unacked_key) == 0
     finally:
@@ -264,3 +270,193 @@ def test_a_lost_plain_redis_is_left_to_celerys_backoff() -> None:
     with structlog.testing.capture_logs() as logs, pytest.raises(redis.ConnectionError):
         connection.transport.establish_connection()
     assert [e for e in logs if e["event"] == "transport.waiting_for_master"] == []
+
+
+@pytest.fixture
+def acks_held_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acks written only by a full batch, a write or a close, however slowly a test runs."""
+    monkeypatch.setattr(broker_transport, "ACK_WRITE_INTERVAL", 60.0)
+
+
+def unacked(client: redis.Redis) -> tuple[int, int]:
+    """(entries of kombu's unacked hash, entries of its index): a message not yet acked in Redis."""
+    return client.hlen("unacked"), client.zcard("unacked_index")
+
+
+def queue_of(connection: Connection, name: str, count: int) -> Any:
+    """A queue holding ``count`` messages, {"n": 0} first."""
+    queue = connection.SimpleQueue(name)
+    for i in range(count):
+        queue.put({"n": i})
+    return queue
+
+
+def take(queue: Any, count: int, ack: bool = True) -> list[Any]:
+    messages = [queue.get(timeout=5) for _ in range(count)]
+    for message in messages if ack else ():
+        message.ack()
+    return messages
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_acks_are_held_until_a_write_puts_them_all_in_one_round_trip(
+    connection: Connection, redis_client: redis.Redis
+) -> None:
+    queue = queue_of(connection, "held-acks", 10)
+    take(queue, 10)
+    assert unacked(redis_client) == (10, 10)  # acked for kombu, not yet in Redis
+    assert connection.default_channel.qos.can_consume()  # nor held back from prefetching
+    writes: list[list[str]] = []
+    real_pipeline = redis.client.Pipeline.execute
+
+    def execute(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        writes.append([command[0][0] for command in pipe.command_stack])
+        return real_pipeline(pipe, *args, **kwargs)
+
+    redis.client.Pipeline.execute = execute  # type: ignore[method-assign]
+    try:
+        connection.transport.write_held_acks()
+    finally:
+        redis.client.Pipeline.execute = real_pipeline  # type: ignore[method-assign]
+    assert writes == [["ZREM", "HDEL"]]  # ten acks, one pipeline of two commands
+    assert unacked(redis_client) == (0, 0)
+    queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_a_full_batch_of_acks_is_written_without_waiting(
+    connection: Connection, redis_client: redis.Redis
+) -> None:
+    queue = queue_of(connection, "held-acks-batch", ACK_BATCH + 3)
+    take(queue, ACK_BATCH - 1)
+    assert unacked(redis_client) == (ACK_BATCH - 1, ACK_BATCH - 1)
+    take(queue, 4)  # the first of these fills the batch: all of it is written
+    assert unacked(redis_client) == (3, 3)  # the three acked since are held
+    queue.close()
+
+
+def test_an_ack_that_finds_the_oldest_held_long_enough_writes_them_all(
+    connection: Connection, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While acks keep coming they write themselves: no timer has to wake the worker."""
+    monkeypatch.setattr(broker_transport, "ACK_WRITE_INTERVAL", 0.3)
+    queue = queue_of(connection, "held-acks-age", 3)
+    first, second, third = take(queue, 3, ack=False)
+    first.ack()
+    second.ack()
+    assert unacked(redis_client) == (3, 3)
+    time.sleep(0.3)
+    third.ack()
+    assert unacked(redis_client) == (0, 0)
+    queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_a_requeue_keeps_the_other_held_acks_and_is_never_written_as_acked(
+    connection: Connection, redis_client: redis.Redis
+) -> None:
+    queue = queue_of(connection, "held-acks-requeue", 5)
+    first, second, third, fourth, fifth = take(queue, 5, ack=False)
+    for message in (first, second, fourth, fifth):
+        message.ack()
+    third.requeue()
+    assert redis_client.llen("held-acks-requeue") == 1
+    assert unacked(redis_client) == (4, 4)  # the four acks still held, the requeued one gone
+    connection.transport.write_held_acks()
+    assert unacked(redis_client) == (0, 0)
+    again = queue.get(timeout=5)  # kombu redelivers a message under its old tag
+    assert again.payload == {"n": 2}
+    assert again.delivery_tag == third.delivery_tag
+
+    # A tag acked and then rejected (through the channel itself) is not written as acked
+    # afterwards: that would remove the record of its redelivery.
+    qos = connection.default_channel.qos
+    qos.ack(again.delivery_tag)
+    qos.reject(again.delivery_tag, requeue=True)
+    redelivered = queue.get(timeout=5)
+    assert redelivered.delivery_tag == third.delivery_tag
+    connection.transport.write_held_acks()
+    assert unacked(redis_client) == (1, 1)  # the redelivery's own record is still there
+    queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_closing_writes_the_held_acks_and_restores_only_the_unacked(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        queue = queue_of(conn, "held-acks-close", 5)
+        taken = take(queue, 5, ack=False)
+        for message in taken[:3]:
+            message.ack()
+        assert unacked(redis_client) == (5, 5)
+    # Closed at once: the three acks were written, the two unacked went back to the queue.
+    assert unacked(redis_client) == (0, 0)
+    restored = [json.loads(i) for i in redis_client.lrange("held-acks-close", 0, -1)]
+    assert len(restored) == 2
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_a_failed_write_keeps_its_acks_for_the_next_one(
+    connection: Connection, redis_client: redis.Redis
+) -> None:
+    queue = queue_of(connection, "held-acks-failed", 5)
+    take(queue, 5)
+    qos = connection.default_channel.qos
+
+    def broker_away(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to the broker. Connection refused.")
+
+    qos.pipe_or_acquire = broker_away
+    with structlog.testing.capture_logs() as logs:
+        connection.transport.write_held_acks()  # does not raise
+    (failed,) = [e for e in logs if e["event"] == "transport.ack_write_failed"]
+    assert (failed["held"], failed["dropped"]) == (5, 0)
+    assert failed["log_level"] == "warning"
+    assert unacked(redis_client) == (5, 5)
+    del qos.pipe_or_acquire  # the broker is back
+    connection.transport.write_held_acks()
+    assert unacked(redis_client) == (0, 0)
+    queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_a_failed_write_drops_acks_held_for_half_the_visibility_timeout(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Later, kombu may have restored the message and a worker taken it again under the same
+    tag: the ack would remove that delivery's record. The message comes back instead."""
+    options = {"visibility_timeout": 0.2}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as conn:
+        queue = queue_of(conn, "held-acks-old", 2)
+        old, new = take(queue, 2, ack=False)
+        old.ack()
+        time.sleep(0.15)
+        new.ack()
+        qos = conn.default_channel.qos
+        qos.pipe_or_acquire = lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError())
+        with structlog.testing.capture_logs() as logs:
+            conn.transport.write_held_acks()
+        (failed,) = [e for e in logs if e["event"] == "transport.ack_write_failed"]
+        assert (failed["held"], failed["dropped"]) == (1, 1)
+        del qos.pipe_or_acquire
+        conn.transport.write_held_acks()
+        left = redis_client.hkeys("unacked")
+        assert left == [old.delivery_tag.encode()]  # for the visibility timeout to bring back
+        queue.close()
+
+
+@pytest.mark.usefixtures("acks_held_long")
+def test_the_worker_writes_held_acks_on_its_timer(
+    connection: Connection, redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    app = create_app(settings_for(redis_url, tmp_path))
+    assert AckWriting in app.steps["consumer"]
+    queue = connection.SimpleQueue("held-acks-timer")
+    queue.put({"n": 1})
+    take(queue, 1)
+    assert unacked(redis_client) == (1, 1)
+    AckWriting.write(SimpleNamespace(connection=connection))  # what the timer calls
+    assert unacked(redis_client) == (0, 0)
+    AckWriting.write(SimpleNamespace(connection=None))  # between a lost connection and the next
+    queue.close()

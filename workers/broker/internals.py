@@ -88,6 +88,16 @@ INTERNALS = (
              "connection", ("stderr",)),
     Internal(kombu_redis.QoS, "restore_by_tag", TRANSPORT + "requeue after a lost "
              "connection", ("tag", "client", "leftmost")),
+    Internal(virtual.QoS, "ack", TRANSPORT + "acks held: kombu's bookkeeping alone",
+             ("delivery_tag",)),
+    Internal(kombu_redis.QoS, "reject", TRANSPORT + "a rejected tag is not written as acked",
+             ("delivery_tag", "requeue")),
+    Internal(kombu_redis.QoS, "pipe_or_acquire", TRANSPORT + "held acks written together",
+             ("pipe", "client")),
+    Internal(kombu_redis.QoS, "unacked_key", TRANSPORT + "held acks written together"),
+    Internal(kombu_redis.QoS, "unacked_index_key", TRANSPORT + "held acks written together"),
+    Internal(kombu_redis.QoS, "visibility_timeout", TRANSPORT + "how long a held ack is kept"),
+    Internal(virtual.Transport, "channels", TRANSPORT + "held acks written on a timer"),
     # Our raw publish (publish.py, lua/kombu_publish.lua) writes what _put would: an LPUSH
     # of the JSON message onto _q_for_pri(queue, 0), which is the queue's own name.
     Internal(kombu_redis.Channel, "_put", PUBLISH + "publishes as kombu does",
