@@ -7,10 +7,9 @@ operation both ways and paced / burst. The operations, each a part of every deli
   - one urllib3 GET to bench/receiver.py (its own process, answering at once) over a
     keep-alive pool;
   - the same GET as a delivery makes it: ``workers.delivery.sender.Sender`` (bounded read,
-    charset, masking, the adapter's classification);
-  - for reference, when it is installed (``pip install geventhttpclient``; not a dependency),
-    the same GET on geventhttpclient's pool, whose parser is C: what another client would
-    save;
+    charset, masking, the adapter's classification), on urllib3's pools (the threads pool's
+    and proxied requests' client) and on geventhttpclient's (a gevent worker's since 0.4.2);
+  - nothing: a greenlet spawned and ended, which paced is what waking up alone costs;
   - one redis-py pipeline of 10 HINCRBYs (the shape of a delivery's finish step) to the
     bench's Redis (also its own process).
 Neither the receiver's nor Redis' CPU is counted; the sleeping process' own CPU over a paced
@@ -30,7 +29,6 @@ import resource  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
 
 import gevent.pool  # noqa: E402
 import redis  # noqa: E402
@@ -80,29 +78,6 @@ def paced(op: Callable[[], object], count: int, gap: float) -> tuple[float, floa
     return cpu_seconds() - cpu, time.monotonic() - wall
 
 
-def geventhttpclient_get(url: str, size: int) -> Callable[[], object] | None:
-    """A GET of ``url`` on geventhttpclient's pool, or None when it is not installed."""
-    try:
-        from geventhttpclient import HTTPClient
-    except ImportError:
-        row("GET (geventhttpclient)", "skipped: pip install geventhttpclient")
-        return None
-    split = urlsplit(url)
-    client = HTTPClient(split.hostname or "", split.port, concurrency=size,
-                        connection_timeout=5.0, network_timeout=10.0)  # fmt: skip
-    target = f"{split.path}?{split.query}"
-
-    def get() -> object:
-        answer = client.get(target, headers={"User-Agent": "postback-relay-bench"})
-        try:
-            assert answer.status_code == 200, answer.status_code
-            return answer.read()
-        finally:
-            answer.release()
-
-    return get
-
-
 def idle_cpu_per_s(seconds: float = 2.0) -> float:
     """What this process burns asleep (the hub with its connections open)."""
     cpu, wall = cpu_seconds(), time.monotonic()
@@ -145,21 +120,28 @@ def main() -> None:
 
             request = OutgoingRequest("GET", url, url, {"X-Idempotency-Key": "bench"})
             adapter, in_flight = Probe(), args.greenlets
-            sender = Sender(http_client(SimpleNamespace(  # type: ignore[arg-type]
+            settings = SimpleNamespace(
                 http_user_agent="postback-relay-bench", concurrency=in_flight,
                 deliveries_in_flight=in_flight,
-            )))  # fmt: skip
+            )  # fmt: skip
 
-            def send() -> object:
-                outcome, _ = sender.send(adapter, request)
-                assert getattr(outcome, "status", None) == 200, outcome
-                return outcome
+            def sends(green: bool) -> Callable[[], object]:
+                sender = Sender(http_client(settings, green=green))  # type: ignore[arg-type]
 
-            ops = {"GET (urllib3)": get, "GET (Sender, urllib3)": send}
-            reference = geventhttpclient_get(url, args.greenlets)
-            if reference is not None:
-                ops["GET (geventhttpclient)"] = reference
+                def send() -> object:
+                    outcome, _ = sender.send(adapter, request)
+                    assert getattr(outcome, "status", None) == 200, outcome
+                    return outcome
+
+                return send
+
+            ops = {
+                "GET (urllib3)": get,
+                "GET (Sender, urllib3)": sends(green=False),
+                "GET (Sender, geventhttpclient)": sends(green=True),
+            }
             ops[f"pipeline of {PIPELINE_COMMANDS} (redis-py)"] = pipeline
+            ops["nothing (a greenlet's wake-up alone)"] = lambda: None
             header(
                 "pacing_floor: CPU per operation, alone vs in a burst (one gevent process)",
                 machine=machine(),
