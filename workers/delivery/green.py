@@ -2,8 +2,8 @@
 for about half the CPU.
 
 bench/pacing_floor.py, one gevent process on the 2-core VM: a GET through the delivery
-``Sender`` on urllib3 cost 0.35 ms of CPU in a burst and 1.5 ms sent alone (one every 20 ms, a
-rate limit's pace); the same GET on geventhttpclient's pool 0.15 ms and 0.8 ms. Its HTTP parser
+``Sender`` on urllib3 cost 0.41 ms of CPU in a burst and 1.57 ms sent alone (one every 20 ms,
+a rate limit's pace); on geventhttpclient's pool 0.19 ms and 0.97 ms. Its HTTP parser
 is C (llhttp) and its pool hands out gevent sockets without urllib3's layers of objects per
 request. It needs gevent's hub, so ``HttpClient`` uses it in processes gevent patched (the
 default worker pool); the threads pool, and any request through a proxy, stay on urllib3.
