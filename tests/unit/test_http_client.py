@@ -476,3 +476,23 @@ def test_a_wire_url_is_sent_as_it_reads(
     assert isinstance(outcome, Delivered)
     (got,) = receiver.wait_for(1, timeout=5)
     assert got.raw_target == sent
+
+
+def test_a_partner_that_will_not_take_the_body_is_a_connection_error(green: bool) -> None:
+    """A POST whose body the partner never reads: the blocked send times out, named as urllib3
+    names it on both transports, and the slot it held is free for the next request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # accepted by the kernel, never read
+        port = listener.getsockname()[1]
+        client = http_client(Settings(), green=green)
+        try:
+            sender = Sender(client)
+            body = b"x" * (16 * 1024 * 1024)  # far more than the socket buffers hold
+            request = OutgoingRequest("POST", f"http://127.0.0.1:{port}/pb", "", {}, body)
+            for _ in range(2):
+                outcome, seconds = sender.send(Probe(connect=0.3, read=0.3), request)
+                assert outcome == RetryLater("connection error (ConnectionError)")
+                assert seconds < 5
+        finally:
+            client.close()

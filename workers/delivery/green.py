@@ -86,12 +86,12 @@ class _Deflate:
         return decompressed
 
 
-def _connecting(exc: BaseException) -> bool:
-    """Whether ``exc`` came from opening a connection (geventhttpclient's pool makes it inside
-    the request, and both phases time out as the same socket.timeout)."""
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether ``exc`` came through a function of that name: geventhttpclient connects and
+    sends inside the request, and every phase times out as the same socket.timeout."""
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_create_socket":
+        if tb.tb_frame.f_code.co_name == function:
             return True
         tb = tb.tb_next
     return False
@@ -103,8 +103,10 @@ def _translated(exc: BaseException, url: str) -> Exception:
     if isinstance(exc, _TotalTimeout):
         return ReadTimeoutError(None, url, "the exchange outlived connect + read seconds")  # type: ignore[arg-type]
     if isinstance(exc, TimeoutError) and not isinstance(exc, ssl.SSLError):
-        if _connecting(exc):
+        if _raised_in(exc, "_create_socket"):
             return ConnectTimeoutError(f"connecting to {urlsplit(url).netloc} timed out")
+        if _raised_in(exc, "sendall"):  # urllib3: the connection aborted, a connection error
+            return ProtocolError("Connection aborted.", exc)
         return ReadTimeoutError(None, url, "read timed out")  # type: ignore[arg-type]
     for kind, urllib3_error in _AS_URLLIB3:
         if isinstance(exc, kind):
@@ -220,11 +222,19 @@ class GreenPools:
         target = split.path or "/"
         if split.query:
             target = f"{target}?{split.query}"
-        client = self._client((split.scheme.lower(), split.hostname, port, connect, read))
+        key = (split.scheme.lower(), split.hostname, port, connect, read)
+        client = self._client(key)
         try:
             with gevent.Timeout(connect + read, _TotalTimeout):
                 response = client.request(method, target, body=body or b"", headers=dict(headers))
-        except (_TotalTimeout, OSError, HTTPParseError, ValueError) as exc:
+        except _TotalTimeout as exc:
+            # Cut short inside geventhttpclient (a body the partner would not take), its pool
+            # may not have its connection's slot back: the next request gets a new pool.
+            if self._clients.get(key) is client:
+                del self._clients[key]
+                client.close()
+            raise _translated(exc, url) from None
+        except (OSError, HTTPParseError, ValueError) as exc:
             raise _translated(exc, url) from None
         return GreenAnswer(response, url, read)
 
