@@ -102,7 +102,7 @@ def _translated(exc: BaseException, url: str) -> Exception:
     OSError (refused, reset, unresolvable) stays itself, named a connection error as before."""
     if isinstance(exc, _TotalTimeout):
         return ReadTimeoutError(None, url, "the exchange outlived connect + read seconds")  # type: ignore[arg-type]
-    if isinstance(exc, TimeoutError) and not isinstance(exc, ssl.SSLError):
+    if isinstance(exc, TimeoutError):
         if _raised_in(exc, "_create_socket"):
             return ConnectTimeoutError(f"connecting to {urlsplit(url).netloc} timed out")
         if _raised_in(exc, "sendall"):  # urllib3: the connection aborted, a connection error
@@ -130,11 +130,11 @@ class GreenAnswer:
         self._response = response
         self._url = url
         self.status: int = response.status_code
-        headers: dict[str, str] = {}
+        headers = _Headers()
         for name, value in response.items():
-            key = next((seen for seen in headers if seen.lower() == name.lower()), name)
+            key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self.headers: Mapping[str, str] = _Headers(headers)
+        self.headers: Mapping[str, str] = headers
         self._read_timeout = read_timeout
 
     def read(self, limit: int) -> bytes:
@@ -163,17 +163,10 @@ class GreenAnswer:
 
 
 class _Headers(dict[str, str]):
-    """Header names compared without case, as urllib3's headers are."""
+    """Header names kept lower-case and looked up without case, as urllib3's headers are."""
 
     def get(self, name: str, default: Any = None) -> Any:
-        value = super().get(name)
-        if value is not None:
-            return value
-        lowered = name.lower()
-        for key, found in self.items():
-            if key.lower() == lowered:
-                return found
-        return default
+        return super().get(name.lower(), default)
 
 
 class GreenPools:
