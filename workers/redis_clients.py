@@ -127,7 +127,7 @@ def connection_kwargs(conf: RedisSettings) -> dict[str, Any]:
 def sentinels(conf: RedisSettings) -> Sentinel:
     """The sentinels of a sentinel:// instance, with their own password and timeouts."""
     password = conf.sentinel_password.get_secret_value() if conf.sentinel_password else None
-    return Sentinel(  # type: ignore[no-untyped-call]
+    return Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
         list(conf.hosts),
         sentinel_kwargs={
             "password": password,

@@ -24,6 +24,7 @@ from schemas.event import ConversionEvent
 from schemas.outcomes import Delivered, PermanentFailure, RetryLater
 from tests.helpers import net_destination_toml
 from workers.broker.wire import decode_task_args
+from workers.delivery import pacing
 from workers.delivery.http import HttpAnswer, HttpFailure, retry_after_seconds
 from workers.delivery.pipeline import DeliveryPipeline
 from workers.delivery.ratelimit import GlobalRateLimiter, PauseRegistry
@@ -600,6 +601,19 @@ def limited_net_pipeline(
     return make_runtime(path).pipeline
 
 
+def count_reservations(pipeline: DeliveryPipeline) -> list[Any]:
+    """Every reservation ``pipeline``'s limiter takes from now on, in order."""
+    reserve = pipeline.limiter.reserve
+    reservations: list[Any] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reservations.append(reserve(*args, **kwargs))
+        return reservations[-1]
+
+    pipeline.limiter.reserve = counted  # type: ignore[method-assign]
+    return reservations
+
+
 def test_pipeline_sleeps_a_short_wait_and_parks_a_long_one_once_with_its_reservation(
     redis_client: redis.Redis,
     receiver: PostbackReceiver,
@@ -609,14 +623,7 @@ def test_pipeline_sleeps_a_short_wait_and_parks_a_long_one_once_with_its_reserva
     pipeline = limited_net_pipeline(make_runtime, tmp_path, receiver, 'rate_limit = "2/second"')
     slept: list[float] = []
     pipeline.turns.sleep = slept.append  # the greenlet's sleep, recorded instead of slept
-    reserve = pipeline.limiter.reserve
-    reservations: list[Any] = []
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        reservations.append(reserve(*args, **kwargs))
-        return reservations[-1]
-
-    pipeline.limiter.reserve = counted  # type: ignore[method-assign]
+    reservations = count_reservations(pipeline)
     first = [pipeline.run(envelope(f"rl-{i}").model_copy(update={"attempt": 0})) for i in range(3)]
     # 0 s, 0.5 s and 1 s away (one emission interval of 1 s / 2 apart): the last two waited
     # in the worker (<= POSTBACK_RELAY_RATE_LIMIT_MAX_SLEEP, 1 s), then went.
@@ -659,6 +666,70 @@ def test_pipeline_sleeps_a_short_wait_and_parks_a_long_one_once_with_its_reserva
     assert pipeline.run(stale).status == "deferred"
     assert len(reservations) == 5
     assert reservations[4].send_at == pytest.approx(reserved_at + 0.5, abs=1e-6)
+
+
+def test_a_delivery_woken_past_its_slot_reserves_again_and_after_three_misses_goes_back_unsent(
+    redis_client: redis.Redis,
+    receiver: PostbackReceiver,
+    tmp_path: Path,
+    make_runtime: Callable[[Path], WorkerRuntime],
+) -> None:
+    """A send later than LATE_GRACE past its reserved time would crowd the slots other workers
+    hold for now, and the partner's busiest second would pass the limit: it reserves again, and
+    a worker too loaded to make any of three slots returns the delivery to its queue rather than
+    send it at a time no slot covers."""
+    pipeline = limited_net_pipeline(make_runtime, tmp_path, receiver, 'rate_limit = "20/second"')
+    item = pipeline.destinations.get("net").rate_limit_item
+    reserve = pipeline.limiter.reserve
+    reservations = count_reservations(pipeline)
+    fresh = iter(f"late-{i}" for i in range(10))
+
+    def run_after_a_slot_taken(oversleep: float) -> Any:
+        reserve("net", item)  # another worker's: this delivery's slot is 50 ms off
+
+        def sleep(seconds: float) -> None:
+            reserve("net", item)  # other workers keep taking the slots that follow
+            time.sleep(seconds + oversleep)
+
+        pipeline.turns.sleep = sleep
+        return pipeline.run(envelope(next(fresh)).model_copy(update={"attempt": 0}))
+
+    # Woken within the grace: it goes on the slot it has.
+    assert run_after_a_slot_taken(pacing.LATE_GRACE / 4).status == "delivered"
+    assert len(reservations) == 1
+    assert len(receiver.received()) == 1
+
+    # Woken 60 ms late every time: three slots missed, then back to its queue, unsent and not
+    # an attempt, holding no reservation (the next worker reserves anew).
+    reservations.clear()
+    result = run_after_a_slot_taken(0.06)
+    assert result.status == "deferred", result
+    assert f"missed its send time {pacing.MAX_LAPSES} times" in result.detail
+    assert result.attempt is None
+    assert len(reservations) == pacing.MAX_LAPSES
+    assert len(receiver.received()) == 1
+    [wire] = redis_client.lrange(QUEUE, 0, -1)  # due now: on its queue at once
+    back = DeliveryEnvelope.from_task_arg(decode_task_args(wire.decode())[1][0])
+    assert back.reserved_at is None
+    assert back.attempt == 0
+    redis_client.delete(QUEUE)
+
+    # The pause is read before the lateness is judged: a read that takes 60 ms (a Redis round
+    # trip on a loaded host) makes the send late, so it does not go on that slot.
+    pipeline.turns.sleep = time.sleep
+    current = pipeline.pauses.current
+
+    def slow_read(name: str) -> float | None:
+        time.sleep(0.06)
+        return current(name)
+
+    pipeline.pauses.current = slow_read  # type: ignore[method-assign]
+    reservations.clear()
+    reserve("net", item)
+    result = pipeline.run(envelope("late-slow-read").model_copy(update={"attempt": 0}))
+    assert result.status == "deferred", result
+    assert len(reservations) == pacing.MAX_LAPSES
+    assert len(receiver.received()) == 1
 
 
 def test_a_reservation_is_spent_even_when_the_attempt_fails_and_the_retry_reserves_anew(

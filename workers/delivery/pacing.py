@@ -26,6 +26,8 @@ log = structlog.get_logger("postback_relay.pipeline")
 # over: arrival jitter (the network, a busy partner) bunches requests too. At 50 ms, the
 # rate-limit benchmark's busiest window was 53 at 50/s; at 20 ms, 52.
 LATE_GRACE = 0.02
+# How many slots in a row a delivery may miss before it goes back to its queue.
+MAX_LAPSES = 3
 
 
 def park_lead(max_sleep: float, mover_interval: float) -> float:
@@ -104,32 +106,21 @@ class SendTurns:
         """None when the request may go now: its rate-limit turn has come (after a short
         sleep) and its destination is not paused. ``send_at``: a time reserved for it with
         its batch (reserve_together)."""
-        held = self._wait_for_send_time(adapter, envelope, send_at)
-        if held is not None:
-            return held
-        paused_until = self.pauses.current(adapter.destination.name)
-        if paused_until is not None:
-            return self.paused(envelope, paused_until - self.clock())
-        return None
-
-    def _wait_for_send_time(
-        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, send_at: float | None
-    ) -> Held | None:
         reserved_at = envelope.reserved_at  # taken when it was parked
         # Back from parking it was due park_lead early: it sleeps that, or parks again only
         # when it came back far too early (a mover whose clock is ahead).
         longest_sleep = self.max_sleep if reserved_at is None else self.park_lead + self.max_sleep
         if reserved_at is None:
             reserved_at = send_at
-        for _ in range(3):
+        for _ in range(MAX_LAPSES):
             if reserved_at is None:
                 reservation = self.limiter.reserve(
                     adapter.rate_limit_key(envelope),
                     adapter.destination.rate_limit_item,
                     server_budget=adapter.uses_server_budget,
                 )
-                if reservation is None:
-                    return None
+                if reservation is None:  # no limit: only a pause holds it back
+                    return self._unless_paused(adapter, envelope)
                 reserved_at = reservation.send_at
             wait = reserved_at - self.limiter.now()
             if wait > longest_sleep:
@@ -139,11 +130,29 @@ class SendTurns:
                 return Held(f"rate limited: sends in {wait:.2f}s", back, due_at)
             if wait > 0:
                 self.sleep(wait)
-                wait = reserved_at - self.limiter.now()
-            if wait >= -LATE_GRACE:
+            # The pause is looked at before the lateness, not after: its read (a round trip at
+            # most once per PAUSE_VIEW_MAX_AGE) must not come between the check and the send.
+            held = self._unless_paused(adapter, envelope)
+            if held is not None:
+                return held
+            late = self.limiter.now() - reserved_at
+            if late <= LATE_GRACE:
                 return None
             # Its slot went by before it could go (a backlog held it up, or a busy worker woke
             # it late): sent now, it would crowd the slots others hold now. It takes a new one.
-            log.info("delivery.reservation_lapsed", late_s=round(-wait, 3))
+            log.info("delivery.reservation_lapsed", late_s=round(late, 3))
             reserved_at, longest_sleep = None, self.max_sleep
-        return None  # three slots missed in a row: an overloaded worker sends rather than spin
+        # An overloaded worker missed every slot it took. Sent now, at a time no slot covers,
+        # it would push the partner past the limit; it goes back to its queue instead (not an
+        # attempt), and whichever worker takes it next reserves again.
+        detail = f"rate limited: missed its send time {MAX_LAPSES} times (worker overloaded)"
+        log.warning("delivery.deferred", reason=detail)
+        return Held(detail, envelope.model_copy(update={"reserved_at": None}), self.clock())
+
+    def _unless_paused(
+        self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
+    ) -> Held | None:
+        paused_until = self.pauses.current(adapter.destination.name)
+        if paused_until is None:
+            return None
+        return self.paused(envelope, paused_until - self.clock())
