@@ -163,24 +163,31 @@ def account(producer: ProducerProcess, receiver: PostbackReceiver, master: Node)
     )
 
 
-def settled(master: Node, receiver: PostbackReceiver) -> Callable[[], bool]:
-    """Nothing is left to deliver on ``master``, and nothing arrived for two seconds."""
+class Settled:
+    """Nothing is left to deliver on ``master``, and nothing arrived for two seconds; ``last``
+    says what was still pending at the last look (for the failure message)."""
 
-    def check() -> bool:
+    def __init__(self, master: Node, receiver: PostbackReceiver) -> None:
+        self.master = master
+        self.receiver = receiver
+        self.last = "not looked at yet"
+
+    def __call__(self) -> bool:
         try:
-            client = master.client(2)
-            pending = (
-                client.llen(QUEUE)
-                + client.hlen("unacked")
-                + client.zcard(KEYS.ledger())
-                + client.zcard(KEYS.delayed(QUEUE))
-            )
-        except redis.RedisError:
+            client = self.master.client(2)
+            pending = {
+                "queue": client.llen(QUEUE),
+                "unacked": client.hlen("unacked"),
+                "ledger": client.zcard(KEYS.ledger()),
+                "delayed": client.zcard(KEYS.delayed(QUEUE)),
+            }
+        except redis.RedisError as exc:
+            self.last = f"the new master did not answer: {exc}"
             return False
-        arrivals = receiver.received()
-        return pending == 0 and (not arrivals or time.time() - arrivals[-1].at > 2)
-
-    return check
+        arrivals = self.receiver.received()
+        quiet = time.time() - arrivals[-1].at if arrivals else None
+        self.last = f"pending on the new master {pending}; last arrival {quiet} s ago"
+        return not any(pending.values()) and (quiet is None or quiet > 2)
 
 
 def signal_replicas(topology: RedisTopology, master: Node, sig: int) -> None:
@@ -256,7 +263,8 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
 
         assert producer.proc.wait(60) == 0, producer.log_path.read_text()[-3000:]
         produced_at = time.time()
-        assert wait_until(settled(new, receiver), 45, interval=0.2), tail(*workers)
+        settled = Settled(new, receiver)
+        assert wait_until(settled, 45, interval=0.2), f"{settled.last}\n{tail(*workers)}"
     finally:
         producer.kill()
     got = account(producer, receiver, new)
