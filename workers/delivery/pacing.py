@@ -4,6 +4,8 @@ A delivery's send time is reserved once per attempt (workers/delivery/ratelimit.
 wait is slept where it is; a long one parks it once, with the reservation on its envelope, so it
 comes back shortly before its time and sends without asking again. Right before it goes, its
 destination's pause is looked at again: another worker's 429 may have come while it waited.
+Then it goes only within LATE_GRACE of its time: later, it takes a new one, and after
+MAX_LAPSES misses in a row it goes back to its queue rather than out at a time no slot covers.
 """
 
 from __future__ import annotations
