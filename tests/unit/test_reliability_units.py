@@ -684,7 +684,7 @@ def test_a_delivery_woken_past_its_slot_reserves_again_and_after_three_misses_go
     reservations = count_reservations(pipeline)
     fresh = iter(f"late-{i}" for i in range(10))
 
-    def run_after_a_slot_taken(oversleep: float) -> Any:
+    def run_after_a_slot_taken(oversleep: float, again: DeliveryEnvelope | None = None) -> Any:
         reserve("net", item)  # another worker's: this delivery's slot is 50 ms off
 
         def sleep(seconds: float) -> None:
@@ -692,7 +692,9 @@ def test_a_delivery_woken_past_its_slot_reserves_again_and_after_three_misses_go
             time.sleep(seconds + oversleep)
 
         pipeline.turns.sleep = sleep
-        return pipeline.run(envelope(next(fresh)).model_copy(update={"attempt": 0}))
+        if again is None:
+            again = envelope(next(fresh)).model_copy(update={"attempt": 0})
+        return pipeline.run(again)
 
     # Woken within the grace: it goes on the slot it has.
     assert run_after_a_slot_taken(pacing.LATE_GRACE / 4).status == "delivered"
@@ -713,6 +715,12 @@ def test_a_delivery_woken_past_its_slot_reserves_again_and_after_three_misses_go
     assert back.reserved_at is None
     assert back.attempt == 0
     redis_client.delete(QUEUE)
+    # Sent back once by this process, it is not sent back by it again: a worker that can never
+    # wake on time (the only one) sends it late rather than spend slots on it forever.
+    reservations.clear()
+    assert run_after_a_slot_taken(0.06, again=back).status == "delivered"
+    assert len(reservations) == pacing.MAX_LAPSES
+    assert len(receiver.received()) == 2
 
     # The pause is read before the lateness is judged: a read that takes 60 ms (a Redis round
     # trip on a loaded host) makes the send late, so it does not go on that slot.
@@ -729,7 +737,7 @@ def test_a_delivery_woken_past_its_slot_reserves_again_and_after_three_misses_go
     result = pipeline.run(envelope("late-slow-read").model_copy(update={"attempt": 0}))
     assert result.status == "deferred", result
     assert len(reservations) == pacing.MAX_LAPSES
-    assert len(receiver.received()) == 1
+    assert len(receiver.received()) == 2
 
 
 def test_a_reservation_is_spent_even_when_the_attempt_fails_and_the_retry_reserves_anew(

@@ -5,7 +5,8 @@ wait is slept where it is; a long one parks it once, with the reservation on its
 comes back shortly before its time and sends without asking again. Right before it goes, its
 destination's pause is looked at again: another worker's 429 may have come while it waited.
 Then it goes only within LATE_GRACE of its time: later, it takes a new one, and after
-MAX_LAPSES misses in a row it goes back to its queue rather than out at a time no slot covers.
+MAX_LAPSES misses in a row it goes back to its queue rather than out at a time no slot covers
+(once per worker process, so a worker that can never wake on time still makes progress).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ log = structlog.get_logger("postback_relay.pipeline")
 # over: arrival jitter (the network, a busy partner) bunches requests too. At 50 ms, the
 # rate-limit benchmark's busiest window was 53 at 50/s; at 20 ms, 52.
 LATE_GRACE = 0.02
-# How many slots in a row a delivery may miss before it goes back to its queue.
+# How many slots in a row a delivery may miss before it goes back to its queue (once per
+# process: the next time it is sent late), and how many of those a process remembers.
 MAX_LAPSES = 3
+SENT_BACK_REMEMBERED = 10_000
 
 
 def park_lead(max_sleep: float, mover_interval: float) -> float:
@@ -94,6 +97,8 @@ class SendTurns:
         self.park_lead = park_lead(max_sleep, mover_interval)
         # time.sleep as it is when this is built: gevent's under a patched worker.
         self.sleep = sleep if sleep is not None else time.sleep
+        # (delivery id, attempt) of deliveries this process sent back for missing their slots.
+        self._sent_back: dict[tuple[str, int], None] = {}
 
     def paused(self, envelope: DeliveryEnvelope, seconds: float) -> Held:
         """Back when the pause ends (its rate-limit slot, if any, is spent)."""
@@ -146,7 +151,17 @@ class SendTurns:
             reserved_at, longest_sleep = None, self.max_sleep
         # An overloaded worker missed every slot it took. Sent now, at a time no slot covers,
         # it would push the partner past the limit; it goes back to its queue instead (not an
-        # attempt), and whichever worker takes it next reserves again.
+        # attempt), and whichever worker takes it next reserves again. Once per process: a
+        # worker that can never wake on time (and is the only one) would otherwise spend slots
+        # on it forever; the second time, it goes late.
+        turn = (envelope.delivery_id, envelope.attempt)
+        if turn in self._sent_back:
+            del self._sent_back[turn]
+            log.warning("delivery.sent_late", missed=MAX_LAPSES, reason="sent back once already")
+            return None
+        self._sent_back[turn] = None
+        if len(self._sent_back) > SENT_BACK_REMEMBERED:
+            del self._sent_back[next(iter(self._sent_back))]  # the oldest
         detail = f"rate limited: missed its send time {MAX_LAPSES} times (worker overloaded)"
         log.warning("delivery.deferred", reason=detail)
         return Held(detail, envelope.model_copy(update={"reserved_at": None}), self.clock())
