@@ -207,7 +207,7 @@ def cut_replication(topology: RedisTopology) -> Node:
     return master
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize(
     ("wait_replicas", "cut"),
     [(1, 0.0), (0, 0.0), (1, 0.5), (0, 0.5)],
@@ -263,8 +263,11 @@ def test_a_sigkilled_master_fails_over_under_load_and_accepted_events_are_delive
 
         assert producer.proc.wait(60) == 0, producer.log_path.read_text()[-3000:]
         produced_at = time.time()
+        # 15 to 20 s on 2 cores with two CPU-bound processes beside it (a backlog behind a slow
+        # partner, then what the new master still lists comes back after the visibility
+        # timeout and the ledger lease); the suite runs two tests at once, which can double it.
         settled = Settled(new, receiver)
-        assert wait_until(settled, 45, interval=0.2), f"{settled.last}\n{tail(*workers)}"
+        assert wait_until(settled, 75, interval=0.2), f"{settled.last}\n{tail(*workers)}"
     finally:
         producer.kill()
     got = account(producer, receiver, new)
