@@ -104,8 +104,13 @@ class SendTurns:
         """Back when the pause ends (its rate-limit slot, if any, is spent)."""
         detail = f"destination paused for {seconds:.1f}s"
         log.info("delivery.deferred", reason=detail)
+        return self._back_without_slot(envelope, detail, seconds)
+
+    def _back_without_slot(self, envelope: DeliveryEnvelope, detail: str, after: float) -> Held:
+        """Back on its queue ``after`` seconds from now, holding no send time: the one it had
+        is spent, and whichever worker takes it next reserves again."""
         back = envelope.model_copy(update={"reserved_at": None})
-        return Held(detail, back, self.clock() + seconds)
+        return Held(detail, back, self.clock() + after)
 
     def wait(
         self, adapter: DestinationAdapter, envelope: DeliveryEnvelope, send_at: float | None = None
@@ -164,7 +169,7 @@ class SendTurns:
             del self._sent_back[next(iter(self._sent_back))]  # the oldest
         detail = f"rate limited: missed its send time {MAX_LAPSES} times (worker overloaded)"
         log.warning("delivery.deferred", reason=detail)
-        return Held(detail, envelope.model_copy(update={"reserved_at": None}), self.clock())
+        return self._back_without_slot(envelope, detail, 0.0)
 
     def _unless_paused(
         self, adapter: DestinationAdapter, envelope: DeliveryEnvelope
